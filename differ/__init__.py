@@ -1,0 +1,1 @@
+"""differ: aligns and compares traces (never live models) — verdicts, first divergence, culprit."""

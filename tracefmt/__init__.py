@@ -1,0 +1,50 @@
+"""tracefmt: the steptrace trace format v1 (see SPEC.md) — writer, reader, errors, interchange.
+
+Layer rule: tracefmt imports no other steptrace layer.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    JsonlError,
+    TraceCorruptError,
+    TraceError,
+    TraceExistsError,
+    TraceFormatError,
+    TraceNotFoundError,
+    TraceUsageError,
+    TraceVersionError,
+    TraceWriteError,
+    UnsupportedDtypeError,
+    ValuesNotRecordedError,
+)
+from .metadata import TraceMetadata  # noqa: E402
+from .payload import TensorStats, compute_stats, digest  # noqa: E402
+from .reader import PartInfo, StepView, TraceReader  # noqa: E402
+from .schema import FORMAT_VERSION  # noqa: E402
+from .writer import TraceWriter, WriteSummary  # noqa: E402
+
+__all__ = [
+    "FORMAT_VERSION",
+    "JsonlError",
+    "PartInfo",
+    "StepView",
+    "TensorStats",
+    "TraceCorruptError",
+    "TraceError",
+    "TraceExistsError",
+    "TraceFormatError",
+    "TraceMetadata",
+    "TraceNotFoundError",
+    "TraceReader",
+    "TraceUsageError",
+    "TraceVersionError",
+    "TraceWriteError",
+    "TraceWriter",
+    "UnsupportedDtypeError",
+    "ValuesNotRecordedError",
+    "WriteSummary",
+    "compute_stats",
+    "digest",
+    "__version__",
+]

@@ -1,0 +1,114 @@
+"""Deriving a decision row from a full logits vector, exactly as SPEC.md §3.2 defines it.
+
+This numpy version serves the JSONL importer and any writer that holds logits on the host.
+Order: larger logit first; equal logits by smaller id; NaN after every number (even -inf).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import TraceUsageError
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Everything SPEC.md stores about one decision that can be derived from logits."""
+
+    chosen: int
+    argmax: int
+    topk_ids: np.ndarray  # int32, length k
+    topk_logits: np.ndarray  # float32, length k
+    margin: float
+    logsumexp: float
+    chosen_logit: float
+    chosen_rank: int
+    watched: list[dict]  # [{"id": int, "logit": float, "rank": int}]
+
+
+def rank_of(x: np.ndarray, nan: np.ndarray, token: int) -> int:
+    """Return the 0-based rank of ``token`` in ``x`` under SPEC.md ordering.
+
+    Args:
+        x: logits as float64.
+        nan: ``np.isnan(x)``.
+        token: the id to rank.
+    """
+    ids_before = np.arange(x.size) < token
+    if nan[token]:
+        return int(np.count_nonzero(~nan) + np.count_nonzero(nan & ids_before))
+    v = x[token]
+    return int(np.count_nonzero(x > v) + np.count_nonzero((x == v) & ids_before))
+
+
+def logsumexp(x: np.ndarray) -> float:
+    """Return log(sum(exp(x))) in float64; NaN if any element is NaN."""
+    if x.size == 0 or np.isnan(x).any():
+        return float("nan")
+    m = float(x.max())
+    if not np.isfinite(m):
+        return m
+    return m + float(np.log(np.exp(x - m).sum()))
+
+
+def decide(
+    logits: np.ndarray,
+    *,
+    k: int = 8,
+    chosen: int | None = None,
+    watched: Iterable[int] = (),
+) -> Decision:
+    """Derive a decision from one full logits vector.
+
+    Args:
+        logits: 1-d array of logits (any float dtype; NaN and ±Inf allowed).
+        k: how many top candidates to keep (at least 2; fewer if the vocabulary is smaller).
+        chosen: the token the runtime actually used; defaults to the argmax.
+        watched: token ids whose logit and rank to record (e.g. EOS).
+
+    Returns:
+        The :class:`Decision`.
+
+    Raises:
+        TraceUsageError: logits are not 1-d, hold fewer than 2 entries, k < 2, or an id is
+            out of range.
+    """
+    if np.ndim(logits) != 1:
+        raise TraceUsageError(f"logits must be 1-d, got shape {np.shape(logits)}; pass the last position only")
+    x = np.asarray(logits, dtype=np.float64)
+    v = x.size
+    if v < 2:
+        raise TraceUsageError(f"logits hold {v} entries; a decision needs at least 2")
+    if k < 2:
+        raise TraceUsageError(f"k={k}: SPEC.md needs at least the top 2 candidates")
+    k = min(k, v)
+    nan = np.isnan(x)
+    key = np.where(nan, -np.inf, x)
+    kth = np.partition(key, v - k)[v - k]
+    cand = np.flatnonzero(key >= kth)
+    order = np.lexsort((cand, nan[cand], -key[cand]))[:k]
+    top = cand[order]
+    topk_ids = top.astype(np.int32)
+    topk_logits = x[top].astype(np.float32)
+    argmax = int(top[0])
+    if chosen is None:
+        chosen = argmax
+    for t in (chosen, *watched):
+        if not 0 <= int(t) < v:
+            raise TraceUsageError(f"token id {t} is outside the logits (vocabulary of {v})")
+    return Decision(
+        chosen=int(chosen),
+        argmax=argmax,
+        topk_ids=topk_ids,
+        topk_logits=topk_logits,
+        margin=float(np.float32(float(topk_logits[0]) - float(topk_logits[1]))),
+        logsumexp=logsumexp(x),
+        chosen_logit=float(np.float32(x[chosen])),
+        chosen_rank=rank_of(x, nan, int(chosen)),
+        watched=[
+            {"id": int(t), "logit": float(np.float32(x[t])), "rank": rank_of(x, nan, int(t))} for t in watched
+        ],
+    )

@@ -1,0 +1,101 @@
+"""Tensor element types defined by SPEC.md and their numpy containers.
+
+``bfloat16`` has no numpy dtype: its values travel as ``uint16`` bit patterns and are widened
+exactly to ``float32`` on request. Arrays of ``ml_dtypes.bfloat16`` (as produced by JAX or
+``torch.Tensor.numpy()`` via ml_dtypes) are recognised by name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import UnsupportedDtypeError
+
+#: dtype name -> (little-endian numpy container dtype, kind: f float, i int, u unsigned, b bool)
+DTYPES: dict[str, tuple[np.dtype, str]] = {
+    "float64": (np.dtype("<f8"), "f"),
+    "float32": (np.dtype("<f4"), "f"),
+    "float16": (np.dtype("<f2"), "f"),
+    "bfloat16": (np.dtype("<u2"), "f"),
+    "int64": (np.dtype("<i8"), "i"),
+    "int32": (np.dtype("<i4"), "i"),
+    "int16": (np.dtype("<i2"), "i"),
+    "int8": (np.dtype("i1"), "i"),
+    "uint64": (np.dtype("<u8"), "u"),
+    "uint32": (np.dtype("<u4"), "u"),
+    "uint16": (np.dtype("<u2"), "u"),
+    "uint8": (np.dtype("u1"), "u"),
+    "bool": (np.dtype("?"), "b"),
+}
+
+FLOAT_DTYPES = frozenset(n for n, (_, k) in DTYPES.items() if k == "f")
+
+
+def dtype_name(array: np.ndarray, override: str | None = None) -> str:
+    """Return the SPEC.md dtype name of ``array``.
+
+    Args:
+        array: the numpy array to classify.
+        override: a SPEC.md name to use instead (e.g. ``"bfloat16"`` for a ``uint16`` array
+            that holds bfloat16 bit patterns).
+
+    Returns:
+        One of the keys of :data:`DTYPES`.
+
+    Raises:
+        UnsupportedDtypeError: the dtype (or the override) is not one SPEC.md defines, or the
+            override's item size does not match the array's.
+    """
+    if override is not None:
+        if override not in DTYPES:
+            raise UnsupportedDtypeError(
+                f"dtype {override!r} is not a steptrace dtype; use one of {', '.join(DTYPES)}"
+            )
+        if DTYPES[override][0].itemsize != array.dtype.itemsize:
+            raise UnsupportedDtypeError(
+                f"dtype {override!r} needs {DTYPES[override][0].itemsize}-byte items but the array "
+                f"holds {array.dtype} ({array.dtype.itemsize} bytes)"
+            )
+        return override
+    name = array.dtype.name
+    if name == "bfloat16":
+        return "bfloat16"
+    if name in DTYPES and name != "bfloat16":
+        return name
+    raise UnsupportedDtypeError(
+        f"tensors of dtype {array.dtype} cannot be recorded; steptrace records "
+        f"{', '.join(DTYPES)} (cast complex values to two float channels first)"
+    )
+
+
+def container(name: str) -> np.dtype:
+    """Return the little-endian numpy dtype that holds values of SPEC.md dtype ``name``.
+
+    Raises:
+        UnsupportedDtypeError: ``name`` is not a SPEC.md dtype.
+    """
+    try:
+        return DTYPES[name][0]
+    except KeyError:
+        raise UnsupportedDtypeError(
+            f"unknown dtype {name!r} in trace; this steptrace reads {', '.join(DTYPES)}"
+        ) from None
+
+
+def canonical(array: np.ndarray, name: str) -> np.ndarray:
+    """Return ``array`` as a C-ordered, little-endian array of the container dtype of ``name``.
+
+    The result shares memory with ``array`` when no conversion is needed.
+    """
+    target = container(name)
+    a = array
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    if a.dtype != target:
+        a = a.view(target)  # same item size: checked by dtype_name; bfloat16 -> its bits
+    return np.ascontiguousarray(a)
+
+
+def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """Return float32 values of bfloat16 ``bits`` (uint16); exact, NaN payloads kept."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)

@@ -1,0 +1,202 @@
+"""Tensor payloads: statistics, the bitwise digest, and value encodings (SPEC.md §4).
+
+Everything here works on the canonical bytes of a tensor: little-endian, C order, one byte per
+bool, bfloat16 as its 16-bit pattern.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from .dtypes import DTYPES, container, widen_bfloat16
+from .errors import TraceCorruptError, TraceFormatError, TraceUsageError
+
+#: Encodings a value payload may carry (SPEC.md §4.3).
+ENCODINGS = ("raw", "zstd", "zstd-shuffle")
+DIGEST_BYTES = 16
+#: Readers refuse to inflate a single tensor beyond this many bytes unless told otherwise.
+DEFAULT_MAX_TENSOR_BYTES = 16 << 30
+_CHUNK = 1 << 20  # elements per float64 accumulation chunk (bounded scratch memory)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorStats:
+    """Summary statistics of one tensor over its finite elements (NaN and ±Inf only counted)."""
+
+    numel: int
+    min: float | None
+    max: float | None
+    mean: float | None
+    std: float | None
+    abs_max: float | None
+    l2: float | None
+    nan_count: int
+    inf_count: int
+
+
+def digest(buf: memoryview | bytes) -> bytes:
+    """Return the SPEC.md digest of canonical tensor bytes: the first 16 bytes of SHA-256."""
+    return hashlib.sha256(buf).digest()[:DIGEST_BYTES]
+
+
+def _as_numbers(a: np.ndarray, name: str) -> np.ndarray:
+    """View canonical bytes of dtype ``name`` as numbers numpy can reduce."""
+    if name == "bfloat16":
+        return widen_bfloat16(a)
+    if name == "bool":
+        return a.view(np.uint8)
+    return a
+
+
+def compute_stats(a: np.ndarray, name: str) -> TensorStats:
+    """Compute the SPEC.md statistics of a canonical array of dtype ``name``.
+
+    min/max/mean/std/abs_max/l2 are taken over finite elements in float64 accumulation; std is
+    the population standard deviation. They are ``None`` when no element is finite; l2 is 0.0
+    for an empty tensor.
+
+    Args:
+        a: canonical array (see :func:`tracefmt.dtypes.canonical`).
+        name: its SPEC.md dtype name.
+
+    Returns:
+        The statistics.
+    """
+    n = int(a.size)
+    if n == 0:
+        return TensorStats(0, None, None, None, None, None, 0.0, 0, 0)
+    flat = _as_numbers(a, name).reshape(-1)
+    nan_count = inf_count = 0
+    if DTYPES[name][1] == "f":
+        s = float(np.add.reduce(flat, dtype=np.float64))
+        if not math.isfinite(s):
+            nan_mask = np.isnan(flat)
+            inf_mask = np.isinf(flat)
+            nan_count = int(np.count_nonzero(nan_mask))
+            inf_count = int(np.count_nonzero(inf_mask))
+            if nan_count or inf_count:
+                flat = flat[~(nan_mask | inf_mask)]
+    count = int(flat.size)
+    if count == 0:
+        return TensorStats(n, None, None, None, None, None, None, nan_count, inf_count)
+    lo = float(flat.min())
+    hi = float(flat.max())
+    total = 0.0
+    sumsq = 0.0
+    for start in range(0, count, _CHUNK):
+        c = flat[start : start + _CHUNK].astype(np.float64)
+        total += float(c.sum())
+        sumsq += float(np.dot(c, c))
+    mean = total / count
+    var = max(sumsq / count - mean * mean, 0.0)
+    return TensorStats(
+        numel=n,
+        min=lo,
+        max=hi,
+        mean=mean,
+        std=math.sqrt(var),
+        abs_max=max(abs(lo), abs(hi)),
+        l2=math.sqrt(sumsq),
+        nan_count=nan_count,
+        inf_count=inf_count,
+    )
+
+
+def shuffle_bytes(buf: bytes | memoryview, itemsize: int) -> bytes:
+    """Byte-shuffle ``buf``: all first bytes of every item, then all second bytes, and so on."""
+    if itemsize == 1:
+        return bytes(buf)
+    return np.frombuffer(buf, np.uint8).reshape(-1, itemsize).T.tobytes()
+
+
+def unshuffle_bytes(buf: bytes | memoryview, itemsize: int) -> bytes:
+    """Invert :func:`shuffle_bytes`."""
+    if itemsize == 1:
+        return bytes(buf)
+    return np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T.tobytes()
+
+
+class Encoder:
+    """Encodes canonical tensor bytes for the values file. Not thread-safe: one per thread."""
+
+    def __init__(self, encoding: str = "zstd", level: int = 1) -> None:
+        if encoding not in ENCODINGS:
+            raise TraceUsageError(f"encoding {encoding!r} is unknown; use one of {', '.join(ENCODINGS)}")
+        self.encoding = encoding
+        self._zstd = zstandard.ZstdCompressor(level=level, write_content_size=True)
+
+    def encode(self, buf: memoryview, itemsize: int) -> bytes:
+        """Return the encoded payload of canonical bytes ``buf`` of items of ``itemsize``."""
+        if self.encoding == "raw":
+            return bytes(buf)
+        if self.encoding == "zstd-shuffle":
+            return self._zstd.compress(shuffle_bytes(buf, itemsize))
+        return self._zstd.compress(buf)
+
+
+def decode_values(
+    data: memoryview | bytes,
+    encoding: str,
+    dtype: str,
+    shape: tuple[int, ...],
+    *,
+    max_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+) -> np.ndarray:
+    """Decode one value payload into a numpy array of the container dtype of ``dtype``.
+
+    Decompression is bounded by the size the shape and dtype imply (and by ``max_bytes``):
+    a payload that inflates to anything else is reported as corrupt.
+
+    Args:
+        data: the payload bytes from the values file.
+        encoding: one of :data:`ENCODINGS`.
+        dtype: the SPEC.md dtype name.
+        shape: the tensor shape.
+        max_bytes: refuse tensors larger than this many bytes.
+
+    Returns:
+        A read-only array of shape ``shape`` (bfloat16 as uint16 bit patterns).
+
+    Raises:
+        TraceFormatError: unknown encoding.
+        TraceCorruptError: the payload does not inflate to exactly the expected size.
+        TraceUsageError: the tensor is larger than ``max_bytes``.
+    """
+    ct = container(dtype)
+    numel = math.prod(shape)
+    expected = numel * ct.itemsize
+    if expected > max_bytes:
+        raise TraceUsageError(
+            f"tensor of shape {list(shape)} needs {expected} bytes, above the limit of {max_bytes}; "
+            "pass a larger max_tensor_bytes to the reader if this is expected"
+        )
+    if encoding == "raw":
+        raw = data
+    elif encoding in ("zstd", "zstd-shuffle"):
+        try:
+            size = zstandard.frame_content_size(data)
+        except zstandard.ZstdError as exc:
+            raise TraceCorruptError(f"value payload is not a zstd frame ({exc})") from None
+        if size != expected:
+            raise TraceCorruptError(
+                f"value payload declares {size} bytes but dtype {dtype} and shape {list(shape)} "
+                f"need {expected}; the trace is damaged"
+            )
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected)
+        except zstandard.ZstdError as exc:
+            raise TraceCorruptError(f"value payload does not decompress ({exc}); the trace is damaged") from None
+        if encoding == "zstd-shuffle":
+            raw = unshuffle_bytes(raw, ct.itemsize)
+    else:
+        raise TraceFormatError(f"value encoding {encoding!r} is unknown to this steptrace; upgrade it")
+    if len(raw) != expected:
+        raise TraceCorruptError(
+            f"value payload holds {len(raw)} bytes but dtype {dtype} and shape {list(shape)} need {expected}"
+        )
+    return np.frombuffer(raw, dtype=ct).reshape(shape)

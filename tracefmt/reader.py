@@ -1,0 +1,437 @@
+"""TraceReader: metadata, decisions, tensor statistics and tensor values of a trace.
+
+Data files are memory-mapped and loaded lazily, one kind at a time: asking for decisions never
+touches tensor files; reading one tensor's values maps the values file and inflates that one
+payload only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .dtypes import widen_bfloat16
+from .errors import (
+    TraceCorruptError,
+    TraceFormatError,
+    TraceNotFoundError,
+    TraceUsageError,
+    ValuesNotRecordedError,
+)
+from .ipcfile import ArrowData, read_arrow, unify
+from .metadata import TraceMetadata, read_manifest
+from .payload import DEFAULT_MAX_TENSOR_BYTES, decode_values, digest
+from .schema import KINDS, PARTS_DIR, data_file
+
+_PART_SUFFIX = ".json"
+
+
+@dataclass
+class PartInfo:
+    """One writer's part of a trace, as its status file and data files describe it."""
+
+    id: str
+    status: str  # "closed" or "open" (still being written, or its writer died)
+    host: str | None = None
+    pid: int | None = None
+    started: str | None = None
+    closed: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # rows per kind, as written at close
+    recovered: dict[str, int] = field(default_factory=dict)  # rows per kind readable now
+    damaged_tail: bool = False  # an interrupted batch was dropped at the end of a file
+    metadata: dict[str, Any] = field(default_factory=dict)
+    file_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """The part was closed cleanly."""
+        return self.status == "closed"
+
+    @property
+    def writer_alive(self) -> bool | None:
+        """For an open part on this host: whether its writer process still runs (None: unknown)."""
+        if self.complete or self.pid is None or self.host != socket.gethostname():
+            return None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+@dataclass
+class StepView:
+    """Everything recorded at one (sample, step)."""
+
+    sample: str
+    step: int
+    decisions: pa.Table
+    tensors: pa.Table
+
+
+class TraceReader:
+    """Reads a trace directory written by any SPEC.md v1 writer.
+
+    Args:
+        path: the trace directory.
+        max_tensor_bytes: refuse to inflate a single tensor larger than this.
+
+    Raises:
+        TraceNotFoundError: no such path.
+        TraceFormatError: not a trace, or malformed.
+        TraceVersionError: written by a newer major format version.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> None:
+        self.path = Path(path)
+        self._manifest = read_manifest(self.path)
+        self.metadata = TraceMetadata.from_manifest(self._manifest)
+        self.max_tensor_bytes = max_tensor_bytes
+        self.parts = self._scan_parts()
+        self._data: dict[str, list[ArrowData]] = {}
+        self._tables: dict[str, pa.Table] = {}
+        self._value_index: dict[int, np.ndarray] = {}
+        self._vocab: list[str | None] | None = None
+
+    # ------------------------------------------------------------------ parts
+    def _scan_parts(self) -> list[PartInfo]:
+        root = self.path / PARTS_DIR
+        if not root.is_dir():
+            return []
+        ids = set()
+        for p in root.iterdir():
+            if p.name.endswith(_PART_SUFFIX) and not p.name.startswith("."):
+                ids.add(p.name[: -len(_PART_SUFFIX)])
+            else:
+                for kind in KINDS:
+                    if p.name.endswith(f".{kind}.arrow"):
+                        ids.add(p.name[: -len(f".{kind}.arrow")])
+        parts = []
+        for pid in sorted(ids):
+            status_path = root / f"{pid}{_PART_SUFFIX}"
+            doc: dict[str, Any] = {}
+            if status_path.exists():
+                try:
+                    doc = json.loads(status_path.read_bytes())
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise TraceCorruptError(f"{status_path} is not valid JSON ({exc}); the trace is damaged") from None
+                if not isinstance(doc, dict):
+                    raise TraceCorruptError(f"{status_path} is not a part status object")
+            status = doc.get("status", "open")
+            parts.append(
+                PartInfo(
+                    id=pid,
+                    status="closed" if status == "closed" else "open",
+                    host=doc.get("host"),
+                    pid=doc.get("pid"),
+                    started=doc.get("started"),
+                    closed=doc.get("closed"),
+                    counts=dict(doc.get("counts") or {}),
+                    metadata=dict(doc.get("metadata") or {}),
+                    file_bytes={
+                        k: (root / data_file(pid, k)).stat().st_size
+                        for k in KINDS
+                        if (root / data_file(pid, k)).exists()
+                    },
+                )
+            )
+        return parts
+
+    @property
+    def complete(self) -> bool:
+        """Every part was closed cleanly (a trace with no parts is complete and empty)."""
+        return all(p.complete for p in self.parts)
+
+    def _load(self, kind: str) -> list[ArrowData]:
+        if kind not in self._data:
+            out = []
+            for part in self.parts:
+                d = read_arrow(self.path / PARTS_DIR / data_file(part.id, kind), kind, allow_partial=not part.complete)
+                if part.complete and kind in part.counts and d.num_rows != part.counts[kind]:
+                    raise TraceCorruptError(
+                        f"part {part.id}: {kind} file holds {d.num_rows} rows but the part was closed "
+                        f"with {part.counts[kind]}; the trace is damaged"
+                    )
+                part.recovered[kind] = d.num_rows
+                part.damaged_tail = part.damaged_tail or d.damaged_tail
+                out.append(d)
+            self._data[kind] = out
+        return self._data[kind]
+
+    def _table(self, kind: str) -> pa.Table:
+        """All parts' rows of ``kind``, unified to SPEC.md columns, with a ``_part`` column."""
+        if kind not in self._tables:
+            tables = []
+            for i, d in enumerate(self._load(kind)):
+                t = unify(d.table(), kind)
+                tables.append(t.append_column("_part", pa.array(np.full(t.num_rows, i, np.int32))))
+            if tables:
+                table = pa.concat_tables(tables)
+            else:
+                table = unify(pa.table({}), kind).append_column("_part", pa.array([], pa.int32()))
+            self._tables[kind] = table
+        return self._tables[kind]
+
+    # ------------------------------------------------------------------ vocabulary
+    @property
+    def vocab(self) -> list[str | None] | None:
+        """Token pieces indexed by id (None for ids without a piece), or None if not recorded."""
+        name = self._manifest.get("vocab")
+        if not name:
+            return None
+        if self._vocab is None:
+            path = self.path / name
+            try:
+                table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+                ids = table.column("id").to_numpy()
+                pieces = table.column("piece").to_pylist()
+            except (OSError, pa.ArrowInvalid, KeyError) as exc:
+                raise TraceCorruptError(f"vocabulary file {path} cannot be read ({exc})") from None
+            size = int(ids.max()) + 1 if ids.size else 0
+            vocab: list[str | None] = [None] * size
+            for i, p in zip(ids.tolist(), pieces):
+                vocab[i] = p
+            self._vocab = vocab
+        return self._vocab
+
+    def piece(self, token: int) -> str | None:
+        """Return the piece of ``token``, or None when unknown."""
+        v = self.vocab
+        return v[token] if v is not None and 0 <= token < len(v) else None
+
+    # ------------------------------------------------------------------ decisions
+    def decisions(
+        self,
+        *,
+        sample: str | list[str] | None = None,
+        head: str | None = None,
+        columns: list[str] | None = None,
+        derive: bool = True,
+    ) -> pa.Table:
+        """Return decision rows sorted by (sample, step, head).
+
+        Args:
+            sample: keep only these sample ids.
+            head: keep only this head.
+            columns: keep only these columns (SPEC.md names).
+            derive: fill ``chosen_logit`` and ``chosen_rank`` from the top-k where the writer
+                left them null because ``chosen`` was among the top-k.
+
+        Returns:
+            A pyarrow Table with the SPEC.md decision columns.
+        """
+        t = self._table("decisions")
+        if sample is not None:
+            t = t.filter(pc.is_in(t["sample"], pa.array([sample] if isinstance(sample, str) else sample)))
+        if head is not None:
+            t = t.filter(pc.equal(t["head"], head))
+        t = t.drop_columns(["_part"]).sort_by([("sample", "ascending"), ("step", "ascending"), ("head", "ascending")])
+        if derive and t.num_rows:
+            t = _derive_chosen(t)
+        if columns is not None:
+            t = t.select(columns)
+        return t
+
+    def samples(self) -> list[str]:
+        """Return every sample id that has decisions or tensors, sorted."""
+        ids = set(pc.unique(self._table("decisions")["sample"]).to_pylist())
+        ids |= set(pc.unique(self._table("tensors")["sample"]).to_pylist())
+        return sorted(ids)
+
+    def heads(self) -> list[str]:
+        """Return the decision heads present, sorted."""
+        return sorted(pc.unique(self._table("decisions")["head"]).to_pylist())
+
+    # ------------------------------------------------------------------ tensors
+    def tensors(
+        self,
+        *,
+        sample: str | None = None,
+        step: int | None = None,
+        name: str | None = None,
+        columns: list[str] | None = None,
+    ) -> pa.Table:
+        """Return tensor rows (statistics, digest, no values) sorted by sample, step, order.
+
+        Args:
+            sample: keep this sample.
+            step: keep this step.
+            name: keep names matching this glob (``encoder.layers.*``) or equal to it.
+            columns: keep only these columns.
+
+        Returns:
+            A table with the SPEC.md tensor columns plus ``has_values``; ``value_ref`` dropped.
+        """
+        t = self._select_tensors(sample, step, name)
+        t = t.append_column("has_values", pc.is_valid(t["value_ref"])).drop_columns(["value_ref", "_part"])
+        if columns is not None:
+            t = t.select(columns)
+        return t
+
+    def _select_tensors(self, sample: str | None, step: int | None, name: str | None) -> pa.Table:
+        t = self._table("tensors")
+        mask = None
+
+        def both(m: pa.ChunkedArray) -> pa.ChunkedArray:
+            return m if mask is None else pc.and_(mask, m)
+
+        if sample is not None:
+            mask = both(pc.equal(t["sample"], sample))
+        if step is not None:
+            mask = both(pc.equal(t["step"], step))
+        if name is not None:
+            if any(ch in name for ch in "*?["):
+                regex = fnmatch.translate(name)
+                mask = both(pc.match_substring_regex(t["name"], regex))
+            else:
+                mask = both(pc.equal(t["name"], name))
+        if mask is not None:
+            t = t.filter(mask)
+        return t.sort_by([("sample", "ascending"), ("step", "ascending"), ("order", "ascending")])
+
+    def tensor_names(self) -> list[str]:
+        """Return the distinct tensor names, sorted."""
+        return sorted(pc.unique(self._table("tensors")["name"]).to_pylist())
+
+    def tensor(
+        self, sample: str, step: int, name: str, *, call: int = 0, raw_bits: bool = False, verify: bool = True
+    ) -> np.ndarray:
+        """Return one tensor's values.
+
+        Args:
+            sample, step, name, call: which tensor.
+            raw_bits: for bfloat16, return the uint16 bit patterns instead of exact float32.
+            verify: check the values against the recorded digest.
+
+        Returns:
+            A read-only numpy array (little-endian, the tensor's shape).
+
+        Raises:
+            TraceNotFoundError: no such tensor row.
+            ValuesNotRecordedError: the row exists but holds statistics only.
+            TraceCorruptError: the payload is damaged or does not match its digest.
+        """
+        if any(c in name for c in "*?["):
+            raise TraceUsageError(f"tensor() takes an exact name, not a pattern: {name!r}")
+        t = self._select_tensors(sample, step, name)
+        t = t.filter(pc.equal(t["call"], call))
+        if t.num_rows == 0:
+            raise TraceNotFoundError(
+                f"no tensor {name!r} (call {call}) at sample {sample!r} step {step}; "
+                "`trace info` lists the tensor names"
+            )
+        row = t.slice(0, 1).to_pylist()[0]
+        if row["value_ref"] is None:
+            raise ValuesNotRecordedError(
+                f"tensor {name!r} at sample {sample!r} step {step} was recorded as statistics only; "
+                "record it with values (capture 'full') to read its values"
+            )
+        part = row["_part"]
+        enc, data = self._value_payload(part, row["value_ref"])
+        arr = decode_values(data, enc, row["dtype"], tuple(row["shape"]), max_bytes=self.max_tensor_bytes)
+        if verify and row["digest"] is not None and digest(memoryview(arr).cast("B") if arr.size else b"") != row["digest"]:
+            raise TraceCorruptError(
+                f"tensor {name!r} at sample {sample!r} step {step}: values do not match their digest; the trace is damaged"
+            )
+        if row["dtype"] == "bfloat16" and not raw_bits:
+            return widen_bfloat16(arr)
+        return arr
+
+    def _value_payload(self, part: int, ref: int) -> tuple[str, memoryview]:
+        data = self._load("values")[part]
+        if part not in self._value_index:
+            self._value_index[part] = np.cumsum([0] + [b.num_rows for b in data.batches])
+        bounds = self._value_index[part]
+        if not 0 <= ref < bounds[-1]:
+            raise TraceCorruptError(
+                f"part {self.parts[part].id}: value_ref {ref} points past the {bounds[-1]} stored values"
+                + ("" if self.parts[part].complete else " (interrupted recording: its values were not flushed)")
+            )
+        i = int(np.searchsorted(bounds, ref, side="right") - 1)
+        batch = data.batches[i]
+        j = ref - int(bounds[i])
+        enc = batch.column("encoding")[j].as_py()
+        col = batch.column("data")
+        offsets = np.frombuffer(col.buffers()[1], dtype=np.int64, count=len(col) + 1, offset=col.offset * 8)
+        buf = col.buffers()[2]
+        start, end = int(offsets[j]), int(offsets[j + 1])
+        return enc, memoryview(buf)[start:end]
+
+    # ------------------------------------------------------------------ iteration
+    def iter_steps(self, *, sample: str | None = None) -> Iterator[StepView]:
+        """Yield every (sample, step) in order with its decisions and tensor statistics."""
+        dec = self.decisions(sample=sample)
+        ten = self.tensors(sample=sample)
+        keys = sorted(
+            set(zip(dec["sample"].to_pylist(), dec["step"].to_pylist()))
+            | set(zip(ten["sample"].to_pylist(), ten["step"].to_pylist()))
+        )
+        d_idx = _group_bounds(dec)
+        t_idx = _group_bounds(ten)
+        empty_d, empty_t = dec.slice(0, 0), ten.slice(0, 0)
+        for key in keys:
+            d = dec.slice(*d_idx[key]) if key in d_idx else empty_d
+            t = ten.slice(*t_idx[key]) if key in t_idx else empty_t
+            yield StepView(key[0], key[1], d, t)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def close(self) -> None:
+        """Release the memory maps (tables handed out before stay valid while referenced)."""
+        self._data.clear()
+        self._tables.clear()
+        self._value_index.clear()
+
+    def __enter__(self) -> TraceReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _group_bounds(t: pa.Table) -> dict[tuple[str, int], tuple[int, int]]:
+    """Map (sample, step) -> (offset, length) in a table sorted by sample then step."""
+    if t.num_rows == 0:
+        return {}
+    samples = np.asarray(t["sample"].to_pylist(), dtype=object)
+    steps = t["step"].to_numpy()
+    change = np.flatnonzero((samples[1:] != samples[:-1]) | (steps[1:] != steps[:-1])) + 1
+    starts = np.concatenate([[0], change])
+    ends = np.concatenate([change, [t.num_rows]])
+    return {(samples[s], int(steps[s])): (int(s), int(e - s)) for s, e in zip(starts, ends)}
+
+
+def _derive_chosen(t: pa.Table) -> pa.Table:
+    """Fill null chosen_logit / chosen_rank where chosen is in the top-k (vectorised)."""
+    ids = pc.list_flatten(t["topk_ids"]).to_numpy()
+    logits = pc.list_flatten(t["topk_logits"]).to_numpy()
+    parents = pc.list_parent_indices(t["topk_ids"]).to_numpy()
+    offsets = np.zeros(t.num_rows + 1, dtype=np.int64)
+    np.cumsum(pc.list_value_length(t["topk_ids"]).to_numpy(), out=offsets[1:])
+    hit = np.flatnonzero(ids == t["chosen"].to_numpy()[parents])
+    rows, first = np.unique(parents[hit], return_index=True)  # first hit of each row
+    pos = hit[first]
+    out = t
+    for col, found, dtype in (
+        ("chosen_logit", logits[pos], pa.float32()),
+        ("chosen_rank", pos - offsets[rows], pa.int32()),
+    ):
+        valid = t[col].is_valid().to_numpy()
+        values = t[col].to_numpy().astype(np.float64)
+        need = ~valid[rows]
+        values[rows[need]] = found[need]
+        valid[rows[need]] = True
+        values = np.where(valid, values, 0).astype(dtype.to_pandas_dtype())
+        out = out.set_column(out.schema.get_field_index(col), col, pa.array(values, dtype, mask=~valid))
+    return out

@@ -1,0 +1,668 @@
+"""TraceWriter: streaming, crash-safe writing of one part of a trace (SPEC.md §5).
+
+The caller's thread only validates its arguments and copies arrays; statistics, digests,
+compression and disk I/O run on a background thread behind a queue bounded in bytes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .decisions import decide
+from .dtypes import DTYPES, canonical, dtype_name
+from .errors import TraceError, TraceExistsError, TraceUsageError, TraceWriteError
+from .ipcfile import ArrowAppender, compact
+from .metadata import TraceMetadata, read_manifest, utc_now, write_json_atomic
+from .payload import ENCODINGS, Encoder, TensorStats, compute_stats, digest
+from .schema import DECISIONS, FORMAT_VERSION, MANIFEST, PARTS_DIR, TENSORS, VALUES, data_file, part_file
+
+_MODES = ("create", "append", "overwrite")
+_I32 = np.iinfo(np.int32)
+
+
+@dataclass(frozen=True)
+class WriteSummary:
+    """What :meth:`TraceWriter.close` wrote."""
+
+    path: str
+    part: str
+    decisions: int
+    tensors: int
+    values: int
+    tensor_bytes: int  # raw bytes of all tensors seen (stats computed over them)
+    file_bytes: int  # bytes of this part's files on disk
+    stall_seconds: float  # time the caller waited because the queue was full
+    seconds: float  # from open to close
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path} part {self.part}: {self.decisions} decisions, {self.tensors} tensors "
+            f"({self.values} with values), {self.file_bytes / 1e6:.1f} MB on disk"
+        )
+
+
+def _part_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _check_key(sample: Any, step: Any) -> tuple[str, int]:
+    if not isinstance(sample, str) or not sample:
+        raise TraceUsageError(f"sample must be a non-empty string, got {sample!r}")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= _I32.max:
+        raise TraceUsageError(f"step must be an integer in [0, 2**31), got {step!r}")
+    return sample, int(step)
+
+
+def _opt_i32(name: str, v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not _I32.min <= v <= _I32.max:
+        raise TraceUsageError(f"{name} must be a 32-bit integer or None, got {v!r}")
+    return int(v)
+
+
+class _Budget:
+    """Bytes queued for the background thread; blocks producers above a limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.stalled = 0.0
+        self._cv = threading.Condition()
+
+    def take(self, n: int, alive: threading.Thread) -> None:
+        with self._cv:
+            if self.used and self.used + n > self.limit:
+                t0 = time.perf_counter()
+                while self.used and self.used + n > self.limit and alive.is_alive():
+                    self._cv.wait(0.1)
+                self.stalled += time.perf_counter() - t0
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+
+_open_writers: weakref.WeakSet[TraceWriter] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_forgotten_writers() -> None:
+    for w in list(_open_writers):
+        try:
+            w.close()
+        except TraceError:
+            pass  # already reported to the caller on its own calls; nothing more to do at exit
+
+
+class TraceWriter:
+    """Writes one part of a trace. Use as a context manager; several processes may write
+    parts of the same trace at once (``mode="append"``), each recording its own samples.
+
+    Args:
+        path: the trace directory.
+        metadata: run metadata (a :class:`TraceMetadata` or a dict of its fields). Stored in the
+            manifest by the writer that creates the trace, and in this part's status file.
+        vocab: token pieces, as a sequence indexed by id or a mapping id -> piece.
+        mode: ``"create"`` (fail if a trace exists), ``"append"`` (add a part to an existing
+            trace, or create it), ``"overwrite"`` (delete an existing trace first).
+        flush_steps: flush to disk after this many new steps.
+        flush_ms: flush at least this often (milliseconds) while data is pending.
+        queue_bytes: most tensor bytes held in the queue before the caller waits.
+        encoding: value encoding, one of ``raw``, ``zstd``, ``zstd-shuffle``.
+        zstd_level: zstd level for values.
+        compact: at close, rewrite the decisions and tensors files in large dictionary-encoded
+            batches (smaller files, faster scans).
+        compact_level: zstd level of the compacted files.
+        fsync: fsync after every flush (survives power loss, not only a killed process).
+
+    Raises:
+        TraceExistsError: ``mode="create"`` and a trace exists at ``path``.
+        TraceUsageError: a bad option.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        metadata: TraceMetadata | Mapping[str, Any] | None = None,
+        vocab: Sequence[str] | Mapping[int, str] | None = None,
+        mode: str = "create",
+        flush_steps: int = 64,
+        flush_ms: float = 1000.0,
+        queue_bytes: int = 256 << 20,
+        encoding: str = "zstd",
+        zstd_level: int = 1,
+        compact: bool = True,
+        compact_level: int = 6,
+        fsync: bool = False,
+    ) -> None:
+        if mode not in _MODES:
+            raise TraceUsageError(f"mode {mode!r} is unknown; use one of {', '.join(_MODES)}")
+        if encoding not in ENCODINGS:
+            raise TraceUsageError(f"encoding {encoding!r} is unknown; use one of {', '.join(ENCODINGS)}")
+        if flush_steps < 1 or flush_ms <= 0 or queue_bytes < 1:
+            raise TraceUsageError("flush_steps, flush_ms and queue_bytes must be positive")
+        self.path = Path(path)
+        self.part = _part_id()
+        self.metadata = TraceMetadata.coerce(dict(metadata) if isinstance(metadata, Mapping) else metadata)
+        self._t0 = time.perf_counter()
+        self._flush_steps = flush_steps
+        self._flush_s = flush_ms / 1000.0
+        self._compact = compact
+        self._compact_level = compact_level
+        self._encoder = Encoder(encoding, zstd_level)
+        self._fsync = fsync
+        self._closed = False
+        self._summary: WriteSummary | None = None
+        self._error: BaseException | None = None
+        self._steps: dict[str, tuple[int, int, dict[str, int]]] = {}  # sample -> (step, order, calls)
+        self._counts = {"decisions": 0, "tensors": 0, "values": 0, "tensor_bytes": 0}
+
+        self._create_or_join(mode, vocab)
+        parts = self.path / PARTS_DIR
+        self._status_path = parts / part_file(self.part)
+        self._status: dict[str, Any] = {
+            "part": self.part,
+            "status": "open",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": utc_now(),
+            "metadata": self.metadata.to_manifest(),
+        }
+        write_json_atomic(self._status_path, self._status)
+        self._files = {
+            kind: ArrowAppender(parts / data_file(self.part, kind), kind, self.part, level=level, fsync=fsync)
+            for kind, level in (("values", None), ("tensors", 1), ("decisions", 1))
+        }
+        self._queue: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"steptrace-writer-{self.part}", daemon=True)
+        self._budget = _Budget(queue_bytes)
+        self._thread.start()
+        _open_writers.add(self)
+
+    # ------------------------------------------------------------------ set-up
+    def _create_or_join(self, mode: str, vocab: Sequence[str] | Mapping[int, str] | None) -> None:
+        root = self.path
+        manifest = root / MANIFEST
+        if root.exists() and not root.is_dir():
+            raise TraceExistsError(f"{root} exists and is a file; choose another path for the trace")
+        if mode == "overwrite" and root.exists():
+            if not manifest.exists() and any(root.iterdir()):
+                raise TraceExistsError(
+                    f"{root} is a non-empty directory that is not a steptrace trace; refusing to delete it"
+                )
+            shutil.rmtree(root)
+        if manifest.exists():
+            if mode == "create":
+                raise TraceExistsError(
+                    f"a trace already exists at {root}; pass mode='append' to add a part to it or "
+                    "mode='overwrite' to replace it (CLI: --overwrite)"
+                )
+            read_manifest(root)  # refuses foreign or newer traces before we add to them
+            (root / PARTS_DIR).mkdir(exist_ok=True)
+            return
+        (root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        vocab_name = None
+        if vocab is not None:
+            vocab_name = f"vocab-{self.part}.arrow"
+            _write_vocab(root / vocab_name, vocab)
+        tmp = root / f".{MANIFEST}.{self.part}.tmp"
+        write_json_atomic(tmp, self.metadata.to_manifest(vocab=vocab_name))
+        try:
+            os.link(tmp, manifest)  # atomic and never replaces: the first writer wins
+        except FileExistsError:
+            if mode == "create":
+                os.unlink(tmp)
+                raise TraceExistsError(f"another writer created a trace at {root} at the same time") from None
+            if vocab_name:
+                os.unlink(root / vocab_name)
+        os.unlink(tmp)
+
+    # ------------------------------------------------------------------ caller side
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise TraceWriteError(f"writing {self.path} failed: {self._error}") from self._error
+        if self._closed:
+            raise TraceUsageError("this TraceWriter is closed")
+
+    def _next_order(self, sample: str, step: int, name: str | None) -> tuple[int, int]:
+        st = self._steps.get(sample)
+        if st is None or st[0] != step:
+            st = (step, 0, {})
+        order = st[1]
+        calls = st[2]
+        call = 0
+        if name is not None:
+            call = calls.get(name, 0)
+            calls[name] = call + 1
+        self._steps[sample] = (step, order + 1, calls)
+        return order, call
+
+    def add_decision(
+        self,
+        sample: str,
+        step: int,
+        *,
+        chosen: int,
+        topk_ids: Sequence[int] | np.ndarray,
+        topk_logits: Sequence[float] | np.ndarray,
+        head: str = "token",
+        argmax: int | None = None,
+        margin: float | None = None,
+        logsumexp: float | None = None,
+        forced: bool = False,
+        chosen_logit: float | None = None,
+        chosen_rank: int | None = None,
+        watched: Iterable[Mapping[str, Any]] | None = None,
+        piece: str | None = None,
+        frame: int | None = None,
+        chunk: int | None = None,
+        position: int | None = None,
+        emission: int | None = None,
+        time_us: int | None = None,
+    ) -> None:
+        """Record one decision (SPEC.md §3.2).
+
+        Args:
+            sample: sample id (utterance, prompt, sequence of a batch).
+            step: decode step, 0-based.
+            chosen: the token the run used next.
+            topk_ids: the k best ids, best first (k >= 2).
+            topk_logits: their logits.
+            head: decision head (``token``, ``duration``, ...).
+            argmax: defaults to ``topk_ids[0]``.
+            margin: defaults to ``topk_logits[0] - topk_logits[1]``.
+            logsumexp: over the full logits, when known.
+            forced: the choice was imposed (teacher forcing), not the run's own.
+            chosen_logit: logit of ``chosen``; needed when ``chosen`` is not in ``topk_ids``.
+            chosen_rank: 0-based rank of ``chosen`` in the full logits; likewise.
+            watched: ``[{"id": 3, "logit": 13.4, "rank": 1}, ...]``.
+            piece: decoded text of ``chosen``.
+            frame, chunk, position, emission: alignment keys.
+            time_us: wall-clock microseconds since the epoch; defaults to now.
+
+        Raises:
+            TraceUsageError: malformed arguments (the message names the argument).
+            TraceWriteError: the background writer failed earlier.
+        """
+        self._check_open()
+        sample, step = _check_key(sample, step)
+        if not isinstance(head, str) or not head:
+            raise TraceUsageError(f"head must be a non-empty string, got {head!r}")
+        ids = np.asarray(topk_ids, dtype=np.int64)
+        logits = np.asarray(topk_logits, dtype=np.float32)
+        if ids.ndim != 1 or ids.shape != logits.shape or ids.size < 2:
+            raise TraceUsageError(
+                f"topk_ids and topk_logits must be 1-d of the same length >= 2, got {ids.shape} and {logits.shape}"
+            )
+        if ids.min() < _I32.min or ids.max() > _I32.max:
+            raise TraceUsageError("token ids must fit in 32 bits")
+        chosen_i = _opt_i32("chosen", chosen)
+        if chosen_i is None:
+            raise TraceUsageError("chosen is required")
+        if argmax is None:
+            argmax = int(ids[0])
+        if margin is None:
+            margin = float(np.float32(float(logits[0]) - float(logits[1])))
+        rows_watched = None
+        if watched is not None:
+            try:
+                rows_watched = [
+                    {"id": int(w["id"]), "logit": None if w.get("logit") is None else float(w["logit"]),
+                     "rank": None if w.get("rank") is None else int(w["rank"])}
+                    for w in watched
+                ]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TraceUsageError(f"watched must be a list of {{id, logit, rank}} dicts ({exc})") from None
+        row = (
+            sample, step, head, chosen_i, _opt_i32("argmax", argmax), bool(forced),
+            ids.astype(np.int32), logits, float(margin),
+            None if logsumexp is None else float(logsumexp),
+            None if chosen_logit is None else float(chosen_logit), _opt_i32("chosen_rank", chosen_rank),
+            rows_watched, piece,
+            _opt_i32("frame", frame), _opt_i32("chunk", chunk), _opt_i32("position", position),
+            _opt_i32("emission", emission),
+            time.time_ns() // 1000 if time_us is None else int(time_us),
+        )
+        self._queue.put(("d", row))
+
+    def add_logits(
+        self,
+        sample: str,
+        step: int,
+        logits: np.ndarray,
+        *,
+        head: str = "token",
+        k: int = 8,
+        chosen: int | None = None,
+        watched: Iterable[int] | None = None,
+        keep_logits: bool = False,
+        **keys: Any,
+    ) -> int:
+        """Record a decision derived from a full logits vector (host numpy).
+
+        Args:
+            sample, step, head: as for :meth:`add_decision`.
+            logits: 1-d logits of the position decided.
+            k: top candidates kept.
+            chosen: the token used; defaults to the argmax.
+            watched: ids to watch; defaults to the metadata's watched tokens.
+            keep_logits: also store the full logits as tensor ``logits:{head}`` (SPEC.md §3.4).
+            **keys: forced, piece, frame, chunk, position, emission, time_us.
+
+        Returns:
+            The chosen token id.
+        """
+        if watched is None:
+            watched = list(self.metadata.watched.values())
+        d = decide(np.asarray(logits), k=k, chosen=chosen, watched=watched)
+        in_top = d.chosen in d.topk_ids
+        self.add_decision(
+            sample, step, head=head, chosen=d.chosen, argmax=d.argmax, topk_ids=d.topk_ids,
+            topk_logits=d.topk_logits, margin=d.margin, logsumexp=d.logsumexp,
+            chosen_logit=None if in_top else d.chosen_logit, chosen_rank=None if in_top else d.chosen_rank,
+            watched=d.watched or None, **keys,
+        )
+        if keep_logits:
+            self.add_tensor(sample, step, f"logits:{head}", np.asarray(logits), source="decision")
+        return d.chosen
+
+    def add_tensor(
+        self,
+        sample: str,
+        step: int,
+        name: str,
+        array: np.ndarray,
+        *,
+        values: bool = True,
+        source: str | None = None,
+        call: int | None = None,
+        order: int | None = None,
+        dtype: str | None = None,
+        copy: bool = True,
+    ) -> None:
+        """Record one tensor: statistics and digest always, values when ``values`` is true.
+
+        Args:
+            sample, step: the step it belongs to.
+            name: tensor name (module path, ONNX value name, ...).
+            array: the tensor (any SPEC.md dtype; bfloat16 as ml_dtypes or uint16 + ``dtype``).
+            values: store the values too (else stats + digest only).
+            source: where it came from (module class, ONNX node, CoreML op).
+            call: call index of ``name`` within the step; counted automatically when None.
+            order: execution order within the step; counted automatically when None.
+            dtype: SPEC.md dtype name overriding the array's (``"bfloat16"`` for uint16 bits).
+            copy: copy the array before returning (set False only for arrays nobody mutates).
+
+        Raises:
+            UnsupportedDtypeError: the dtype is not a SPEC.md dtype.
+            TraceUsageError: malformed arguments.
+            TraceWriteError: the background writer failed earlier.
+        """
+        self._check_open()
+        sample, step = _check_key(sample, step)
+        if not isinstance(name, str) or not name:
+            raise TraceUsageError(f"tensor name must be a non-empty string, got {name!r}")
+        arr = np.asarray(array)
+        dt = dtype_name(arr, dtype)
+        a = canonical(arr, dt)
+        if copy and np.may_share_memory(a, arr):
+            a = a.copy()
+        auto_order, auto_call = self._next_order(sample, step, name)
+        self._budget.take(a.nbytes, self._thread)
+        self._queue.put(
+            ("t", sample, step, name, auto_call if call is None else _opt_i32("call", call),
+             auto_order if order is None else _opt_i32("order", order), source, dt, a, bool(values))
+        )
+
+    def add_tensor_stats(
+        self,
+        sample: str,
+        step: int,
+        name: str,
+        *,
+        dtype: str,
+        shape: Sequence[int],
+        stats: TensorStats,
+        digest: bytes | None,
+        source: str | None = None,
+        call: int | None = None,
+        order: int | None = None,
+    ) -> None:
+        """Record a tensor whose statistics were computed elsewhere (on a GPU, in C++).
+
+        Args:
+            dtype, shape: of the tensor.
+            stats: its :class:`TensorStats`.
+            digest: the SPEC.md digest of its canonical bytes (16 bytes), or None if unknown.
+            Other arguments as for :meth:`add_tensor`.
+        """
+        self._check_open()
+        sample, step = _check_key(sample, step)
+        if dtype not in DTYPES:
+            raise TraceUsageError(f"dtype {dtype!r} is not a steptrace dtype")
+        if digest is not None and len(digest) != 16:
+            raise TraceUsageError("digest must be 16 bytes (SHA-256 truncated, SPEC.md §4.2)")
+        shape_t = tuple(int(s) for s in shape)
+        if any(s < 0 for s in shape_t):
+            raise TraceUsageError(f"shape {list(shape_t)} has a negative dimension")
+        auto_order, auto_call = self._next_order(sample, step, name)
+        self._queue.put(
+            ("s", sample, step, name, auto_call if call is None else int(call),
+             auto_order if order is None else int(order), source, dtype, shape_t, stats, digest)
+        )
+
+    def flush(self) -> None:
+        """Write everything queued so far to disk; returns when it is there."""
+        self._check_open()
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        while not done.wait(0.1):
+            if not self._thread.is_alive():
+                break
+        self._check_open()
+
+    def close(self) -> WriteSummary:
+        """Flush, finish every file, compact, mark the part closed; idempotent.
+
+        Returns:
+            The :class:`WriteSummary`.
+
+        Raises:
+            TraceWriteError: writing failed (the data flushed before the failure stays readable).
+        """
+        if self._summary is not None:
+            return self._summary
+        if not self._closed:
+            self._closed = True
+            self._queue.put(("close",))
+            self._thread.join()
+            _open_writers.discard(self)
+        if self._error is not None:
+            raise TraceWriteError(f"writing {self.path} failed: {self._error}") from self._error
+        try:
+            sizes = {}
+            for kind, f in self._files.items():
+                f.close()
+                if self._compact and kind != "values":
+                    sizes[kind] = compact(f.path, kind, self.part, level=self._compact_level)
+                else:
+                    sizes[kind] = os.path.getsize(f.path)
+            self._status.update(
+                status="closed",
+                closed=utc_now(),
+                counts={k: self._files[k].rows for k in ("decisions", "tensors", "values")},
+                bytes=sizes,
+            )
+            write_json_atomic(self._status_path, self._status)
+        except OSError as exc:
+            self._error = exc
+            raise TraceWriteError(f"closing {self.path} failed: {exc}") from exc
+        self._summary = WriteSummary(
+            path=str(self.path),
+            part=self.part,
+            decisions=self._counts["decisions"],
+            tensors=self._counts["tensors"],
+            values=self._counts["values"],
+            tensor_bytes=self._counts["tensor_bytes"],
+            file_bytes=sum(sizes.values()),
+            stall_seconds=self._budget.stalled,
+            seconds=time.perf_counter() - self._t0,
+        )
+        return self._summary
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ background side
+    def _run(self) -> None:
+        dec: list[tuple] = []
+        ten: list[tuple] = []
+        val: list[tuple[str, bytes]] = []
+        last_key: tuple[str, int] | None = None
+        new_steps = 0
+        deadline: float | None = None
+
+        def flush() -> None:
+            nonlocal dec, ten, val, new_steps, deadline
+            if val:
+                self._files["values"].write(_values_batch(val))
+            if ten:
+                self._files["tensors"].write(_tensors_batch(ten))
+            if dec:
+                self._files["decisions"].write(_decisions_batch(dec))
+            dec, ten, val = [], [], []
+            new_steps = 0
+            deadline = None
+
+        while True:
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                self._guard(flush)
+                continue
+            kind = item[0]
+            if kind == "close":
+                self._guard(flush)
+                return
+            if kind == "flush":
+                self._guard(flush)
+                item[1].set()
+                continue
+            key = (item[1][0], item[1][1]) if kind == "d" else (item[1], item[2])
+            if key != last_key:
+                last_key = key
+                new_steps += 1
+            if self._error is None:
+                self._guard(lambda: self._accept(item, dec, ten, val))
+            if kind == "t":
+                self._budget.give(item[8].nbytes)
+            if deadline is None:
+                deadline = time.monotonic() + self._flush_s
+            if new_steps > self._flush_steps:
+                self._guard(flush)
+
+    def _guard(self, fn: Any) -> None:
+        if self._error is not None:
+            return
+        try:
+            fn()
+        except (OSError, pa.ArrowException, ValueError, TypeError) as exc:  # reported on the next call
+            self._error = exc
+
+    def _accept(self, item: tuple, dec: list, ten: list, val: list) -> None:
+        kind = item[0]
+        if kind == "d":
+            dec.append(item[1])
+            self._counts["decisions"] += 1
+            return
+        if kind == "t":
+            _, sample, step, name, call, order, source, dt, a, keep = item
+            stats = compute_stats(a, dt)
+            buf = memoryview(a).cast("B") if a.size else memoryview(b"")
+            dig = digest(buf)
+            ref = None
+            if keep:
+                ref = self._counts["values"]
+                val.append((self._encoder.encoding, self._encoder.encode(buf, a.dtype.itemsize)))
+                self._counts["values"] += 1
+            self._counts["tensor_bytes"] += a.nbytes
+            ten.append((sample, step, name, call, order, source, dt, a.shape, stats, dig, ref))
+        else:  # precomputed stats
+            _, sample, step, name, call, order, source, dt, shape, stats, dig = item
+            ten.append((sample, step, name, call, order, source, dt, shape, stats, dig, None))
+        self._counts["tensors"] += 1
+
+
+def _list_array(items: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    lengths = np.fromiter((len(x) for x in items), dtype=np.int32, count=len(items))
+    offsets = np.zeros(len(items) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(items) if items else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
+def _decisions_batch(rows: list[tuple]) -> pa.RecordBatch:
+    cols = list(zip(*rows))
+    arrays = []
+    for i, f in enumerate(DECISIONS):
+        if f.name in ("topk_ids", "topk_logits"):
+            arrays.append(_list_array(list(cols[i]), f.type.value_type))
+        else:
+            arrays.append(pa.array(cols[i], type=f.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=DECISIONS)
+
+
+def _tensors_batch(rows: list[tuple]) -> pa.RecordBatch:
+    sample, step, name, call, order, source, dt, shape, stats, dig, ref = zip(*rows)
+    st = {c: [getattr(s, c) for s in stats] for c in ("numel", "min", "max", "mean", "std", "abs_max", "l2",
+                                                      "nan_count", "inf_count")}
+    data = {
+        "sample": sample, "step": step, "name": name, "call": call, "order": order, "source": source,
+        "dtype": dt, "shape": [list(s) for s in shape], **st, "digest": dig, "value_ref": ref,
+    }
+    return pa.RecordBatch.from_arrays([pa.array(data[f.name], type=f.type) for f in TENSORS], schema=TENSORS)
+
+
+def _values_batch(rows: list[tuple[str, bytes]]) -> pa.RecordBatch:
+    enc, data = zip(*rows)
+    return pa.RecordBatch.from_arrays([pa.array(enc, pa.utf8()), pa.array(data, pa.large_binary())], schema=VALUES)
+
+
+def _write_vocab(path: Path, vocab: Sequence[str] | Mapping[int, str]) -> None:
+    if isinstance(vocab, Mapping):
+        ids = [int(i) for i in vocab]
+        pieces = [vocab[i] for i in vocab]
+    else:
+        ids = list(range(len(vocab)))
+        pieces = list(vocab)
+    if not all(isinstance(p, str) for p in pieces):
+        raise TraceUsageError("vocab pieces must be strings")
+    table = pa.table({"id": pa.array(ids, pa.int32()), "piece": pa.array(pieces, pa.utf8())})
+    table = table.replace_schema_metadata({b"steptrace.kind": b"vocab", b"steptrace.version": FORMAT_VERSION.encode()})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
