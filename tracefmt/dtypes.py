@@ -93,7 +93,7 @@ def canonical(array: np.ndarray, name: str) -> np.ndarray:
         a = a.astype(a.dtype.newbyteorder("<"))
     if a.dtype != target:
         a = a.view(target)  # same item size: checked by dtype_name; bfloat16 -> its bits
-    return np.ascontiguousarray(a)
+    return a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
 
 
 def widen_bfloat16(bits: np.ndarray) -> np.ndarray:

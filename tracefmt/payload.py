@@ -86,10 +86,15 @@ def compute_stats(a: np.ndarray, name: str) -> TensorStats:
         return TensorStats(n, None, None, None, None, None, None, nan_count, inf_count)
     lo = float(flat.min())
     hi = float(flat.max())
+    abs_max = max(abs(lo), abs(hi))
+    # Scale huge values so that the float64 sum of squares cannot overflow.
+    scale = abs_max if abs_max > 1e150 else 1.0
     total = 0.0
     sumsq = 0.0
     for start in range(0, count, _CHUNK):
         c = flat[start : start + _CHUNK].astype(np.float64)
+        if scale != 1.0:
+            c /= scale
         total += float(c.sum())
         sumsq += float(np.dot(c, c))
     mean = total / count
@@ -98,10 +103,10 @@ def compute_stats(a: np.ndarray, name: str) -> TensorStats:
         numel=n,
         min=lo,
         max=hi,
-        mean=mean,
-        std=math.sqrt(var),
-        abs_max=max(abs(lo), abs(hi)),
-        l2=math.sqrt(sumsq),
+        mean=mean * scale,
+        std=math.sqrt(var) * scale,
+        abs_max=abs_max,
+        l2=math.sqrt(sumsq) * scale,
         nan_count=nan_count,
         inf_count=inf_count,
     )

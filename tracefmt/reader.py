@@ -53,6 +53,11 @@ class PartInfo:
     file_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest ``steptrace.json`` as read (SPEC.md §2), unknown keys included."""
+        return dict(self._manifest)
+
+    @property
     def complete(self) -> bool:
         """The part was closed cleanly."""
         return self.status == "closed"
@@ -148,6 +153,11 @@ class TraceReader:
                 )
             )
         return parts
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest ``steptrace.json`` as read (SPEC.md §2), unknown keys included."""
+        return dict(self._manifest)
 
     @property
     def complete(self) -> bool:

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ from .schema import DECISIONS, FORMAT_VERSION, MANIFEST, PARTS_DIR, TENSORS, VAL
 
 _MODES = ("create", "append", "overwrite")
 _I32 = np.iinfo(np.int32)
+#: Steps whose order/call counters are kept; a writer returning to an older step must pass
+#: ``order`` and ``call`` itself.
+_COUNTED_STEPS = 4096
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,8 @@ class TraceWriter:
         self._closed = False
         self._summary: WriteSummary | None = None
         self._error: BaseException | None = None
-        self._steps: dict[str, tuple[int, int, dict[str, int]]] = {}  # sample -> (step, order, calls)
+        # (sample, step) -> [next order, {name: next call}], for the most recent steps
+        self._steps: OrderedDict[tuple[str, int], list] = OrderedDict()
         self._counts = {"decisions": 0, "tensors": 0, "values": 0, "tensor_bytes": 0}
 
         self._create_or_join(mode, vocab)
@@ -245,17 +250,20 @@ class TraceWriter:
         if self._closed:
             raise TraceUsageError("this TraceWriter is closed")
 
-    def _next_order(self, sample: str, step: int, name: str | None) -> tuple[int, int]:
-        st = self._steps.get(sample)
-        if st is None or st[0] != step:
-            st = (step, 0, {})
-        order = st[1]
-        calls = st[2]
-        call = 0
-        if name is not None:
-            call = calls.get(name, 0)
-            calls[name] = call + 1
-        self._steps[sample] = (step, order + 1, calls)
+    def _next_order(self, sample: str, step: int, name: str) -> tuple[int, int]:
+        """Return (order, call) for the next tensor of ``name`` at (sample, step)."""
+        key = (sample, step)
+        st = self._steps.get(key)
+        if st is None:
+            st = self._steps[key] = [0, {}]
+            if len(self._steps) > _COUNTED_STEPS:
+                self._steps.popitem(last=False)
+        else:
+            self._steps.move_to_end(key)
+        order = st[0]
+        call = st[1].get(name, 0)
+        st[0] = order + 1
+        st[1][name] = call + 1
         return order, call
 
     def add_decision(
@@ -409,7 +417,8 @@ class TraceWriter:
             array: the tensor (any SPEC.md dtype; bfloat16 as ml_dtypes or uint16 + ``dtype``).
             values: store the values too (else stats + digest only).
             source: where it came from (module class, ONNX node, CoreML op).
-            call: call index of ``name`` within the step; counted automatically when None.
+            call: call index of ``name`` within the step; counted automatically when None
+                (over the 4096 most recent steps; pass it when returning to older steps).
             order: execution order within the step; counted automatically when None.
             dtype: SPEC.md dtype name overriding the array's (``"bfloat16"`` for uint16 bits).
             copy: copy the array before returning (set False only for arrays nobody mutates).

@@ -1,0 +1,228 @@
+"""Round trips through the writer and reader: every dtype and shape bit-exact, NaN/Inf kept (SPEC.md §3, §4)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from tracefmt import TraceReader, TraceWriter, compute_stats, digest
+from tracefmt.decisions import decide
+from tracefmt.dtypes import DTYPES, canonical
+from tracefmt.payload import shuffle_bytes, unshuffle_bytes
+
+NUMPY_DTYPES = [n for n in DTYPES if n != "bfloat16"]
+SHAPES = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6)
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def arrays_of(name: str):
+    dt = np.dtype(DTYPES[name][0] if name != "bool" else bool)
+    elements = None
+    if dt.kind == "f":
+        elements = st.floats(width=dt.itemsize * 8, allow_nan=True, allow_infinity=True, allow_subnormal=True)
+    return hnp.arrays(dt, SHAPES, elements=elements)
+
+
+@st.composite
+def tensors(draw):
+    name = draw(st.sampled_from(NUMPY_DTYPES + ["bfloat16"]))
+    if name == "bfloat16":
+        return name, draw(hnp.arrays(np.uint16, SHAPES))
+    a = draw(arrays_of(name))
+    if draw(st.booleans()) and a.dtype.itemsize > 1:
+        a = a.astype(a.dtype.newbyteorder(">"))  # big-endian input is stored little-endian
+    if draw(st.booleans()) and a.ndim >= 2:
+        a = a.T  # non-contiguous input is stored in C order
+    return name, a
+
+
+@SETTINGS
+@given(items=st.lists(tensors(), min_size=1, max_size=6), encoding=st.sampled_from(["raw", "zstd", "zstd-shuffle"]))
+def test_tensors_round_trip_bit_exact(tmp_path_factory, items, encoding):
+    path = tmp_path_factory.mktemp("rt") / "t.trace"
+    with TraceWriter(path, encoding=encoding, flush_steps=2) as w:
+        for i, (name, a) in enumerate(items):
+            w.add_tensor("s", i, f"t{i}", a, dtype="bfloat16" if name == "bfloat16" else None)
+    r = TraceReader(path)
+    rows = r.tensors().to_pylist()
+    for i, (name, a) in enumerate(items):
+        back = r.tensor("s", i, f"t{i}", raw_bits=True)
+        expect = canonical(a, name)
+        assert back.shape == a.shape
+        assert back.dtype == DTYPES[name][0]
+        assert back.tobytes() == expect.tobytes()  # bit-exact: NaN payloads, -0.0, byte order
+        row = rows[i]
+        assert row["dtype"] == name and row["shape"] == list(a.shape) and row["numel"] == a.size
+        assert row["digest"] == digest(expect.tobytes())
+        if DTYPES[name][1] == "f":
+            x = (expect.astype(np.uint32) << 16).view(np.float32) if name == "bfloat16" else expect
+            assert row["nan_count"] == int(np.isnan(x).sum())
+            assert row["inf_count"] == int(np.isinf(x).sum())
+
+
+@SETTINGS
+@given(a=hnp.arrays(np.float32, SHAPES, elements=st.floats(-1e6, 1e6, width=32)))
+def test_stats_match_numpy(a):
+    s = compute_stats(a, "float32")
+    assert s.numel == a.size
+    if a.size == 0:
+        assert s.min is None and s.l2 == 0.0
+        return
+    x = a.astype(np.float64).ravel()
+    assert s.min == x.min() and s.max == x.max() and s.abs_max == np.abs(x).max()
+    assert math.isclose(s.mean, x.mean(), rel_tol=1e-9, abs_tol=1e-9)
+    assert math.isclose(s.std, x.std(), rel_tol=1e-6, abs_tol=1e-6)
+    assert math.isclose(s.l2, math.sqrt((x * x).sum()), rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_stats_exclude_nan_and_inf_and_count_them():
+    a = np.array([1.0, np.nan, -np.inf, 3.0, np.inf, np.nan], np.float32)
+    s = compute_stats(a, "float32")
+    assert (s.nan_count, s.inf_count) == (2, 2)
+    assert (s.min, s.max, s.mean, s.abs_max) == (1.0, 3.0, 2.0, 3.0)
+    none = compute_stats(np.array([np.nan, np.inf], np.float16), "float16")
+    assert none.min is None and none.l2 is None and none.nan_count == 1 and none.inf_count == 1
+
+
+def test_bfloat16_widens_exactly_and_keeps_nan_bits():
+    bits = np.array([0x3F80, 0xC000, 0x7FC1, 0xFF80, 0x0000, 0x8000], np.uint16)  # 1, -2, NaN, -inf, 0, -0
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        with TraceWriter(f"{d}/t") as w:
+            w.add_tensor("s", 0, "b", bits, dtype="bfloat16")
+        r = TraceReader(f"{d}/t")
+        assert r.tensor("s", 0, "b", raw_bits=True).tolist() == bits.tolist()
+        f = r.tensor("s", 0, "b")
+        assert f.dtype == np.float32
+        assert (f.view(np.uint32) >> 16).astype(np.uint16).tolist() == bits.tolist()
+        row = r.tensors().to_pylist()[0]
+        assert (row["nan_count"], row["inf_count"], row["min"], row["max"]) == (1, 1, -2.0, 1.0)
+
+
+@given(st.binary(max_size=64), st.sampled_from([1, 2, 4, 8]))
+def test_shuffle_inverts(data, w):
+    data = data[: len(data) // w * w]
+    assert unshuffle_bytes(shuffle_bytes(data, w), w) == data
+
+
+LOGITS = hnp.arrays(
+    np.float32, st.integers(2, 40),
+    elements=st.one_of(st.sampled_from([0.0, 1.0, -1.0, -np.inf, np.inf, np.nan]), st.floats(-50, 50, width=32)),
+)
+
+
+@given(logits=LOGITS, k=st.integers(2, 10))
+def test_decide_follows_spec_order(logits, k):
+    d = decide(logits, k=k, watched=[0])
+    x = logits.astype(np.float64)
+    # SPEC §3.2: larger first, ties by smaller id, NaN last (NaNs by id)
+    order = sorted(range(x.size), key=lambda i: (np.isnan(x[i]), -x[i] if not np.isnan(x[i]) else 0, i))
+    assert d.topk_ids.tolist() == order[: min(k, x.size)]
+    assert d.argmax == order[0]
+    assert d.chosen_rank == 0 and d.watched[0]["rank"] == order.index(0)
+    l0, l1 = float(d.topk_logits[0]), float(d.topk_logits[1])
+    with np.errstate(invalid="ignore"):
+        m = np.float32(l0 - l1)
+    assert (np.isnan(m) and np.isnan(d.margin)) or m == d.margin
+    if np.isnan(x).any():
+        assert np.isnan(d.logsumexp)
+    elif np.isfinite(x).all():
+        assert math.isclose(d.logsumexp, math.log(np.exp(x - x.max()).sum()) + x.max(), rel_tol=1e-9)
+
+
+DECISION_ROWS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "chosen": st.integers(0, 2**31 - 1),
+            "topk_ids": st.lists(st.integers(0, 2**31 - 1), min_size=2, max_size=9),
+            "forced": st.booleans(),
+            "piece": st.one_of(st.none(), st.text(max_size=8)),
+            "logsumexp": st.one_of(st.none(), st.floats(width=32)),
+            "frame": st.one_of(st.none(), st.integers(-(2**31), 2**31 - 1)),
+            "head": st.sampled_from(["token", "duration"]),
+        }
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=DECISION_ROWS, data=st.data())
+def test_decisions_round_trip(tmp_path_factory, rows, data):
+    path = tmp_path_factory.mktemp("d") / "t.trace"
+    expected = []
+    with TraceWriter(path, flush_steps=3) as w:
+        for step, r in enumerate(rows):
+            k = len(r["topk_ids"])
+            logits = np.array(data.draw(st.lists(st.floats(width=32), min_size=k, max_size=k)), np.float32)
+            w.add_decision("s", step, chosen=r["chosen"], topk_ids=r["topk_ids"], topk_logits=logits,
+                           head=r["head"], forced=r["forced"], piece=r["piece"], logsumexp=r["logsumexp"],
+                           frame=r["frame"], watched=[{"id": 3, "logit": float(logits[0]), "rank": 0}])
+            expected.append((step, r, logits))
+    t = TraceReader(path).decisions()
+    assert t.num_rows == len(rows)
+    got = {(row["step"], row["head"]): row for row in t.to_pylist()}
+    for step, r, logits in expected:
+        row = got[(step, r["head"])]
+        assert row["chosen"] == r["chosen"] and row["topk_ids"] == r["topk_ids"] and row["forced"] == r["forced"]
+        assert np.array(row["topk_logits"], np.float32).tobytes() == logits.tobytes()
+        assert row["piece"] == r["piece"] and row["frame"] == r["frame"]
+        assert row["argmax"] == r["topk_ids"][0]
+        if r["logsumexp"] is None:
+            assert row["logsumexp"] is None
+        else:
+            assert np.float32(row["logsumexp"]).tobytes() == np.float32(r["logsumexp"]).tobytes()
+
+
+def test_call_and_order_are_counted_per_step():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        with TraceWriter(f"{d}/t") as w:
+            for step in range(2):
+                for name in ("a", "b", "a", "c", "a"):
+                    w.add_tensor("s", step, name, np.zeros(1), values=False)
+        t = TraceReader(f"{d}/t").tensors(step=1)
+        assert list(zip(t["name"].to_pylist(), t["call"].to_pylist(), t["order"].to_pylist())) == [
+            ("a", 0, 0), ("b", 0, 1), ("a", 1, 2), ("c", 0, 3), ("a", 2, 4)]
+
+
+def test_large_tensor_round_trip(tmp_path):
+    a = np.random.default_rng(1).standard_normal((64, 1024, 64)).astype(np.float32)  # 16 MiB
+    with TraceWriter(tmp_path / "t", queue_bytes=1 << 20) as w:  # queue smaller than the tensor
+        w.add_tensor("s", 0, "big", a)
+        w.add_tensor("s", 1, "big", a[::-1])
+    r = TraceReader(tmp_path / "t")
+    np.testing.assert_array_equal(r.tensor("s", 0, "big"), a)
+    np.testing.assert_array_equal(r.tensor("s", 1, "big"), a[::-1])
+
+
+def test_writer_does_not_keep_a_reference_to_caller_buffers(tmp_path):
+    buf = np.zeros(1000, np.float32)
+    with TraceWriter(tmp_path / "t") as w:
+        for step in range(5):
+            buf[:] = step
+            w.add_tensor("s", step, "reused", buf)  # the caller reuses its buffer at once
+    r = TraceReader(tmp_path / "t")
+    for step in range(5):
+        assert (r.tensor("s", step, "reused") == step).all()
+
+
+@pytest.mark.parametrize("name", NUMPY_DTYPES)
+def test_every_dtype_zero_d_and_empty(tmp_path, name):
+    dt = DTYPES[name][0]
+    with TraceWriter(tmp_path / "t") as w:
+        w.add_tensor("s", 0, "scalar", np.array(1, dtype=dt))
+        w.add_tensor("s", 0, "empty", np.zeros((0, 3), dtype=dt))
+    r = TraceReader(tmp_path / "t")
+    s = r.tensor("s", 0, "scalar")
+    assert s.shape == () and s == 1
+    e = r.tensor("s", 0, "empty")
+    assert e.shape == (0, 3) and e.dtype == dt

@@ -1,0 +1,216 @@
+"""The ``trace`` command: info, validate, import, export (and the commands later issues add).
+
+Exit codes are decided in one place, :func:`exit_code`: 0 success or equivalent, 1 mismatch
+found, 2 usage or format error. Diagnostics go to stderr so stdout stays pipeable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.text import Text
+
+from tracefmt import TraceError, __version__
+
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a command did, for :func:`exit_code`: ``mismatch`` means a difference was found."""
+
+    mismatch: bool = False
+
+
+def exit_code(outcome: Outcome | None = None, error: BaseException | None = None) -> int:
+    """Map a command's outcome or error to the process exit code (the only such mapping).
+
+    Args:
+        outcome: the command's result when it finished.
+        error: the exception it raised, if any.
+
+    Returns:
+        0 ok/equivalent, 1 mismatch, 2 usage or format error (every TraceError), 130 interrupted.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if error is not None:
+        return EXIT_ERROR
+    if outcome is not None and outcome.mismatch:
+        return EXIT_MISMATCH
+    return EXIT_OK
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def say(label: str, style: str, message: str) -> None:
+    """Print ``label: message`` to stderr; the message is shown verbatim (no rich markup)."""
+    _stderr().print(Text.assemble((f"{label}: ", style), message), soft_wrap=True)
+
+
+def _progress_callback(label: str) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """Return (callback, stop) drawing a rich progress line on stderr when it is a terminal."""
+    console = _stderr()
+    if not console.is_terminal:
+        return None, lambda: None
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                        transient=True)
+    task = progress.add_task(label)
+    progress.start()
+
+    def update(lines: int, nbytes: int) -> None:
+        progress.update(task, description=f"{label}: {lines:,} lines, {nbytes / 1e6:,.1f} MB")
+
+    return update, progress.stop
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_info(args: argparse.Namespace) -> Outcome:
+    """``trace info TRACE [--json]``."""
+    from tracefmt import TraceReader
+    from tracefmt.validate import summarize
+
+    with TraceReader(args.trace) as reader:
+        info = summarize(reader)
+    if args.json:
+        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+    else:
+        from .info import render_info
+
+        render_info(info, Console())
+    return Outcome()
+
+
+def cmd_validate(args: argparse.Namespace) -> Outcome:
+    """``trace validate TRACE [--deep] [--strict]``."""
+    from tracefmt.errors import TraceCorruptError
+    from tracefmt.validate import validate
+
+    report = validate(args.trace, deep=args.deep)
+    for w in report.warnings:
+        say("warning", "yellow", w)
+    if not report.ok:
+        for p in report.problems:
+            say("problem", "red", p)
+        raise TraceCorruptError(f"{report}")
+    if args.strict and not report.complete:
+        raise TraceCorruptError(f"{report} (--strict refuses incomplete traces)")
+    Console().print(str(report), highlight=False)
+    return Outcome()
+
+
+def cmd_import(args: argparse.Namespace) -> Outcome:
+    """``trace import jsonl IN OUT``."""
+    from tracefmt.jsonl import import_jsonl
+
+    update, stop = _progress_callback(f"importing {args.input}")
+    try:
+        summary = import_jsonl(
+            args.input, args.output, mode="overwrite" if args.overwrite else "create", k=args.k,
+            keep_logits=args.keep_logits, progress=update,
+        )
+    finally:
+        stop()
+    Console().print(str(summary), highlight=False)
+    return Outcome()
+
+
+def cmd_export(args: argparse.Namespace) -> Outcome:
+    """``trace export TRACE --format jsonl|parquet -o OUT``."""
+    if args.format == "jsonl":
+        from tracefmt.jsonl import export_jsonl
+
+        update, stop = _progress_callback(f"exporting {args.trace}")
+        try:
+            lines = export_jsonl(args.trace, args.output, progress=update)
+        finally:
+            stop()
+        Console().print(f"wrote {lines:,} lines to {args.output}", highlight=False)
+    else:
+        from tracefmt.export import export_parquet
+
+        files = export_parquet(args.trace, args.output, overwrite=args.overwrite)
+        Console().print(f"wrote {', '.join(files.values())}", highlight=False)
+    return Outcome()
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``trace`` command and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="trace",
+        description="steptrace: record inference runs step by step, diff them, find the first divergence.",
+        epilog="Exit codes: 0 ok/equivalent, 1 mismatch found, 2 usage or format error.",
+    )
+    parser.add_argument("--version", action="version", version=f"steptrace {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="show what a trace holds", description="Show a trace's metadata, parts, "
+                       "samples, steps, heads, tensor names and sizes, and whether it is complete.")
+    p.add_argument("trace", help="trace directory")
+    p.add_argument("--json", action="store_true", help="print JSON to stdout instead of tables")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("validate", help="check a trace against SPEC.md",
+                       description="Check a trace against SPEC.md. Exit 0 if valid (an interrupted recording "
+                       "is valid but reported incomplete), 2 if truncated, corrupt, foreign or of a newer format.")
+    p.add_argument("trace", help="trace directory")
+    p.add_argument("--deep", action="store_true", help="also inflate every stored tensor and check its digest")
+    p.add_argument("--strict", action="store_true", help="treat an incomplete trace as an error (exit 2)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("import", help="convert JSONL from another runtime into a trace",
+                       description="Import JSON Lines (SPEC.md §6; .jsonl or .jsonl.zst) written by a runtime "
+                       "without Arrow (C++ TensorRT, Rust, Swift) into a trace.")
+    p.add_argument("source_format", choices=["jsonl"], help="input format")
+    p.add_argument("input", help="the .jsonl or .jsonl.zst file")
+    p.add_argument("output", help="trace directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing trace at OUTPUT")
+    p.add_argument("-k", type=int, default=8, help="top-k kept for lines with full logits (default 8)")
+    p.add_argument("--keep-logits", action="store_true", help="also store full logits as tensors logits:HEAD")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="write a trace as JSONL or Parquet",
+                       description="Export a trace as JSON Lines (SPEC.md §6; .zst suffix compresses) or as a "
+                       "folder of Parquet files (decisions, tensors with raw values, vocab, metadata).")
+    p.add_argument("trace", help="trace directory")
+    p.add_argument("--format", required=True, choices=["jsonl", "parquet"], help="output format")
+    p.add_argument("-o", "--output", required=True, help="output file (jsonl) or folder (parquet)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (parquet)")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``trace`` command; returns (and exits with) the exit code from :func:`exit_code`."""
+    args = build_parser().parse_args(argv)
+    try:
+        outcome = args.func(args)
+        code = exit_code(outcome)
+    except TraceError as exc:
+        say("error", "bold red", str(exc))
+        code = exit_code(error=exc)
+    except KeyboardInterrupt as exc:
+        _stderr().print("interrupted")
+        code = exit_code(error=exc)
+    except BrokenPipeError:  # stdout closed early by `| head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
