@@ -189,13 +189,13 @@ def compact(path: Path, kind: str, part: str, *, level: int, batch_rows: int = 1
         The size of the new file in bytes.
     """
     data = read_arrow(path, kind, allow_partial=False)
-    table = data.table()
+    table = data.table().combine_chunks()  # to_batches() below splits chunks but never merges them
     fields = []
     arrays = []
     for f in table.schema:
         col = table.column(f.name)
         if f.name in DICTIONARY_COLUMNS[kind] and not pa.types.is_dictionary(f.type):
-            col = pc.dictionary_encode(col.combine_chunks())
+            col = pc.dictionary_encode(col)
             f = pa.field(f.name, col.type, f.nullable)
         fields.append(f)
         arrays.append(col)
