@@ -18,6 +18,7 @@ from .errors import (  # noqa: E402
     UnsupportedDtypeError,
     ValuesNotRecordedError,
 )
+from .jsonl import ImportSummary, export_jsonl, import_jsonl  # noqa: E402
 from .metadata import TraceMetadata  # noqa: E402
 from .payload import TensorStats, compute_stats, digest  # noqa: E402
 from .reader import PartInfo, StepView, TraceReader  # noqa: E402
@@ -26,6 +27,7 @@ from .writer import TraceWriter, WriteSummary  # noqa: E402
 
 __all__ = [
     "FORMAT_VERSION",
+    "ImportSummary",
     "JsonlError",
     "PartInfo",
     "StepView",
@@ -46,5 +48,7 @@ __all__ = [
     "WriteSummary",
     "compute_stats",
     "digest",
+    "export_jsonl",
+    "import_jsonl",
     "__version__",
 ]

@@ -73,7 +73,8 @@ def compute_stats(a: np.ndarray, name: str) -> TensorStats:
     flat = _as_numbers(a, name).reshape(-1)
     nan_count = inf_count = 0
     if DTYPES[name][1] == "f":
-        s = float(np.add.reduce(flat, dtype=np.float64))
+        with np.errstate(invalid="ignore", over="ignore"):  # +inf + -inf: handled just below
+            s = float(np.add.reduce(flat, dtype=np.float64))
         if not math.isfinite(s):
             nan_mask = np.isnan(flat)
             inf_mask = np.isinf(flat)

@@ -34,7 +34,18 @@ from .payload import ENCODINGS, Encoder, TensorStats, compute_stats, digest
 from .schema import DECISIONS, FORMAT_VERSION, MANIFEST, PARTS_DIR, TENSORS, VALUES, data_file, part_file
 
 _MODES = ("create", "append", "overwrite")
+
+
+class _Now:
+    """Default of ``time_us``: the wall-clock time of the call."""
+
+    def __repr__(self) -> str:
+        return "NOW"
+
+
+NOW = _Now()
 _I32 = np.iinfo(np.int32)
+_I64 = np.iinfo(np.int64)
 #: Steps whose order/call counters are kept; a writer returning to an older step must pass
 #: ``order`` and ``call`` itself.
 _COUNTED_STEPS = 4096
@@ -74,12 +85,30 @@ def _check_key(sample: Any, step: Any) -> tuple[str, int]:
     return sample, int(step)
 
 
-def _opt_i32(name: str, v: Any) -> int | None:
+def _opt_int(name: str, v: Any, limits: np.iinfo) -> int | None:
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not _I32.min <= v <= _I32.max:
-        raise TraceUsageError(f"{name} must be a 32-bit integer or None, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not limits.min <= v <= limits.max:
+        raise TraceUsageError(f"{name} must be a {limits.bits}-bit integer or None, got {v!r}")
     return int(v)
+
+
+def _opt_i32(name: str, v: Any) -> int | None:
+    return _opt_int(name, v, _I32)
+
+
+def _opt_float(name: str, v: Any) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TraceUsageError(f"{name} must be a number or None, got {v!r}")
+    return float(v)
+
+
+def _opt_str(name: str, v: Any) -> str | None:
+    if v is not None and not isinstance(v, str):
+        raise TraceUsageError(f"{name} must be a string or None, got {v!r}")
+    return v
 
 
 class _Budget:
@@ -287,7 +316,7 @@ class TraceWriter:
         chunk: int | None = None,
         position: int | None = None,
         emission: int | None = None,
-        time_us: int | None = None,
+        time_us: int | None | _Now = NOW,
     ) -> None:
         """Record one decision (SPEC.md §3.2).
 
@@ -307,7 +336,7 @@ class TraceWriter:
             watched: ``[{"id": 3, "logit": 13.4, "rank": 1}, ...]``.
             piece: decoded text of ``chosen``.
             frame, chunk, position, emission: alignment keys.
-            time_us: wall-clock microseconds since the epoch; defaults to now.
+            time_us: wall-clock microseconds since the epoch; defaults to now; None records no time.
 
         Raises:
             TraceUsageError: malformed arguments (the message names the argument).
@@ -336,21 +365,23 @@ class TraceWriter:
         if watched is not None:
             try:
                 rows_watched = [
-                    {"id": int(w["id"]), "logit": None if w.get("logit") is None else float(w["logit"]),
-                     "rank": None if w.get("rank") is None else int(w["rank"])}
+                    {"id": _opt_i32("watched id", w["id"]), "logit": _opt_float("watched logit", w.get("logit")),
+                     "rank": _opt_i32("watched rank", w.get("rank"))}
                     for w in watched
                 ]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise TraceUsageError(f"watched must be a list of {{id, logit, rank}} dicts ({exc})") from None
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise TraceUsageError(f"watched must be a list of {{id, logit, rank}} dicts ({exc!r})") from None
+            if any(w["id"] is None for w in rows_watched):
+                raise TraceUsageError("watched ids must be integers")
         row = (
             sample, step, head, chosen_i, _opt_i32("argmax", argmax), bool(forced),
-            ids.astype(np.int32), logits, float(margin),
-            None if logsumexp is None else float(logsumexp),
-            None if chosen_logit is None else float(chosen_logit), _opt_i32("chosen_rank", chosen_rank),
-            rows_watched, piece,
+            ids.astype(np.int32), logits, _opt_float("margin", margin),
+            _opt_float("logsumexp", logsumexp),
+            _opt_float("chosen_logit", chosen_logit), _opt_i32("chosen_rank", chosen_rank),
+            rows_watched, _opt_str("piece", piece),
             _opt_i32("frame", frame), _opt_i32("chunk", chunk), _opt_i32("position", position),
             _opt_i32("emission", emission),
-            time.time_ns() // 1000 if time_us is None else int(time_us),
+            time.time_ns() // 1000 if time_us is NOW else _opt_int("time_us", time_us, _I64),
         )
         self._queue.put(("d", row))
 
@@ -374,7 +405,8 @@ class TraceWriter:
             logits: 1-d logits of the position decided.
             k: top candidates kept.
             chosen: the token used; defaults to the argmax.
-            watched: ids to watch; defaults to the metadata's watched tokens.
+            watched: ids to watch; defaults to the metadata's watched tokens for the vocabulary
+                head (``metadata.vocab_head``, normally ``token``) and none for other heads.
             keep_logits: also store the full logits as tensor ``logits:{head}`` (SPEC.md §3.4).
             **keys: forced, piece, frame, chunk, position, emission, time_us.
 
@@ -382,7 +414,7 @@ class TraceWriter:
             The chosen token id.
         """
         if watched is None:
-            watched = list(self.metadata.watched.values())
+            watched = list(self.metadata.watched.values()) if head == self.metadata.vocab_head else []
         d = decide(np.asarray(logits), k=k, chosen=chosen, watched=watched)
         in_top = d.chosen in d.topk_ids
         self.add_decision(
@@ -432,6 +464,7 @@ class TraceWriter:
         sample, step = _check_key(sample, step)
         if not isinstance(name, str) or not name:
             raise TraceUsageError(f"tensor name must be a non-empty string, got {name!r}")
+        _opt_str("source", source)
         arr = np.asarray(array)
         dt = dtype_name(arr, dtype)
         a = canonical(arr, dt)
@@ -468,6 +501,11 @@ class TraceWriter:
         """
         self._check_open()
         sample, step = _check_key(sample, step)
+        if not isinstance(name, str) or not name:
+            raise TraceUsageError(f"tensor name must be a non-empty string, got {name!r}")
+        _opt_str("source", source)
+        if not isinstance(stats, TensorStats):
+            raise TraceUsageError("stats must be a tracefmt.TensorStats")
         if dtype not in DTYPES:
             raise TraceUsageError(f"dtype {dtype!r} is not a steptrace dtype")
         if digest is not None and len(digest) != 16:
@@ -477,8 +515,8 @@ class TraceWriter:
             raise TraceUsageError(f"shape {list(shape_t)} has a negative dimension")
         auto_order, auto_call = self._next_order(sample, step, name)
         self._queue.put(
-            ("s", sample, step, name, auto_call if call is None else int(call),
-             auto_order if order is None else int(order), source, dtype, shape_t, stats, digest)
+            ("s", sample, step, name, auto_call if call is None else _opt_i32("call", call),
+             auto_order if order is None else _opt_i32("order", order), source, dtype, shape_t, stats, digest)
         )
 
     def flush(self) -> None:
@@ -587,7 +625,7 @@ class TraceWriter:
                 last_key = key
                 new_steps += 1
             if self._error is None:
-                self._guard(lambda: self._accept(item, dec, ten, val))
+                self._guard(self._accept, item, dec, ten, val)
             if kind == "t":
                 self._budget.give(item[8].nbytes)
             if deadline is None:
@@ -595,11 +633,11 @@ class TraceWriter:
             if new_steps > self._flush_steps:
                 self._guard(flush)
 
-    def _guard(self, fn: Any) -> None:
+    def _guard(self, fn: Any, *args: Any) -> None:
         if self._error is not None:
             return
         try:
-            fn()
+            fn(*args)
         except (OSError, pa.ArrowException, ValueError, TypeError) as exc:  # reported on the next call
             self._error = exc
 

@@ -59,8 +59,13 @@ def say(label: str, style: str, message: str) -> None:
     _stderr().print(Text.assemble((f"{label}: ", style), message), soft_wrap=True)
 
 
-def _progress_callback(label: str) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
-    """Return (callback, stop) drawing a rich progress line on stderr when it is a terminal."""
+def _progress_callback(
+    label: str, *, total: bool = False
+) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """Return (callback, stop) drawing a rich progress line on stderr when it is a terminal.
+
+    The callback takes (lines done, bytes read), or (lines done, lines in all) with ``total``.
+    """
     console = _stderr()
     if not console.is_terminal:
         return None, lambda: None
@@ -71,8 +76,9 @@ def _progress_callback(label: str) -> tuple[Callable[[int, int], None] | None, C
     task = progress.add_task(label)
     progress.start()
 
-    def update(lines: int, nbytes: int) -> None:
-        progress.update(task, description=f"{label}: {lines:,} lines, {nbytes / 1e6:,.1f} MB")
+    def update(lines: int, second: int) -> None:
+        what = f"of {second:,}" if total else f"lines, {second / 1e6:,.1f} MB"
+        progress.update(task, description=f"{label}: {lines:,} {what}")
 
     return update, progress.stop
 
@@ -133,7 +139,7 @@ def cmd_export(args: argparse.Namespace) -> Outcome:
     if args.format == "jsonl":
         from tracefmt.jsonl import export_jsonl
 
-        update, stop = _progress_callback(f"exporting {args.trace}")
+        update, stop = _progress_callback(f"exporting {args.trace}", total=True)
         try:
             lines = export_jsonl(args.trace, args.output, progress=update)
         finally:
