@@ -108,6 +108,7 @@ class TraceReader:
         self._data: dict[str, list[ArrowData]] = {}
         self._tables: dict[str, pa.Table] = {}
         self._value_index: dict[int, np.ndarray] = {}
+        self._keys: dict[tuple[str, int, str, int], int] | None = None
         self._vocab: list[str | None] | None = None
 
     # ------------------------------------------------------------------ parts
@@ -335,14 +336,13 @@ class TraceReader:
         """
         if any(c in name for c in "*?["):
             raise TraceUsageError(f"tensor() takes an exact name, not a pattern: {name!r}")
-        t = self._select_tensors(sample, step, name)
-        t = t.filter(pc.equal(t["call"], call))
-        if t.num_rows == 0:
+        i = self._key_index().get((sample, step, name, call))
+        if i is None:
             raise TraceNotFoundError(
                 f"no tensor {name!r} (call {call}) at sample {sample!r} step {step}; "
                 "`trace info` lists the tensor names"
             )
-        row = t.slice(0, 1).to_pylist()[0]
+        row = self._table("tensors").slice(i, 1).to_pylist()[0]
         if row["value_ref"] is None:
             raise ValuesNotRecordedError(
                 f"tensor {name!r} at sample {sample!r} step {step} was recorded as statistics only; "
@@ -358,6 +358,14 @@ class TraceReader:
         if row["dtype"] == "bfloat16" and not raw_bits:
             return widen_bfloat16(arr)
         return arr
+
+    def _key_index(self) -> dict[tuple[str, int, str, int], int]:
+        """(sample, step, name, call) -> row of the tensors table; built once, on first use."""
+        if self._keys is None:
+            t = self._table("tensors")
+            cols = [t[c].to_pylist() for c in ("sample", "step", "name", "call")]
+            self._keys = {k: i for i, k in enumerate(zip(*cols))}
+        return self._keys
 
     def _value_payload(self, part: int, ref: int) -> tuple[str, memoryview]:
         data = self._load("values")[part]
@@ -402,6 +410,7 @@ class TraceReader:
         self._data.clear()
         self._tables.clear()
         self._value_index.clear()
+        self._keys = None
 
     def __enter__(self) -> TraceReader:
         return self
