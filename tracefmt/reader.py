@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 from .dtypes import widen_bfloat16
 from .errors import (
     TraceCorruptError,
-    TraceFormatError,
     TraceNotFoundError,
     TraceUsageError,
     ValuesNotRecordedError,

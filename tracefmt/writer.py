@@ -9,9 +9,6 @@ from __future__ import annotations
 import atexit
 import os
 import queue
-import re
-import secrets
-import shutil
 import socket
 import threading
 import time
@@ -27,11 +24,14 @@ import pyarrow as pa
 
 from .decisions import decide
 from .dtypes import DTYPES, canonical, dtype_name
-from .errors import TraceError, TraceExistsError, TraceUsageError, TraceWriteError
+from .batches import decisions_batch, tensors_batch, values_batch
+from .checks import I32, I64, check_key, opt_float, opt_i32, opt_int, opt_str
+from .errors import TraceError, TraceUsageError, TraceWriteError
 from .ipcfile import ArrowAppender, compact
-from .metadata import TraceMetadata, read_manifest, utc_now, write_json_atomic
+from .layout import create_or_join, part_id
+from .metadata import TraceMetadata, utc_now, write_json_atomic
 from .payload import ENCODINGS, Encoder, TensorStats, compute_stats, digest
-from .schema import DECISIONS, FORMAT_VERSION, MANIFEST, PARTS_DIR, TENSORS, VALUES, data_file, part_file
+from .schema import PARTS_DIR, data_file, part_file
 
 _MODES = ("create", "append", "overwrite")
 
@@ -44,8 +44,6 @@ class _Now:
 
 
 NOW = _Now()
-_I32 = np.iinfo(np.int32)
-_I64 = np.iinfo(np.int64)
 #: Steps whose order/call counters are kept; a writer returning to an older step must pass
 #: ``order`` and ``call`` itself.
 _COUNTED_STEPS = 4096
@@ -70,45 +68,6 @@ class WriteSummary:
             f"{self.path} part {self.part}: {self.decisions} decisions, {self.tensors} tensors "
             f"({self.values} with values), {self.file_bytes / 1e6:.1f} MB on disk"
         )
-
-
-def _part_id() -> str:
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32] or "host"
-    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def _check_key(sample: Any, step: Any) -> tuple[str, int]:
-    if not isinstance(sample, str) or not sample:
-        raise TraceUsageError(f"sample must be a non-empty string, got {sample!r}")
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= _I32.max:
-        raise TraceUsageError(f"step must be an integer in [0, 2**31), got {step!r}")
-    return sample, int(step)
-
-
-def _opt_int(name: str, v: Any, limits: np.iinfo) -> int | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not limits.min <= v <= limits.max:
-        raise TraceUsageError(f"{name} must be a {limits.bits}-bit integer or None, got {v!r}")
-    return int(v)
-
-
-def _opt_i32(name: str, v: Any) -> int | None:
-    return _opt_int(name, v, _I32)
-
-
-def _opt_float(name: str, v: Any) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise TraceUsageError(f"{name} must be a number or None, got {v!r}")
-    return float(v)
-
-
-def _opt_str(name: str, v: Any) -> str | None:
-    if v is not None and not isinstance(v, str):
-        raise TraceUsageError(f"{name} must be a string or None, got {v!r}")
-    return v
 
 
 class _Budget:
@@ -196,7 +155,7 @@ class TraceWriter:
         if flush_steps < 1 or flush_ms <= 0 or queue_bytes < 1:
             raise TraceUsageError("flush_steps, flush_ms and queue_bytes must be positive")
         self.path = Path(path)
-        self.part = _part_id()
+        self.part = part_id()
         self.metadata = TraceMetadata.coerce(dict(metadata) if isinstance(metadata, Mapping) else metadata)
         self._t0 = time.perf_counter()
         self._flush_steps = flush_steps
@@ -212,7 +171,7 @@ class TraceWriter:
         self._steps: OrderedDict[tuple[str, int], list] = OrderedDict()
         self._counts = {"decisions": 0, "tensors": 0, "values": 0, "tensor_bytes": 0}
 
-        self._create_or_join(mode, vocab)
+        create_or_join(self.path, mode=mode, metadata=self.metadata, part=self.part, vocab=vocab)
         parts = self.path / PARTS_DIR
         self._status_path = parts / part_file(self.part)
         self._status: dict[str, Any] = {
@@ -235,43 +194,6 @@ class TraceWriter:
         _open_writers.add(self)
 
     # ------------------------------------------------------------------ set-up
-    def _create_or_join(self, mode: str, vocab: Sequence[str] | Mapping[int, str] | None) -> None:
-        root = self.path
-        manifest = root / MANIFEST
-        if root.exists() and not root.is_dir():
-            raise TraceExistsError(f"{root} exists and is a file; choose another path for the trace")
-        if mode == "overwrite" and root.exists():
-            if not manifest.exists() and any(root.iterdir()):
-                raise TraceExistsError(
-                    f"{root} is a non-empty directory that is not a steptrace trace; refusing to delete it"
-                )
-            shutil.rmtree(root)
-        if manifest.exists():
-            if mode == "create":
-                raise TraceExistsError(
-                    f"a trace already exists at {root}; pass mode='append' to add a part to it or "
-                    "mode='overwrite' to replace it (CLI: --overwrite)"
-                )
-            read_manifest(root)  # refuses foreign or newer traces before we add to them
-            (root / PARTS_DIR).mkdir(exist_ok=True)
-            return
-        (root / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-        vocab_name = None
-        if vocab is not None:
-            vocab_name = f"vocab-{self.part}.arrow"
-            _write_vocab(root / vocab_name, vocab)
-        tmp = root / f".{MANIFEST}.{self.part}.tmp"
-        write_json_atomic(tmp, self.metadata.to_manifest(vocab=vocab_name))
-        try:
-            os.link(tmp, manifest)  # atomic and never replaces: the first writer wins
-        except FileExistsError:
-            if mode == "create":
-                os.unlink(tmp)
-                raise TraceExistsError(f"another writer created a trace at {root} at the same time") from None
-            if vocab_name:
-                os.unlink(root / vocab_name)
-        os.unlink(tmp)
-
     # ------------------------------------------------------------------ caller side
     def _check_open(self) -> None:
         if self._error is not None:
@@ -343,7 +265,7 @@ class TraceWriter:
             TraceWriteError: the background writer failed earlier.
         """
         self._check_open()
-        sample, step = _check_key(sample, step)
+        sample, step = check_key(sample, step)
         if not isinstance(head, str) or not head:
             raise TraceUsageError(f"head must be a non-empty string, got {head!r}")
         ids = np.asarray(topk_ids, dtype=np.int64)
@@ -352,9 +274,9 @@ class TraceWriter:
             raise TraceUsageError(
                 f"topk_ids and topk_logits must be 1-d of the same length >= 2, got {ids.shape} and {logits.shape}"
             )
-        if ids.min() < _I32.min or ids.max() > _I32.max:
+        if ids.min() < I32.min or ids.max() > I32.max:
             raise TraceUsageError("token ids must fit in 32 bits")
-        chosen_i = _opt_i32("chosen", chosen)
+        chosen_i = opt_i32("chosen", chosen)
         if chosen_i is None:
             raise TraceUsageError("chosen is required")
         if argmax is None:
@@ -365,8 +287,8 @@ class TraceWriter:
         if watched is not None:
             try:
                 rows_watched = [
-                    {"id": _opt_i32("watched id", w["id"]), "logit": _opt_float("watched logit", w.get("logit")),
-                     "rank": _opt_i32("watched rank", w.get("rank"))}
+                    {"id": opt_i32("watched id", w["id"]), "logit": opt_float("watched logit", w.get("logit")),
+                     "rank": opt_i32("watched rank", w.get("rank"))}
                     for w in watched
                 ]
             except (KeyError, TypeError, AttributeError) as exc:
@@ -374,14 +296,14 @@ class TraceWriter:
             if any(w["id"] is None for w in rows_watched):
                 raise TraceUsageError("watched ids must be integers")
         row = (
-            sample, step, head, chosen_i, _opt_i32("argmax", argmax), bool(forced),
-            ids.astype(np.int32), logits, _opt_float("margin", margin),
-            _opt_float("logsumexp", logsumexp),
-            _opt_float("chosen_logit", chosen_logit), _opt_i32("chosen_rank", chosen_rank),
-            rows_watched, _opt_str("piece", piece),
-            _opt_i32("frame", frame), _opt_i32("chunk", chunk), _opt_i32("position", position),
-            _opt_i32("emission", emission),
-            time.time_ns() // 1000 if time_us is NOW else _opt_int("time_us", time_us, _I64),
+            sample, step, head, chosen_i, opt_i32("argmax", argmax), bool(forced),
+            ids.astype(np.int32), logits, opt_float("margin", margin),
+            opt_float("logsumexp", logsumexp),
+            opt_float("chosen_logit", chosen_logit), opt_i32("chosen_rank", chosen_rank),
+            rows_watched, opt_str("piece", piece),
+            opt_i32("frame", frame), opt_i32("chunk", chunk), opt_i32("position", position),
+            opt_i32("emission", emission),
+            time.time_ns() // 1000 if time_us is NOW else opt_int("time_us", time_us, I64),
         )
         self._queue.put(("d", row))
 
@@ -461,10 +383,10 @@ class TraceWriter:
             TraceWriteError: the background writer failed earlier.
         """
         self._check_open()
-        sample, step = _check_key(sample, step)
+        sample, step = check_key(sample, step)
         if not isinstance(name, str) or not name:
             raise TraceUsageError(f"tensor name must be a non-empty string, got {name!r}")
-        _opt_str("source", source)
+        opt_str("source", source)
         arr = np.asarray(array)
         dt = dtype_name(arr, dtype)
         a = canonical(arr, dt)
@@ -473,8 +395,8 @@ class TraceWriter:
         auto_order, auto_call = self._next_order(sample, step, name)
         self._budget.take(a.nbytes, self._thread)
         self._queue.put(
-            ("t", sample, step, name, auto_call if call is None else _opt_i32("call", call),
-             auto_order if order is None else _opt_i32("order", order), source, dt, a, bool(values))
+            ("t", sample, step, name, auto_call if call is None else opt_i32("call", call),
+             auto_order if order is None else opt_i32("order", order), source, dt, a, bool(values))
         )
 
     def add_tensor_stats(
@@ -500,10 +422,10 @@ class TraceWriter:
             Other arguments as for :meth:`add_tensor`.
         """
         self._check_open()
-        sample, step = _check_key(sample, step)
+        sample, step = check_key(sample, step)
         if not isinstance(name, str) or not name:
             raise TraceUsageError(f"tensor name must be a non-empty string, got {name!r}")
-        _opt_str("source", source)
+        opt_str("source", source)
         if not isinstance(stats, TensorStats):
             raise TraceUsageError("stats must be a tracefmt.TensorStats")
         if dtype not in DTYPES:
@@ -515,8 +437,8 @@ class TraceWriter:
             raise TraceUsageError(f"shape {list(shape_t)} has a negative dimension")
         auto_order, auto_call = self._next_order(sample, step, name)
         self._queue.put(
-            ("s", sample, step, name, auto_call if call is None else _opt_i32("call", call),
-             auto_order if order is None else _opt_i32("order", order), source, dtype, shape_t, stats, digest)
+            ("s", sample, step, name, auto_call if call is None else opt_i32("call", call),
+             auto_order if order is None else opt_i32("order", order), source, dtype, shape_t, stats, digest)
         )
 
     def flush(self) -> None:
@@ -596,11 +518,11 @@ class TraceWriter:
         def flush() -> None:
             nonlocal dec, ten, val, new_steps, deadline
             if val:
-                self._files["values"].write(_values_batch(val))
+                self._files["values"].write(values_batch(val))
             if ten:
-                self._files["tensors"].write(_tensors_batch(ten))
+                self._files["tensors"].write(tensors_batch(ten))
             if dec:
-                self._files["decisions"].write(_decisions_batch(dec))
+                self._files["decisions"].write(decisions_batch(dec))
             dec, ten, val = [], [], []
             new_steps = 0
             deadline = None
@@ -665,51 +587,3 @@ class TraceWriter:
         self._counts["tensors"] += 1
 
 
-def _list_array(items: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
-    lengths = np.fromiter((len(x) for x in items), dtype=np.int32, count=len(items))
-    offsets = np.zeros(len(items) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate(items) if items else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
-
-
-def _decisions_batch(rows: list[tuple]) -> pa.RecordBatch:
-    cols = list(zip(*rows))
-    arrays = []
-    for i, f in enumerate(DECISIONS):
-        if f.name in ("topk_ids", "topk_logits"):
-            arrays.append(_list_array(list(cols[i]), f.type.value_type))
-        else:
-            arrays.append(pa.array(cols[i], type=f.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=DECISIONS)
-
-
-def _tensors_batch(rows: list[tuple]) -> pa.RecordBatch:
-    sample, step, name, call, order, source, dt, shape, stats, dig, ref = zip(*rows)
-    st = {c: [getattr(s, c) for s in stats] for c in ("numel", "min", "max", "mean", "std", "abs_max", "l2",
-                                                      "nan_count", "inf_count")}
-    data = {
-        "sample": sample, "step": step, "name": name, "call": call, "order": order, "source": source,
-        "dtype": dt, "shape": [list(s) for s in shape], **st, "digest": dig, "value_ref": ref,
-    }
-    return pa.RecordBatch.from_arrays([pa.array(data[f.name], type=f.type) for f in TENSORS], schema=TENSORS)
-
-
-def _values_batch(rows: list[tuple[str, bytes]]) -> pa.RecordBatch:
-    enc, data = zip(*rows)
-    return pa.RecordBatch.from_arrays([pa.array(enc, pa.utf8()), pa.array(data, pa.large_binary())], schema=VALUES)
-
-
-def _write_vocab(path: Path, vocab: Sequence[str] | Mapping[int, str]) -> None:
-    if isinstance(vocab, Mapping):
-        ids = [int(i) for i in vocab]
-        pieces = [vocab[i] for i in vocab]
-    else:
-        ids = list(range(len(vocab)))
-        pieces = list(vocab)
-    if not all(isinstance(p, str) for p in pieces):
-        raise TraceUsageError("vocab pieces must be strings")
-    table = pa.table({"id": pa.array(ids, pa.int32()), "piece": pa.array(pieces, pa.utf8())})
-    table = table.replace_schema_metadata({b"steptrace.kind": b"vocab", b"steptrace.version": FORMAT_VERSION.encode()})
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table)

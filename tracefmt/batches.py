@@ -1,0 +1,67 @@
+"""Building the Arrow record batches a writer flushes (SPEC.md §3, §4), and the vocabulary file."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import TraceUsageError
+from .schema import DECISIONS, FORMAT_VERSION, TENSORS, VALUES
+
+
+def list_array(items: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    """Build a list array from 1-d numpy arrays (one per row)."""
+    lengths = np.fromiter((len(x) for x in items), dtype=np.int32, count=len(items))
+    offsets = np.zeros(len(items) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(items) if items else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
+def decisions_batch(rows: list[tuple]) -> pa.RecordBatch:
+    """Build a decisions record batch from queued row tuples (SPEC.md §3.1 column order)."""
+    cols = list(zip(*rows))
+    arrays = []
+    for i, f in enumerate(DECISIONS):
+        if f.name in ("topk_ids", "topk_logits"):
+            arrays.append(list_array(list(cols[i]), f.type.value_type))
+        else:
+            arrays.append(pa.array(cols[i], type=f.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=DECISIONS)
+
+
+def tensors_batch(rows: list[tuple]) -> pa.RecordBatch:
+    """Build a tensors record batch from processed tensor rows."""
+    sample, step, name, call, order, source, dt, shape, stats, dig, ref = zip(*rows)
+    st = {c: [getattr(s, c) for s in stats] for c in ("numel", "min", "max", "mean", "std", "abs_max", "l2",
+                                                      "nan_count", "inf_count")}
+    data = {
+        "sample": sample, "step": step, "name": name, "call": call, "order": order, "source": source,
+        "dtype": dt, "shape": [list(s) for s in shape], **st, "digest": dig, "value_ref": ref,
+    }
+    return pa.RecordBatch.from_arrays([pa.array(data[f.name], type=f.type) for f in TENSORS], schema=TENSORS)
+
+
+def values_batch(rows: list[tuple[str, bytes]]) -> pa.RecordBatch:
+    """Build a values record batch from (encoding, payload) pairs."""
+    enc, data = zip(*rows)
+    return pa.RecordBatch.from_arrays([pa.array(enc, pa.utf8()), pa.array(data, pa.large_binary())], schema=VALUES)
+
+
+def write_vocab(path: Path, vocab: Sequence[str] | Mapping[int, str]) -> None:
+    """Write the vocabulary file (SPEC.md §2.2)."""
+    if isinstance(vocab, Mapping):
+        ids = [int(i) for i in vocab]
+        pieces = [vocab[i] for i in vocab]
+    else:
+        ids = list(range(len(vocab)))
+        pieces = list(vocab)
+    if not all(isinstance(p, str) for p in pieces):
+        raise TraceUsageError("vocab pieces must be strings")
+    table = pa.table({"id": pa.array(ids, pa.int32()), "piece": pa.array(pieces, pa.utf8())})
+    table = table.replace_schema_metadata({b"steptrace.kind": b"vocab", b"steptrace.version": FORMAT_VERSION.encode()})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
