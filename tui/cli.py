@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from rich.console import Console
 from rich.text import Text
@@ -31,7 +32,13 @@ class Outcome:
     mismatch: bool = False
 
 
-def exit_code(outcome: Outcome | None = None, error: BaseException | None = None) -> int:
+class HasMismatch(Protocol):
+    """Any command result with a ``mismatch`` flag (``Outcome``, ``DiffOutcome``)."""
+
+    mismatch: bool
+
+
+def exit_code(outcome: HasMismatch | None = None, error: BaseException | None = None) -> int:
     """Map a command's outcome or error to the process exit code (the only such mapping).
 
     Args:
@@ -197,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output file (jsonl) or folder (parquet)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (parquet)")
     p.set_defaults(func=cmd_export)
+
+    from . import diffcmd
+
+    diffcmd.add_parser(sub).set_defaults(func=diffcmd.run)
     return parser
 
 

@@ -1,0 +1,309 @@
+"""Tensor comparison metrics: computed from values when both sides recorded them, vectorised
+numpy in cache-sized chunks; the statistics-only path lives in :mod:`differ.tensors`.
+
+Definitions (a = reference, b = candidate, over elements finite on both sides):
+``max_abs = max|a-b|``, ``mean_abs = mean|a-b|``, ``max_rel = max(|a-b| / |a|)`` (elements with a = b = 0 skipped;
+inf where a = 0 != b), ``cosine = a.b / (|a| |b|)``,
+``sqnr_db = 10 log10(sum a^2 / sum (a-b)^2)`` (inf when equal), ``bad`` = elements with
+``|a-b| > atol + rtol |a|``. NaN/Inf that sit at different places are counted in
+``nan_mismatch`` / ``inf_mismatch``.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .policy import TensorTolerance
+
+#: Elements per chunk: two inputs and two float32 scratch buffers stay in L2 cache.
+CHUNK = 1 << 15
+#: Tensors with at least this many elements are split over threads when asked.
+PARALLEL_MIN = 1 << 18
+
+#: Where a comparison's numbers come from.
+BASIS_DIGEST = "digest"  # bit-identical by digest: every error is 0, no values needed
+BASIS_VALUES = "values"  # exact metrics from both sides' values
+BASIS_STATS = "stats"  # from statistics only: max_abs / mean_abs are lower bounds
+
+
+@dataclass(frozen=True)
+class TensorMetrics:
+    """How two recordings of one tensor compare.
+
+    Attributes:
+        basis: ``digest``, ``values`` or ``stats`` (see module docstring); with ``stats``,
+            ``max_abs`` and ``mean_abs`` are lower bounds and ``cosine``/``sqnr_db`` are None.
+        bitexact: equal digests (or bytes) with equal dtype and shape; None when unknown.
+        within: inside the tolerance the policy gives this tensor.
+        reason: the first check that failed (``elements``, ``nan``, ``inf``, ``shape``,
+            ``max_abs``, ``mean_abs``, ``cosine``, ``sqnr_db``), None when within.
+    """
+
+    basis: str
+    bitexact: bool | None
+    within: bool
+    reason: str | None = None
+    max_abs: float | None = None
+    mean_abs: float | None = None
+    max_rel: float | None = None
+    cosine: float | None = None
+    sqnr_db: float | None = None
+    bad: int | None = None
+    numel: int = 0
+    nan_mismatch: int = 0
+    inf_mismatch: int = 0
+    shape_mismatch: bool = False
+    dtype_mismatch: bool = False
+
+    def __str__(self) -> str:
+        if self.bitexact:
+            return "bit-exact"
+        parts = [("within" if self.within else f"BEYOND ({self.reason})"), f"[{self.basis}]"]
+        lb = "≥" if self.basis == BASIS_STATS else "="
+        for k in ("max_abs", "mean_abs", "max_rel"):
+            v = getattr(self, k)
+            if v is not None:
+                parts.append(f"{k}{lb}{v:.3g}")
+        if self.cosine is not None:
+            parts.append(f"cos={self.cosine:.6f}")
+        if self.sqnr_db is not None:
+            parts.append(f"sqnr={self.sqnr_db:.1f}dB")
+        if self.nan_mismatch or self.inf_mismatch:
+            parts.append(f"nan≠{self.nan_mismatch} inf≠{self.inf_mismatch}")
+        if self.shape_mismatch:
+            parts.append("shape≠")
+        return " ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the metrics as a JSON object (non-finite floats as strings "inf", "nan")."""
+        return {k: json_float(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def json_float(v: float | None) -> float | str | None:
+    """Return ``v`` for JSON: finite floats as they are, non-finite as ``"inf"``/``"-inf"``/``"nan"``."""
+    if v is None or math.isfinite(v):
+        return v
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
+def squeeze_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Return ``shape`` without size-1 dimensions ([1, 48, 1024] and [48, 1024] compare)."""
+    return tuple(s for s in shape if s != 1)
+
+
+def judge(
+    tol: TensorTolerance,
+    *,
+    numel: int,
+    bad: int | None,
+    max_abs: float | None,
+    mean_abs: float | None,
+    cosine: float | None,
+    sqnr_db: float | None,
+    nan_mismatch: int,
+    inf_mismatch: int,
+    nan_both: int,
+    shape_mismatch: bool,
+) -> str | None:
+    """Return the first tolerance check that fails, or None when all pass."""
+    if shape_mismatch:
+        return "shape"
+    if nan_mismatch or (nan_both and not tol.nan_equal):
+        return "nan"
+    if inf_mismatch:
+        return "inf"
+    if bad is not None and bad > tol.bad_fraction * numel:
+        return "elements"
+    if tol.max_abs is not None and max_abs is not None and max_abs > tol.max_abs:
+        return "max_abs"
+    if tol.mean_abs is not None and mean_abs is not None and mean_abs > tol.mean_abs:
+        return "mean_abs"
+    if tol.cosine_min is not None and cosine is not None and not cosine >= tol.cosine_min:
+        return "cosine"
+    if tol.sqnr_db_min is not None and sqnr_db is not None and not sqnr_db >= tol.sqnr_db_min:
+        return "sqnr_db"
+    return None
+
+
+def _work_dtype(a: np.ndarray, b: np.ndarray) -> np.dtype:
+    if a.dtype == np.float64 or b.dtype == np.float64 or a.dtype.kind in "iub" or b.dtype.kind in "iub":
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+class _Acc:
+    """Running sums of one comparison."""
+
+    __slots__ = ("mx", "s", "dd", "aa", "bb", "ab", "rel", "bad", "n", "nan_mis", "inf_mis", "nan_both")
+
+    def __init__(self) -> None:
+        self.mx = self.s = self.dd = self.aa = self.bb = self.ab = self.rel = 0.0
+        self.bad = self.n = self.nan_mis = self.inf_mis = self.nan_both = 0
+
+    def merge(self, o: _Acc) -> None:
+        """Add another accumulator's sums (the two covered disjoint ranges)."""
+        self.mx, self.rel = max(self.mx, o.mx), max(self.rel, o.rel)
+        for k in ("s", "dd", "aa", "bb", "ab", "bad", "n", "nan_mis", "inf_mis", "nan_both"):
+            setattr(self, k, getattr(self, k) + getattr(o, k))
+
+
+class _Scratch:
+    """Reusable chunk buffers (fresh memory is slow to touch; reuse it)."""
+
+    def __init__(self, dtype: np.dtype, size: int = CHUNK) -> None:
+        self.d = np.empty(size, dtype)
+        self.t = np.empty(size, dtype)
+        self.u = np.empty(size, dtype)
+        self.m = np.empty(size, bool)
+        self.ones = np.ones(size, dtype)
+
+
+def _finish(acc: _Acc, ac: np.ndarray, bc: np.ndarray, d: np.ndarray, m: float, tol: TensorTolerance,
+            sums: bool, sc: _Scratch) -> None:
+    """Fold a chunk whose |a-b| (``d``, max ``m``) is finite everywhere."""
+    n = ac.size
+    ones = sc.ones[:n]
+    acc.mx = max(acc.mx, m)
+    acc.s += float(np.dot(d, ones))  # BLAS: 3x faster than ndarray.sum on float32
+    acc.dd += float(np.dot(d, d))
+    if sums:
+        acc.aa += float(np.dot(ac, ac))
+        acc.bb += float(np.dot(bc, bc))
+    if m > tol.atol:  # some element may break atol + rtol|a|: count them
+        u = np.abs(ac, out=sc.u[:n])
+        u *= tol.rtol
+        u += tol.atol
+        acc.bad += int(np.count_nonzero(np.greater(d, u, out=sc.m[:n])))
+    t = np.divide(d, ac, out=sc.t[:n])  # |d|/a: 0/0 -> NaN (skipped by fmax), d/0 -> inf
+    np.abs(t, out=t)
+    r = float(np.fmax.reduce(t))
+    if r > acc.rel:
+        acc.rel = r
+    acc.n += n
+
+
+def _fold(acc: _Acc, ac: np.ndarray, bc: np.ndarray, tol: TensorTolerance, sums: bool, sc: _Scratch) -> None:
+    """Fold one chunk into ``acc``, taking the slow path only where non-finite values occur."""
+    if not ac.size:
+        return
+    d = np.subtract(ac, bc, out=sc.d[: ac.size])
+    np.abs(d, out=d)
+    m = float(d.max())  # NaN propagates; any Inf or NaN on either side makes m non-finite
+    if math.isfinite(m):
+        _finish(acc, ac, bc, d, m, tol, sums, sc)
+        return
+    na, nb = np.isnan(ac), np.isnan(bc)
+    acc.nan_mis += int(np.count_nonzero(na != nb))
+    acc.nan_both += int(np.count_nonzero(na & nb))
+    acc.inf_mis += int(np.count_nonzero((ac == np.inf) != (bc == np.inf)))
+    acc.inf_mis += int(np.count_nonzero((ac == -np.inf) != (bc == -np.inf)))
+    both = np.isfinite(ac) & np.isfinite(bc)
+    if both.any():
+        a2, b2 = ac[both], bc[both]
+        d2 = np.abs(a2 - b2)
+        m2 = float(d2.max())
+        if math.isfinite(m2):
+            _finish(acc, a2, b2, d2, m2, tol, sums, sc)
+        else:  # finite inputs whose difference overflows the dtype: redo in float64
+            a3, b3 = a2.astype(np.float64), b2.astype(np.float64)
+            d3 = np.abs(a3 - b3)
+            _finish(acc, a3, b3, d3, float(d3.max()), tol, sums, _Scratch(np.dtype(np.float64), a3.size))
+
+
+def _accumulate(fa: np.ndarray, fb: np.ndarray, lo: int, hi: int, tol: TensorTolerance, sums: bool,
+                work: np.dtype) -> _Acc:
+    """Fold elements ``[lo, hi)`` chunk by chunk into a fresh accumulator."""
+    acc = _Acc()
+    sc = _Scratch(work, min(CHUNK, max(hi - lo, 1)))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for i in range(lo, hi, CHUNK):
+            j = min(i + CHUNK, hi)
+            ac, bc = fa[i:j], fb[i:j]
+            if ac.dtype != work:
+                ac = ac.astype(work)
+            if bc.dtype != work:
+                bc = bc.astype(work)
+            _fold(acc, ac, bc, tol, sums, sc)
+    return acc
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="steptrace-metrics")
+    return _pools[threads]
+
+
+def compare_values(
+    a: np.ndarray,
+    b: np.ndarray,
+    tol: TensorTolerance,
+    *,
+    bitexact: bool | None = None,
+    sumsq: tuple[float | None, float | None] = (None, None),
+    threads: int = 1,
+) -> TensorMetrics:
+    """Compare two tensors' values under ``tol``.
+
+    Args:
+        a: reference values (any SPEC.md dtype; bfloat16 already widened to float32).
+        b: candidate values; shapes must agree up to size-1 dimensions.
+        tol: the tolerance to judge by.
+        bitexact: known from digests; computed from the bytes when None.
+        sumsq: ``(sum a^2, sum b^2)`` over finite elements when known (from the trace's ``l2``
+            statistics), which saves two passes; computed when None.
+        threads: split tensors of at least ``PARALLEL_MIN`` elements over this many threads
+            (numpy releases the GIL); keep 1 inside worker processes.
+
+    Returns:
+        The :class:`TensorMetrics` with ``basis = "values"``.
+    """
+    shape_mismatch = squeeze_shape(a.shape) != squeeze_shape(b.shape)
+    dtype_mismatch = a.dtype != b.dtype
+    if shape_mismatch:
+        return TensorMetrics(BASIS_VALUES, False, False, "shape", numel=int(a.size), shape_mismatch=True,
+                             dtype_mismatch=dtype_mismatch)
+    if bitexact is None:
+        bitexact = not dtype_mismatch and a.shape == b.shape and a.tobytes() == b.tobytes()
+    fa, fb = np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)
+    work = _work_dtype(fa, fb)
+    sums = sumsq[0] is None or sumsq[1] is None
+    n = fa.size
+    if threads > 1 and n >= PARALLEL_MIN:
+        bounds = np.linspace(0, n, threads + 1).astype(np.int64) // CHUNK * CHUNK
+        bounds[-1] = n
+        jobs = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        accs = list(_pool(threads).map(lambda r: _accumulate(fa, fb, r[0], r[1], tol, sums, work), jobs))
+        acc = accs[0]
+        for other in accs[1:]:
+            acc.merge(other)
+    else:
+        acc = _accumulate(fa, fb, 0, n, tol, sums, work)
+    aa, bb = (acc.aa, acc.bb) if sums else (float(sumsq[0]), float(sumsq[1]))
+    dd = acc.dd
+    if acc.n:
+        mean_abs = acc.s / acc.n
+        ab = (aa + bb - dd) / 2.0
+        cosine = ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else (1.0 if aa == bb == 0 else 0.0)
+        cosine = max(-1.0, min(1.0, cosine))
+        sqnr = math.inf if dd == 0 else (10.0 * math.log10(aa / dd) if aa > 0 else -math.inf)
+        max_abs, max_rel = acc.mx, acc.rel
+    else:
+        mean_abs = max_abs = max_rel = cosine = sqnr = None
+    reason = None
+    if not bitexact:
+        reason = judge(tol, numel=n, bad=acc.bad, max_abs=max_abs, mean_abs=mean_abs, cosine=cosine,
+                       sqnr_db=sqnr, nan_mismatch=acc.nan_mis, inf_mismatch=acc.inf_mis,
+                       nan_both=acc.nan_both, shape_mismatch=False)
+    return TensorMetrics(
+        BASIS_VALUES, bool(bitexact), reason is None, reason,
+        max_abs=max_abs, mean_abs=mean_abs, max_rel=max_rel, cosine=cosine, sqnr_db=sqnr, bad=acc.bad,
+        numel=int(n), nan_mismatch=acc.nan_mis, inf_mismatch=acc.inf_mis, dtype_mismatch=dtype_mismatch,
+    )

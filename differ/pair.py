@@ -1,0 +1,470 @@
+"""One candidate against the reference: compatibility checks, alignment, decision and tensor
+comparison, verdicts, and the :class:`~differ.report.PairReport` with its summaries.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from tracefmt import TraceReader
+
+from .align import A_ONLY, B_ONLY, BOTH, Alignment, align_keys, align_resync, align_steps
+from .decisions import DecisionDiff, Side, compare_decisions, load_side
+from .errors import IncompatibleTracesError
+from .mapping import NameMapping, guess_mapping
+from .policy import Policy, coarser, grid_dtype
+from .report import Culprit, DriftOnset, FirstDivergence, PairReport, SampleResult, TraceInfo, WatchedToken
+from .sequence import char_codes, edit_distance, pieces_to_text, word_codes
+from .tensors import Progress, TensorDiff, compare_tensors, step_signature, to_table
+from .verdict import DRIFT, FLIP, VERDICTS, StepStatus, judge_rows, tensor_status
+
+#: Margin histogram bin edges (logits) for flipped vs unflipped steps.
+MARGIN_EDGES = [0.0, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, float("inf")]
+#: When fewer candidate tensor names than this fraction exist in the reference, guess a mapping.
+GUESS_BELOW = 0.5
+
+
+@dataclass
+class DiffOptions:
+    """How to compare traces.
+
+    Attributes:
+        align: ``step``, ``resync``, or comma-separated key columns (``frame,emission``).
+        policy: tolerances.
+        mapping: candidate -> reference tensor names (None: identity, or a guess if names differ).
+        auto_map: guess a mapping by execution order and shape when names barely overlap.
+        heads: compare only these heads (default: all; the traces must have the same heads).
+        samples: compare only samples matching these globs.
+        values: compare tensor values where both sides recorded them (else statistics only).
+        jobs: worker processes for value comparisons.
+        fail_on: the verdict from which the diff is a mismatch.
+    """
+
+    align: str = "step"
+    policy: Policy = field(default_factory=Policy)
+    mapping: NameMapping | None = None
+    auto_map: bool = True
+    heads: list[str] | None = None
+    samples: list[str] | None = None
+    values: bool = True
+    jobs: int = 1
+    fail_on: str = "drift"
+
+
+@dataclass
+class _Reference:
+    """What is read from the reference once and reused for every candidate."""
+
+    reader: TraceReader
+    info: TraceInfo
+    samples: list[str]
+    heads: list[str]
+
+
+def trace_info(reader: TraceReader) -> TraceInfo:
+    """Describe a trace for the report (its logits' grid from recorded logits or precision)."""
+    m = reader.metadata
+    head = m.vocab_head or "token"
+    logits_dtype = None
+    if f"logits:{head}" in reader.tensor_names():
+        dt = reader.tensors(name=f"logits:{head}", columns=["dtype"])
+        logits_dtype = dt["dtype"][0].as_py() if dt.num_rows else None
+    return TraceInfo(str(reader.path), m.runtime, m.precision, m.model, reader.complete,
+                     grid_dtype(m.precision, logits_dtype))
+
+
+def check_compatible(ra: TraceReader, rb: TraceReader, heads: list[str] | None) -> tuple[list[str], dict[str, int]]:
+    """Refuse traces that cannot be compared; return the heads to compare and shared watched ids.
+
+    Raises:
+        IncompatibleTracesError: different heads (without ``heads``), vocabularies or watched ids.
+    """
+    ha, hb = set(ra.heads()), set(rb.heads())
+    if heads:
+        for side, h, r in (("reference", ha, ra), ("candidate", hb, rb)):
+            miss = [x for x in heads if x not in h and h]
+            if miss:
+                raise IncompatibleTracesError(f"{side} {r.path} has no head {', '.join(miss)} (it has {', '.join(sorted(h))})")
+        use = sorted(heads)
+    else:
+        if ha and hb and ha != hb:
+            raise IncompatibleTracesError(
+                f"the traces record different decision heads: reference {sorted(ha)}, candidate {sorted(hb)}; "
+                f"compare the common ones with --heads {','.join(sorted(ha & hb)) or 'HEAD'}"
+            )
+        use = sorted(ha | hb)
+    va, vb = ra.vocab, rb.vocab
+    if va is not None and vb is not None and va != vb:
+        n = min(len(va), len(vb))
+        diff = next((i for i in range(n) if va[i] != vb[i]), n)
+        what = (f"token {diff} is {va[diff]!r} in the reference and {vb[diff]!r} in the candidate" if diff < n
+                else f"the reference has {len(va)} tokens and the candidate {len(vb)}")
+        raise IncompatibleTracesError(f"the traces use different vocabularies: {what}; token ids are not comparable")
+    wa, wb = ra.metadata.watched, rb.metadata.watched
+    for name in set(wa) & set(wb):
+        if wa[name] != wb[name]:
+            raise IncompatibleTracesError(
+                f"watched token {name!r} is id {wa[name]} in the reference and {wb[name]} in the candidate"
+            )
+    return use, {k: wa[k] for k in sorted(set(wa) & set(wb))}
+
+
+def select_samples(names: list[str], globs: list[str] | None) -> list[str]:
+    """Return the sample ids matching any of ``globs`` (all when None)."""
+    if not globs:
+        return names
+    return [s for s in names if any(fnmatch.fnmatchcase(s, g) for g in globs)]
+
+
+def _pieces(reader: TraceReader, side: Side, rows: np.ndarray) -> list[str | None] | None:
+    """Return the pieces of the chosen tokens of ``rows``, or None when the trace has none."""
+    pieces = side.piece
+    if pieces is not None and pieces.null_count < len(pieces):
+        return pieces.take(pa.array(rows, pa.int64())).to_pylist()
+    vocab = reader.vocab
+    if vocab is None:
+        return None
+    return [vocab[t] if 0 <= t < len(vocab) else None for t in side.chosen[rows].tolist()]
+
+
+def compare_pair(ref: _Reference, side_a: Side, rb: TraceReader, opts: DiffOptions, watched: dict[str, int],
+                 progress: Progress | None = None) -> tuple[PairReport, Side]:
+    """Compare one candidate with the reference.
+
+    Returns:
+        The report and the candidate's decisions (kept for candidate-vs-candidate checks).
+    """
+    info_b = trace_info(rb)
+    samples, heads = ref.samples, ref.heads
+    keep = select_samples(rb.samples(), opts.samples) if opts.samples else None
+    B = load_side(rb, samples, heads, list(watched.values()), keep)
+    A = side_a
+    vocab_head_name = ref.reader.metadata.vocab_head or "token"
+    vocab_head = heads.index(vocab_head_name) if vocab_head_name in heads else 0
+    mode = opts.align.strip()
+    if mode == "step":
+        al = align_steps(A, B)
+    elif mode == "resync":
+        al = align_resync(A, B, vocab_head, len(samples))
+    else:
+        al = align_keys(A, B, [k.strip() for k in mode.split(",") if k.strip()])
+    grid = coarser(ref.info.grid, info_b.grid)
+    dd = compare_decisions(A, B, al.ia, al.ib, al.head, heads, opts.policy, grid)
+    # tensors
+    mapping = opts.mapping or NameMapping()
+    td: TensorDiff | None = None
+    names_b = rb.tensor_names()
+    names_a = ref.reader.tensor_names()
+    if names_a and names_b:
+        if opts.mapping is None and opts.auto_map:
+            common = len(set(names_b) & set(names_a))
+            if common < GUESS_BELOW * len(names_b):
+                mapping = _guess(ref.reader, rb) or mapping
+        bothrows = al.gap == BOTH
+        pairs = np.unique(np.stack([al.sample[bothrows], al.b_step[bothrows], al.a_step[bothrows]]), axis=1) \
+            if bothrows.any() else np.zeros((3, 0), np.int64)
+        bo = al.gap == B_ONLY
+        bonly = np.unique(np.stack([al.sample[bo], al.b_step[bo]]), axis=1) if bo.any() else np.zeros((2, 0), np.int64)
+        td = compare_tensors(ref.reader, rb, samples, (pairs[0], pairs[1], pairs[2]), (bonly[0], bonly[1]),
+                             opts.policy, mapping, use_values=opts.values, jobs=opts.jobs, progress=progress)
+        tf, tfirst, texact, tcount = tensor_status(al, td.cols["sample"], td.cols["a_step"], td.cols["order"],
+                                                   td.cols["within"], td.cols["bitexact"])
+    else:
+        n = al.rows
+        tf, tfirst, texact, tcount = np.zeros(n, bool), np.full(n, -1), np.ones(n, bool), np.zeros(n, np.int64)
+    st = judge_rows(al, dd, tf, tfirst, texact, tcount)
+    return _report(ref, rb, info_b, A, B, al, dd, td, st, heads, vocab_head, watched, mapping, samples, opts), B
+
+
+def _guess(ra: TraceReader, rb: TraceReader) -> NameMapping | None:
+    """Guess a mapping from the first (sample, step) that both traces recorded tensors at."""
+    ka = ra.tensors(columns=["sample", "step"])
+    kb = rb.tensors(columns=["sample", "step"])
+    sa = set(zip(ka["sample"].to_pylist()[:100000], ka["step"].to_pylist()[:100000]))
+    for s, st in zip(kb["sample"].to_pylist(), kb["step"].to_pylist()):
+        if (s, st) in sa:
+            g = guess_mapping(step_signature(ra, s, st), step_signature(rb, s, st))
+            return g if g.names else None
+    return None
+
+
+def _opt(x: Any) -> Any:
+    """numpy scalar -> Python, NaN / -1 sentinel -> None."""
+    if isinstance(x, (np.floating, float)):
+        return None if np.isnan(x) else float(x)
+    if isinstance(x, (np.integer, int)):
+        return None if x < 0 else int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _culprit(td: TensorDiff | None, idx: int) -> Culprit | None:
+    if td is None or idx < 0:
+        return None
+    c = td.cols
+    return Culprit(td.names[int(c["name"][idx])], int(c["call"][idx]), int(c["a_step"][idx]), int(c["order"][idx]),
+                   td.metrics(idx))
+
+
+def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Side, al: Alignment, dd: DecisionDiff,
+            td: TensorDiff | None, st: StepStatus, heads: list[str], vocab_head: int, watched: dict[str, int],
+            mapping: NameMapping, samples: list[str], opts: DiffOptions) -> PairReport:
+    v, after = st.verdict, st.after
+    fresh = ~after
+    both = al.gap == BOTH
+    bounds = np.searchsorted(al.sample, np.arange(len(samples) + 1))
+    id_to_name = {i: n for n, i in watched.items()}
+    resync = al.mode == "resync"
+    # sequences on the vocab head, per sample
+    va, vb = A.head == vocab_head, B.head == vocab_head
+    sa_b = np.searchsorted(A.sample[va], np.arange(len(samples) + 1))
+    sb_b = np.searchsorted(B.sample[vb], np.arange(len(samples) + 1))
+    seq_a, seq_b = A.chosen[va], B.chosen[vb]
+    pieces_a = _pieces(ref.reader, A, np.flatnonzero(va))
+    pieces_b = _pieces(rb, B, np.flatnonzero(vb))
+    texts = pieces_a is not None and pieces_b is not None
+    per_sample: list[SampleResult] = []
+    fds: list[tuple[int, int, FirstDivergence, DriftOnset | None]] = []
+    hist_steps: list[int] = []
+    culprits: Counter[str] = Counter()
+    watched_bias: dict[str, list[float]] = {n: [] for n in watched}
+    tok_edits = tok_ref = 0
+    word_edits = word_ref = char_edits = char_ref = 0
+    identical_seqs = 0
+    only_ref = only_cand = 0
+    for s in range(len(samples)):
+        r0, r1 = int(bounds[s]), int(bounds[s + 1])
+        x, y = seq_a[sa_b[s] : sa_b[s + 1]], seq_b[sb_b[s] : sb_b[s + 1]]
+        if r0 == r1 and x.size == 0 and y.size == 0:
+            continue
+        rows = np.arange(r0, r1)
+        fr = rows[fresh[r0:r1]]
+        only_in = None
+        if (al.ia[r0:r1] < 0).all() and r1 > r0:
+            only_in, only_cand = "candidate", only_cand + 1
+        elif (al.ib[r0:r1] < 0).all() and r1 > r0:
+            only_in, only_ref = "reference", only_ref + 1
+        verdict = int(v[fr].max()) if fr.size else 0
+        same_seq = x.size == y.size and bool((x == y).all())
+        identical_seqs += same_seq
+        edits = 0 if same_seq else edit_distance(x, y)
+        tok_edits += edits
+        tok_ref += x.size
+        if texts:
+            ta = pieces_to_text(pieces_a[sa_b[s] : sa_b[s + 1]])
+            tb = ta if same_seq else pieces_to_text(pieces_b[sb_b[s] : sb_b[s + 1]])
+            wa, wb = word_codes([ta, tb])
+            word_ref += wa.size
+            char_ref += len(ta)
+            if not same_seq:
+                word_edits += edit_distance(wa, wb)
+                char_edits += edit_distance(char_codes(ta), char_codes(tb))
+        # first divergence: first fresh row worse than drift; else the first drift row
+        fd_row = -1
+        bad = fr[v[fr] >= FLIP]
+        if bad.size:
+            first_pos = al.pos[bad[0]]
+            grp = bad[al.pos[bad] == first_pos]
+            # worst verdict first, then the vocab head, then head order
+            key = [(-int(v[i]), 0 if al.head[i] == vocab_head else 1, int(al.head[i])) for i in grp]
+            fd_row = int(grp[min(range(len(grp)), key=key.__getitem__)])
+        else:
+            dr = fr[v[fr] == DRIFT]
+            if dr.size:
+                fd_row = int(dr[0])
+        drift_rows = fr[st.drifted[fr]]
+        onset = None
+        if drift_rows.size:
+            i = int(drift_rows[0])
+            onset = DriftOnset(samples[s], int(al.a_step[i]), heads[al.head[i]] if heads else None,
+                               _culprit(td, int(st.t_first[i])) if st.t_fail[i] else None, _opt(dd.logit_diff[i]))
+        fd = None
+        if fd_row >= 0:
+            fd = _first_divergence(fd_row, samples[s], al, dd, st, td, heads, A, B, ref.reader, rb, id_to_name, resync)
+            if fd.kind != "drift":
+                hist_steps.append(fd.step)
+            if fd.culprit:
+                culprits[fd.culprit.name] += 1
+            for w in fd.watched:
+                if w.b_rank and w.a_rank == 0 and w.b_bias is not None:
+                    watched_bias[w.token].append(w.b_bias)
+            fds.append((verdict, fd.step, fd, onset))
+        per_sample.append(SampleResult(
+            sample=samples[s], verdict=VERDICTS[verdict], first_step=fd.step if fd else None,
+            head=fd.head if fd else None, kind=fd.kind if fd else None,
+            a_steps=int(np.unique(al.a_step[r0:r1][al.a_step[r0:r1] >= 0]).size),
+            b_steps=int(np.unique(al.b_step[r0:r1][al.b_step[r0:r1] >= 0]).size),
+            mismatches=int((v[fr] >= FLIP).sum()), after=int(after[r0:r1].sum()),
+            drift_step=onset.step if onset else None, identical_sequence=same_seq, token_edits=int(edits),
+            culprit=fd.culprit.name if fd and fd.culprit else None, only_in=only_in,
+        ))
+    verdict = max((VERDICTS.index(p.verdict) for p in per_sample), default=0)
+    first = drift = None
+    if fds:
+        best = min(fds, key=lambda t: (-t[0], t[1], samples.index(t[2].sample)))
+        first, drift = best[2], best[3]
+    counts = Counter(p.verdict for p in per_sample)
+    samples_json = {"total": len(per_sample), **{k: counts.get(k, 0) for k in VERDICTS},
+                    "only_in_reference": only_ref, "only_in_candidate": only_cand}
+    steps_json = {"rows": int(al.rows), **{k: int(((v == i) & fresh).sum()) for i, k in enumerate(VERDICTS)},
+                  "after_divergence": int(after.sum())}
+    return PairReport(
+        candidate=info_b,
+        verdict=VERDICTS[verdict],
+        first_divergence=first,
+        drift_onset=drift,
+        samples=samples_json,
+        steps=steps_json,
+        decisions=_decision_summary(al, dd, st, A, B),
+        tensors=_tensor_summary(td, mapping),
+        sequences={
+            "samples": len(per_sample), "identical": identical_seqs,
+            "token_error_rate": tok_edits / tok_ref if tok_ref else None, "token_edits": tok_edits,
+            "reference_tokens": tok_ref,
+            "wer": word_edits / word_ref if texts and word_ref else None,
+            "cer": char_edits / char_ref if texts and char_ref else None,
+        },
+        first_divergence_histogram=_histogram(hist_steps),
+        culprits=[{"name": n, "samples": c} for n, c in culprits.most_common()],
+        watched=_watched_summary(watched_bias, watched),
+        per_sample=per_sample,
+        alignment={"mode": al.mode, "approximate_samples": [samples[i] for i in al.approximate],
+                   "teacher_forced": bool(A.forced.any() or B.forced.any()), "grid": coarser(ref.info.grid, info_b.grid)},
+        steps_table=_steps_table(al, dd, st, samples, heads, id_to_name),
+        tensors_table=to_table(td, samples) if td is not None else None,
+        mapping=mapping,
+    )
+
+
+def _first_divergence(i: int, sample: str, al: Alignment, dd: DecisionDiff, st: StepStatus, td: TensorDiff | None,
+                      heads: list[str], A: Side, B: Side, ra: TraceReader, rb: TraceReader,
+                      id_to_name: dict[int, str], resync: bool) -> FirstDivergence:
+    kind = VERDICTS[int(st.verdict[i])]
+    detail = None
+    gap = int(al.gap[i])
+    if gap == A_ONLY:
+        detail = "dropped" if resync else "candidate has no such step (ended early)"
+    elif gap == B_ONLY:
+        detail = "inserted" if resync else "candidate has extra steps (over-generation)"
+    a_step, b_step = _opt(al.a_step[i]), _opt(al.b_step[i])
+    step = a_step if a_step is not None else b_step
+    a_tok, b_tok = _opt(dd.a_tok[i]), _opt(dd.b_tok[i])
+    watched = []
+    for tok, w in dd.watched.items():
+        if tok in (a_tok, b_tok) or (gap != BOTH and (w["a_rank"][i] >= 0 or w["b_rank"][i] >= 0)):
+            watched.append(WatchedToken(id_to_name.get(tok, str(tok)), int(tok), _opt(w["a_rank"][i]), _opt(w["b_rank"][i]),
+                                        _opt(w["a_lost_by"][i]), _opt(w["b_lost_by"][i]), _opt(w["b_bias"][i])))
+    return FirstDivergence(
+        sample=sample, step=int(step), a_step=a_step, b_step=b_step, head=heads[al.head[i]] if heads else None,
+        kind=kind, detail=detail, a_token=a_tok, b_token=b_tok,
+        a_piece=ra.piece(a_tok) if a_tok is not None else None, b_piece=rb.piece(b_tok) if b_tok is not None else None,
+        a_margin=_opt(dd.a_margin[i]), b_margin=_opt(dd.b_margin[i]),
+        a_rank_of_b=_opt(dd.a_rank_of_b[i]) if gap == BOTH and a_tok != b_tok else None,
+        b_rank_of_a=_opt(dd.b_rank_of_a[i]) if gap == BOTH and a_tok != b_tok else None,
+        a_gap=_opt(dd.a_gap[i]), b_gap=_opt(dd.b_gap[i]), epsilon=_opt(dd.epsilon[i]),
+        culprit=_culprit(td, int(st.t_first[i])) if st.t_fail[i] else None, watched=watched,
+    )
+
+
+def _quantiles(x: np.ndarray) -> dict[str, float | None]:
+    x = x[~np.isnan(x)]
+    if not x.size:
+        return {"mean": None, "p50": None, "p99": None, "max": None}
+    return {"mean": float(x.mean()), "p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99)),
+            "max": float(x.max())}
+
+
+def _decision_summary(al: Alignment, dd: DecisionDiff, st: StepStatus, A: Side, B: Side) -> dict[str, Any]:
+    m = (al.gap == BOTH) & ~st.after
+    same = dd.a_tok[m] == dd.b_tok[m]
+    flipped = st.verdict[m] >= FLIP
+    margins = dd.a_margin[m]
+    eps = dd.epsilon[m]
+    return {
+        "compared": int(m.sum()),
+        "top1_agreement": float(same.mean()) if m.any() else None,
+        "flips": int((st.verdict[m] == FLIP).sum()),
+        "divergent": int((st.verdict[m] == VERDICTS.index("divergent")).sum()),
+        "kld": {**_quantiles(dd.kld[m]), "basis": "topk"},
+        "dp_rms": float(np.sqrt(np.nanmean(dd.dp[m] ** 2))) if m.any() and not np.isnan(dd.dp[m]).all() else None,
+        "logit_noise": _quantiles(dd.logit_diff[m][same]),
+        "epsilon": {"min": float(np.nanmin(eps)) if eps.size else None, "max": float(np.nanmax(eps)) if eps.size else None},
+        "margin_histogram": {
+            "edges": MARGIN_EDGES,
+            "flipped": np.histogram(np.abs(margins[flipped]), MARGIN_EDGES)[0].tolist(),
+            "unflipped": np.histogram(np.abs(margins[~flipped & ~np.isnan(margins)]), MARGIN_EDGES)[0].tolist(),
+        },
+    }
+
+
+def _tensor_summary(td: TensorDiff | None, mapping: NameMapping) -> dict[str, Any]:
+    if td is None:
+        return {"compared": 0, "bitexact": 0, "within": 0, "beyond": 0, "by_basis": {}, "unmatched_reference": {},
+                "unmatched_candidate": {}, "mapping": mapping.to_json()}
+    c = td.cols
+    basis = Counter(np.array(["digest", "values", "stats"])[c["basis"]].tolist()) if td.rows else Counter()
+    beyond = ~c["within"]
+    worst = Counter(np.array(td.names, dtype=object)[c["name"][beyond]].tolist()) if beyond.any() else Counter()
+    return {
+        "compared": td.rows,
+        "bitexact": int(c["bitexact"].sum()),
+        "within": int(c["within"].sum()),
+        "beyond": int(beyond.sum()),
+        "by_basis": dict(basis),
+        "beyond_by_name": dict(worst.most_common(20)),
+        "unmatched_reference": dict(sorted(td.unmatched_a.items())[:50]),
+        "unmatched_candidate": dict(sorted(td.unmatched_b.items())[:50]),
+        "mapping": mapping.to_json(),
+    }
+
+
+def _histogram(steps: list[int]) -> dict[str, list]:
+    if not steps:
+        return {"edges": [], "counts": []}
+    hi = max(steps) + 1
+    width = max(1, int(np.ceil(hi / 20)))
+    edges = list(range(0, hi + width, width))
+    counts = np.histogram(steps, edges)[0].tolist()
+    return {"edges": edges, "counts": counts}
+
+
+def _watched_summary(bias: dict[str, list[float]], watched: dict[str, int]) -> dict[str, Any]:
+    out = {}
+    for name, xs in bias.items():
+        if not xs:
+            out[name] = {"id": watched[name], "lost": 0}
+            continue
+        x = np.sort(np.array(xs))
+        out[name] = {
+            "id": watched[name], "lost": int(x.size),
+            "bias_p50": float(np.percentile(x, 50)), "bias_max": float(x.max()),
+            "fixed_by_bias": {f"+{b:g}": int((x < b).sum()) for b in (0.5, 1, 2, 4, 8)},
+        }
+    return out
+
+
+def _steps_table(al: Alignment, dd: DecisionDiff, st: StepStatus, samples: list[str], heads: list[str],
+                 id_to_name: dict[int, str]) -> pa.Table:
+    cols = {
+        "sample": pa.DictionaryArray.from_arrays(pa.array(al.sample, pa.int32()), pa.array(samples or [""])),
+        "pos": al.pos, "a_step": al.a_step, "b_step": al.b_step,
+        "head": pa.DictionaryArray.from_arrays(pa.array(al.head, pa.int32()), pa.array(heads or [""])),
+        "gap": al.gap,
+        "verdict": pa.DictionaryArray.from_arrays(pa.array(st.verdict.astype(np.int32)), pa.array(list(VERDICTS))),
+        "after": st.after, "a_token": dd.a_tok, "b_token": dd.b_tok, "a_chosen": dd.a_chosen, "b_chosen": dd.b_chosen,
+        "a_margin": dd.a_margin, "b_margin": dd.b_margin, "a_rank_of_b": dd.a_rank_of_b, "b_rank_of_a": dd.b_rank_of_a,
+        "a_gap": dd.a_gap, "b_gap": dd.b_gap, "epsilon": dd.epsilon, "logit_diff": dd.logit_diff, "kld": dd.kld,
+        "dp": dd.dp, "tensors": st.t_count, "tensor_beyond": st.t_fail, "first_beyond": st.t_first,
+    }
+    for tok, w in dd.watched.items():
+        name = id_to_name.get(tok, str(tok))
+        for k in ("a_rank", "b_rank", "b_lost_by", "b_bias"):
+            cols[f"{name}_{k}"] = w[k]
+    return pa.table({k: (v if isinstance(v, pa.Array) else pa.array(v)) for k, v in cols.items()})
