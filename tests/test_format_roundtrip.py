@@ -226,3 +226,42 @@ def test_every_dtype_zero_d_and_empty(tmp_path, name):
     assert s.shape == () and s == 1
     e = r.tensor("s", 0, "empty")
     assert e.shape == (0, 3) and e.dtype == dt
+
+
+def test_add_decisions_bulk_equals_row_by_row(tmp_path):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    ids = rng.integers(0, 1000, (n, 4)).astype(np.int32)
+    logits = -np.sort(-rng.standard_normal((n, 4)).astype(np.float32), axis=1)
+    samples = [f"s{i // 100}" for i in range(n)]
+    steps = np.arange(n, dtype=np.int32) % 100
+    with TraceWriter(tmp_path / "bulk") as w:
+        assert w.add_decisions({"sample": samples, "step": steps, "chosen": ids[:, 0],
+                                "topk_ids": list(ids), "topk_logits": list(logits), "time": pa.nulls(n, pa.int64())}) == n
+    with TraceWriter(tmp_path / "rows") as w:
+        for i in range(n):
+            w.add_decision(samples[i], int(steps[i]), chosen=int(ids[i, 0]), topk_ids=ids[i], topk_logits=logits[i],
+                           time_us=None)
+    a = TraceReader(tmp_path / "bulk").decisions()
+    b = TraceReader(tmp_path / "rows").decisions()
+    assert a.equals(b)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"topk_ids": [[1]], "topk_logits": [[0.5]]}, "length >= 2"),
+     ({"step": [-1]}, "steps must be >= 0"),
+     ({"sample": [""]}, "non-empty"),
+     ({"colour": ["red"]}, "unknown column"),
+     ({"chosen": ["x"]}, "wrong type")],
+)
+def test_add_decisions_refuses_bad_tables(tmp_path, bad, match):
+    from tracefmt import TraceUsageError
+
+    row = {"sample": ["s"], "step": [0], "chosen": [1], "topk_ids": [[1, 2]], "topk_logits": [[1.0, 0.5]]}
+    row.update(bad)
+    with TraceWriter(tmp_path / "t") as w:
+        with pytest.raises(TraceUsageError, match=match):
+            w.add_decisions(row)

@@ -21,17 +21,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from .decisions import decide
-from .dtypes import DTYPES, canonical, dtype_name
 from .batches import decisions_batch, tensors_batch, values_batch
 from .checks import I32, I64, check_key, opt_float, opt_i32, opt_int, opt_str
+from .decisions import decide
+from .dtypes import DTYPES, canonical, dtype_name
 from .errors import TraceError, TraceUsageError, TraceWriteError
 from .ipcfile import ArrowAppender, compact
 from .layout import create_or_join, part_id
 from .metadata import TraceMetadata, utc_now, write_json_atomic
 from .payload import ENCODINGS, Encoder, TensorStats, compute_stats, digest
-from .schema import PARTS_DIR, data_file, part_file
+from .schema import DECISIONS, PARTS_DIR, data_file, part_file
 
 _MODES = ("create", "append", "overwrite")
 
@@ -307,6 +308,74 @@ class TraceWriter:
         )
         self._queue.put(("d", row))
 
+    def add_decisions(self, table: pa.Table | pa.RecordBatch | Mapping[str, Any]) -> int:
+        """Record many decisions at once: a table (or dict of columns) with SPEC.md §3.1 columns.
+
+        Required columns: ``sample``, ``step``, ``chosen``, ``topk_ids``, ``topk_logits``. Missing
+        optional ones default as in :meth:`add_decision` (``head`` "token", ``argmax`` top-1,
+        ``margin`` top-1 minus top-2, ``forced`` false, ``time`` now, the rest null); unknown
+        columns are refused.
+
+        Args:
+            table: the rows.
+
+        Returns:
+            The number of rows queued.
+
+        Raises:
+            TraceUsageError: a column is missing, unknown, of the wrong type, or breaks SPEC.md
+                (k < 2, lists of different lengths, negative steps, empty sample ids).
+        """
+        self._check_open()
+        t = table if isinstance(table, (pa.Table, pa.RecordBatch)) else pa.table(dict(table))
+        n = t.num_rows
+        names = set(t.column_names)
+        missing = {"sample", "step", "chosen", "topk_ids", "topk_logits"} - names
+        unknown = names - set(DECISIONS.names)
+        if missing or unknown:
+            raise TraceUsageError(
+                f"add_decisions: missing column(s) {sorted(missing)}, unknown column(s) {sorted(unknown)}; "
+                f"columns are {', '.join(DECISIONS.names)}"
+            )
+        cols: dict[str, pa.Array] = {}
+        try:
+            for f in DECISIONS:
+                if f.name in names:
+                    col = t.column(f.name)
+                    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+                    if pa.types.is_dictionary(col.type):
+                        col = col.dictionary_decode()
+                    cols[f.name] = col.cast(f.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise TraceUsageError(f"add_decisions: a column has the wrong type ({exc})") from None
+        k_ids = pc.list_value_length(cols["topk_ids"]).to_numpy(zero_copy_only=False)
+        k_logits = pc.list_value_length(cols["topk_logits"]).to_numpy(zero_copy_only=False)
+        if n and (k_ids.min() < 2 or (k_ids != k_logits).any()):
+            raise TraceUsageError("add_decisions: topk_ids and topk_logits must have the same length >= 2 on every row")
+        for name in ("sample", "step", "chosen", "topk_ids", "topk_logits"):
+            if cols[name].null_count:
+                raise TraceUsageError(f"add_decisions: column {name} holds nulls")
+        if n and pc.min(cols["step"]).as_py() < 0:
+            raise TraceUsageError("add_decisions: steps must be >= 0")
+        if n and pc.min(pc.utf8_length(cols["sample"])).as_py() == 0:
+            raise TraceUsageError("add_decisions: sample ids must be non-empty")
+        if "head" not in cols:
+            cols["head"] = pa.array(["token"] * n, pa.utf8())
+        if "argmax" not in cols:
+            cols["argmax"] = pc.list_element(cols["topk_ids"], 0)
+        if "margin" not in cols:
+            l0 = pc.list_element(cols["topk_logits"], 0).to_numpy(zero_copy_only=False).astype(np.float64)
+            l1 = pc.list_element(cols["topk_logits"], 1).to_numpy(zero_copy_only=False).astype(np.float64)
+            with np.errstate(invalid="ignore", over="ignore"):
+                cols["margin"] = pa.array((l0 - l1).astype(np.float32))
+        if "forced" not in cols:
+            cols["forced"] = pa.array(np.zeros(n, dtype=bool))
+        if "time" not in cols:
+            cols["time"] = pa.array(np.full(n, time.time_ns() // 1000, dtype=np.int64)).cast(DECISIONS.field("time").type)
+        arrays = [cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in DECISIONS]
+        self._queue.put(("D", pa.RecordBatch.from_arrays(arrays, schema=DECISIONS)))
+        return n
+
     def add_logits(
         self,
         sample: str,
@@ -541,6 +610,11 @@ class TraceWriter:
             if kind == "flush":
                 self._guard(flush)
                 item[1].set()
+                continue
+            if kind == "D":  # a whole batch of decisions: written as it is
+                self._guard(flush)
+                self._guard(self._files["decisions"].write, item[1])
+                self._counts["decisions"] += item[1].num_rows
                 continue
             key = (item[1][0], item[1][1]) if kind == "d" else (item[1], item[2])
             if key != last_key:
