@@ -15,6 +15,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,8 @@ class TraceWriter:
         self._flush_s = flush_ms / 1000.0
         self._compact = compact
         self._compact_level = compact_level
-        self._encoder = Encoder(encoding, zstd_level)
+        self._encoder = Encoder(encoding, zstd_level)  # used by the one encoder thread only
+        self._encoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steptrace-encoder")
         self._fsync = fsync
         self._closed = False
         self._summary: WriteSummary | None = None
@@ -586,8 +588,8 @@ class TraceWriter:
 
         def flush() -> None:
             nonlocal dec, ten, val, new_steps, deadline
-            if val:
-                self._files["values"].write(values_batch(val))
+            if val:  # payloads are compressed on the encoder thread; collect them in order
+                self._files["values"].write(values_batch([(enc, fut.result()) for enc, fut in val]))
             if ten:
                 self._files["tensors"].write(tensors_batch(ten))
             if dec:
@@ -606,6 +608,7 @@ class TraceWriter:
             kind = item[0]
             if kind == "close":
                 self._guard(flush)
+                self._encoding.shutdown()
                 return
             if kind == "flush":
                 self._guard(flush)
@@ -622,8 +625,8 @@ class TraceWriter:
                 new_steps += 1
             if self._error is None:
                 self._guard(self._accept, item, dec, ten, val)
-            if kind == "t":
-                self._budget.give(item[8].nbytes)
+            if kind == "t" and not (item[9] and self._error is None):
+                self._budget.give(item[8].nbytes)  # else given back when its compression ends
             if deadline is None:
                 deadline = time.monotonic() + self._flush_s
             if new_steps > self._flush_steps:
@@ -645,14 +648,18 @@ class TraceWriter:
             return
         if kind == "t":
             _, sample, step, name, call, order, source, dt, a, keep = item
-            stats = compute_stats(a, dt)
             buf = memoryview(a).cast("B") if a.size else memoryview(b"")
-            dig = digest(buf)
+            # Compression runs on the encoder thread while this thread computes stats and the
+            # digest: zstd, numpy reductions and SHA-256 all release the GIL.
             ref = None
             if keep:
+                pending = self._encoding.submit(self._encoder.encode, buf, a.dtype.itemsize)
+                pending.add_done_callback(lambda _f, n=a.nbytes: self._budget.give(n))
                 ref = self._counts["values"]
-                val.append((self._encoder.encoding, self._encoder.encode(buf, a.dtype.itemsize)))
+                val.append((self._encoder.encoding, pending))
                 self._counts["values"] += 1
+            stats = compute_stats(a, dt)
+            dig = digest(buf)
             self._counts["tensor_bytes"] += a.nbytes
             ten.append((sample, step, name, call, order, source, dt, a.shape, stats, dig, ref))
         else:  # precomputed stats
