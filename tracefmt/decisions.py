@@ -37,11 +37,10 @@ def rank_of(x: np.ndarray, nan: np.ndarray, token: int) -> int:
         nan: ``np.isnan(x)``.
         token: the id to rank.
     """
-    ids_before = np.arange(x.size) < token
     if nan[token]:
-        return int(np.count_nonzero(~nan) + np.count_nonzero(nan & ids_before))
+        return int(x.size - np.count_nonzero(nan) + np.count_nonzero(nan[:token]))
     v = x[token]
-    return int(np.count_nonzero(x > v) + np.count_nonzero((x == v) & ids_before))
+    return int(np.count_nonzero(x > v) + np.count_nonzero(x[:token] == v))
 
 
 def logsumexp(x: np.ndarray) -> float:

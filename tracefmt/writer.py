@@ -111,6 +111,7 @@ def _close_forgotten_writers() -> None:
 class TraceWriter:
     """Writes one part of a trace. Use as a context manager; several processes may write
     parts of the same trace at once (``mode="append"``), each recording its own samples.
+    The ``add_*`` methods may be called from several threads of one process.
 
     Args:
         path: the trace directory.
@@ -172,6 +173,7 @@ class TraceWriter:
         self._error: BaseException | None = None
         # (sample, step) -> [next order, {name: next call}], for the most recent steps
         self._steps: OrderedDict[tuple[str, int], list] = OrderedDict()
+        self._lock = threading.Lock()  # add_* may be called from several threads
         self._counts = {"decisions": 0, "tensors": 0, "values": 0, "tensor_bytes": 0}
 
         create_or_join(self.path, mode=mode, metadata=self.metadata, part=self.part, vocab=vocab)
@@ -203,6 +205,15 @@ class TraceWriter:
             raise TraceWriteError(f"writing {self.path} failed: {self._error}") from self._error
         if self._closed:
             raise TraceUsageError("this TraceWriter is closed")
+
+    def _order_call(self, sample: str, step: int, name: str, order: int | None, call: int | None) -> tuple[int, int]:
+        """Return (order, call): the caller's values, or the next ones counted for (sample, step)."""
+        if order is not None and call is not None:
+            return opt_i32("order", order), opt_i32("call", call)
+        with self._lock:
+            auto_order, auto_call = self._next_order(sample, step, name)
+        return (auto_order if order is None else opt_i32("order", order),
+                auto_call if call is None else opt_i32("call", call))
 
     def _next_order(self, sample: str, step: int, name: str) -> tuple[int, int]:
         """Return (order, call) for the next tensor of ``name`` at (sample, step)."""
@@ -433,6 +444,7 @@ class TraceWriter:
         order: int | None = None,
         dtype: str | None = None,
         copy: bool = True,
+        stats: TensorStats | None = None,
     ) -> None:
         """Record one tensor: statistics and digest always, values when ``values`` is true.
 
@@ -447,6 +459,7 @@ class TraceWriter:
             order: execution order within the step; counted automatically when None.
             dtype: SPEC.md dtype name overriding the array's (``"bfloat16"`` for uint16 bits).
             copy: copy the array before returning (set False only for arrays nobody mutates).
+            stats: statistics already computed (e.g. on a GPU); computed here when None.
 
         Raises:
             UnsupportedDtypeError: the dtype is not a SPEC.md dtype.
@@ -463,12 +476,11 @@ class TraceWriter:
         a = canonical(arr, dt)
         if copy and np.may_share_memory(a, arr):
             a = a.copy()
-        auto_order, auto_call = self._next_order(sample, step, name)
+        order, call = self._order_call(sample, step, name, order, call)
+        if stats is not None and not isinstance(stats, TensorStats):
+            raise TraceUsageError("stats must be a tracefmt.TensorStats")
         self._budget.take(a.nbytes, self._thread)
-        self._queue.put(
-            ("t", sample, step, name, auto_call if call is None else opt_i32("call", call),
-             auto_order if order is None else opt_i32("order", order), source, dt, a, bool(values))
-        )
+        self._queue.put(("t", sample, step, name, call, order, source, dt, a, bool(values), stats))
 
     def add_tensor_stats(
         self,
@@ -506,11 +518,8 @@ class TraceWriter:
         shape_t = tuple(int(s) for s in shape)
         if any(s < 0 for s in shape_t):
             raise TraceUsageError(f"shape {list(shape_t)} has a negative dimension")
-        auto_order, auto_call = self._next_order(sample, step, name)
-        self._queue.put(
-            ("s", sample, step, name, auto_call if call is None else opt_i32("call", call),
-             auto_order if order is None else opt_i32("order", order), source, dtype, shape_t, stats, digest)
-        )
+        order, call = self._order_call(sample, step, name, order, call)
+        self._queue.put(("s", sample, step, name, call, order, source, dtype, shape_t, stats, digest))
 
     def flush(self) -> None:
         """Write everything queued so far to disk; returns when it is there."""
@@ -582,12 +591,11 @@ class TraceWriter:
         dec: list[tuple] = []
         ten: list[tuple] = []
         val: list[tuple[str, bytes]] = []
-        last_key: tuple[str, int] | None = None
-        new_steps = 0
+        steps_seen: set[tuple[str, int]] = set()  # distinct steps since the last flush
         deadline: float | None = None
 
         def flush() -> None:
-            nonlocal dec, ten, val, new_steps, deadline
+            nonlocal dec, ten, val, deadline
             if val:  # payloads are compressed on the encoder thread; collect them in order
                 self._files["values"].write(values_batch([(enc, fut.result()) for enc, fut in val]))
             if ten:
@@ -595,7 +603,7 @@ class TraceWriter:
             if dec:
                 self._files["decisions"].write(decisions_batch(dec))
             dec, ten, val = [], [], []
-            new_steps = 0
+            steps_seen.clear()
             deadline = None
 
         while True:
@@ -619,17 +627,14 @@ class TraceWriter:
                 self._guard(self._files["decisions"].write, item[1])
                 self._counts["decisions"] += item[1].num_rows
                 continue
-            key = (item[1][0], item[1][1]) if kind == "d" else (item[1], item[2])
-            if key != last_key:
-                last_key = key
-                new_steps += 1
+            steps_seen.add((item[1][0], item[1][1]) if kind == "d" else (item[1], item[2]))
             if self._error is None:
                 self._guard(self._accept, item, dec, ten, val)
             if kind == "t" and not (item[9] and self._error is None):
                 self._budget.give(item[8].nbytes)  # else given back when its compression ends
             if deadline is None:
                 deadline = time.monotonic() + self._flush_s
-            if new_steps > self._flush_steps:
+            if len(steps_seen) > self._flush_steps:
                 self._guard(flush)
 
     def _guard(self, fn: Any, *args: Any) -> None:
@@ -647,7 +652,7 @@ class TraceWriter:
             self._counts["decisions"] += 1
             return
         if kind == "t":
-            _, sample, step, name, call, order, source, dt, a, keep = item
+            _, sample, step, name, call, order, source, dt, a, keep, stats = item
             buf = memoryview(a).cast("B") if a.size else memoryview(b"")
             # Compression runs on the encoder thread while this thread computes stats and the
             # digest: zstd, numpy reductions and SHA-256 all release the GIL.
@@ -658,7 +663,8 @@ class TraceWriter:
                 ref = self._counts["values"]
                 val.append((self._encoder.encoding, pending))
                 self._counts["values"] += 1
-            stats = compute_stats(a, dt)
+            if stats is None:
+                stats = compute_stats(a, dt)
             dig = digest(buf)
             self._counts["tensor_bytes"] += a.nbytes
             ten.append((sample, step, name, call, order, source, dt, a.shape, stats, dig, ref))
