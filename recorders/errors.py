@@ -1,0 +1,27 @@
+"""Errors raised by the recorders.
+
+Every class subclasses a :mod:`tracefmt.errors` class, so ``except TraceError`` catches them and
+the ``trace`` command maps them to exit codes like any other steptrace failure. Messages say
+what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+from tracefmt.errors import TraceNotFoundError, TraceUsageError
+
+
+class RecorderUsageError(TraceUsageError):
+    """A recorder was used in a way that cannot produce a valid trace (bad policy, bad step)."""
+
+
+class StepOrderError(RecorderUsageError):
+    """A step was opened out of order (a sample's step indices must increase) or decided twice."""
+
+
+class ReferenceNotFoundError(TraceNotFoundError):
+    """Teacher forcing or transplant asked the reference trace for something it does not hold
+    (a sample, a step past its end, a tensor recorded without values)."""
+
+
+class TransplantMismatchError(RecorderUsageError):
+    """A reference tensor cannot replace a module's output: its dtype or shape differs."""

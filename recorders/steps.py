@@ -1,0 +1,172 @@
+"""Step bookkeeping shared by every recorder: the open step, call indices, execution order.
+
+A step is ``(sample, index)``. Steps are opened explicitly (``with book.step(sample=...,
+index=...)``) or automatically (:meth:`StepBook.begin_step` from a step module's hook, an ONNX
+Runtime ``run()``, a Hugging Face generation step); a record made while no step is open opens the
+sample's next step. A sample's step indices must increase: each (sample, step) is recorded once,
+which keeps SPEC.md's keys unique.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import RecorderUsageError, StepOrderError
+
+
+class StepKey(NamedTuple):
+    """The (sample, step index) a record belongs to."""
+
+    sample: str
+    index: int
+
+
+class Step:
+    """The open step's counters.
+
+    Attributes:
+        key: its (sample, index).
+        seq: its position among all steps recorded (0, 1, 2, ... over every sample).
+        order: the execution order the next tensor record of the step gets.
+        calls: calls counted so far per name.
+        heads: heads decided so far.
+    """
+
+    __slots__ = ("calls", "heads", "key", "order", "seq")
+
+    def __init__(self, key: StepKey, seq: int) -> None:
+        self.key = key
+        self.seq = seq
+        self.order = 0
+        self.calls: dict[str, int] = {}
+        self.heads: set[str] = set()
+
+
+def check_sample(sample: object) -> str:
+    """Return ``sample`` if it is a valid sample id.
+
+    Raises:
+        RecorderUsageError: it is not a non-empty string.
+    """
+    if not isinstance(sample, str) or not sample:
+        raise RecorderUsageError(f"sample must be a non-empty string, got {sample!r}")
+    return sample
+
+
+class StepBook:
+    """Opens and closes steps; counts calls and execution order within the open one.
+
+    Args:
+        sample: the sample id of steps that do not name one.
+
+    Raises:
+        RecorderUsageError: ``sample`` is not a non-empty string.
+    """
+
+    def __init__(self, sample: str = "0") -> None:
+        self._sample = check_sample(sample)
+        self._last: dict[str, int] = {}
+        self._auto: tuple[str, int] | None = None  # the last step opened by a record outside any step
+        self._step: Step | None = None
+        self._seq = -1
+
+    @property
+    def current_step(self) -> StepKey | None:
+        """The open step, or None between steps."""
+        return None if self._step is None else self._step.key
+
+    def set_sample(self, sample: str) -> None:
+        """End the open step; later steps that name no sample belong to ``sample``.
+
+        Raises:
+            RecorderUsageError: ``sample`` is not a non-empty string.
+        """
+        check_sample(sample)
+        self.end_step()
+        self._sample = sample
+
+    def begin_step(self, *, sample: str | None = None, index: int | None = None) -> StepKey:
+        """End the open step and open a new one (automatic steps call this).
+
+        Args:
+            sample: the sample; defaults to the current sample (see :meth:`set_sample`).
+            index: the step index; defaults to the sample's previous index + 1 (0 at first).
+
+        Returns:
+            The new step's key.
+
+        Raises:
+            StepOrderError: ``index`` is not above the sample's previous step index.
+            RecorderUsageError: a malformed sample or index, or the recorder is closed.
+        """
+        self._check()
+        self.end_step()
+        s = check_sample(self._sample if sample is None else sample)
+        last = self._last.get(s, -1)
+        i = last + 1 if index is None else index
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < 2**31:
+            raise RecorderUsageError(f"step index must be an integer in [0, 2**31), got {i!r}")
+        if i <= last:
+            hint = (f"; step {last} was opened automatically by a record made outside any step: open the step "
+                    "before running the model (`with rec.step(): logits = model(x)`)") if self._auto == (s, last) else ""
+            raise StepOrderError(
+                f"step {i} of sample {s!r} opened after step {last}: record each step of a sample once, "
+                f"in increasing order (use another sample id for another run of the same input){hint}"
+            )
+        self._last[s] = i = int(i)
+        self._sample = s
+        self._seq += 1
+        self._step = Step(StepKey(s, i), self._seq)
+        self._on_begin(self._step)
+        return self._step.key
+
+    def end_step(self) -> None:
+        """Close the open step, if any (later records open the next step automatically)."""
+        self._step = None
+
+    @contextmanager
+    def step(self, *, sample: str | None = None, index: int | None = None) -> Iterator[StepKey]:
+        """Context manager around one explicit step: ``with rec.step(sample="utt1", index=3):``.
+
+        Args:
+            sample: as for :meth:`begin_step`.
+            index: as for :meth:`begin_step`.
+
+        Yields:
+            The step's key.
+        """
+        key = self.begin_step(sample=sample, index=index)
+        try:
+            yield key
+        finally:
+            if self._step is not None and self._step.key == key:
+                self.end_step()
+
+    def next_call(self, name: str) -> int:
+        """Count one call of ``name`` in the open step (opening one if needed).
+
+        Args:
+            name: a module, session or tensor name.
+
+        Returns:
+            The 0-based call index of this call within the step.
+        """
+        st = self._current()
+        call = st.calls.get(name, 0)
+        st.calls[name] = call + 1
+        return call
+
+    def _current(self) -> Step:
+        if self._step is None:
+            self._auto = self.begin_step()
+        return self._step  # type: ignore[return-value]
+
+    def _check(self) -> None:
+        """Raise if no step may be opened now (subclasses: closed, failed)."""
+
+    def _on_begin(self, step: Step) -> None:
+        """Called when ``step`` opens (subclasses: budget bookkeeping)."""

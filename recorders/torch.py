@@ -1,0 +1,416 @@
+"""PyTorch recorder: forward hooks on named modules, decisions on the logits' device, teacher
+forcing and transplant. The only module of steptrace that imports torch.
+
+    with TorchRecorder("run.trace", model, modules={"encoder.layers.*": "stats", "decoder.*": "full"},
+                       step_module="decoder") as rec:
+        for t in range(max_steps):          # each call of model.decoder opens the next step
+            logits = model(tokens)
+            token = rec.decide(logits[0, -1])  # records the decision, returns the token to use
+
+Host copies: CPU tensors are cloned on the model thread (one memcpy) and handed to the writer,
+whose thread computes statistics, digest and compression. Tensors on other devices (CUDA) are
+reduced there — statistics by torch ops into one small tensor — and copied to pinned host
+memory with ``non_blocking=True`` behind a CUDA event; a recorder thread waits for the event,
+digests the bytes (the digest needs host bytes) and hands them to the writer. The model thread
+never waits for a copy, a digest, compression or the disk (only when the writer's queue is full:
+``WriteSummary.stall_seconds``). Devices without pinned memory or events (MPS, XPU) copy
+synchronously.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from tracefmt import WriteSummary
+from tracefmt.decisions import Decision
+from tracefmt.errors import TraceUsageError, UnsupportedDtypeError
+from tracefmt.payload import TensorStats
+
+from .capture import HostCopy, Recorder
+from .errors import RecorderUsageError, TransplantMismatchError
+from .policy import CapturePolicy, PolicyLike
+
+__all__ = ["TorchRecorder", "decide_tensor", "device_stats"]
+
+_DTYPES = {
+    torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+    torch.int64: "int64", torch.int32: "int32", torch.int16: "int16", torch.int8: "int8", torch.uint8: "uint8",
+    torch.bool: "bool",
+}
+for _name in ("uint16", "uint32", "uint64"):
+    if hasattr(torch, _name):
+        _DTYPES[getattr(torch, _name)] = _name
+_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+              torch.int8: "int8", torch.qint8: "int8"}
+
+
+def _spec_dtype(t: torch.Tensor, name: str | None = None) -> str:
+    dt = _DTYPES.get(t.dtype)
+    if dt is None or t.is_quantized or t.layout != torch.strided:
+        where = f" ({name})" if name else ""
+        raise UnsupportedDtypeError(
+            f"a {t.dtype} {t.layout} tensor{where} cannot be recorded; steptrace records dense "
+            f"{', '.join(sorted(set(_DTYPES.values())))} tensors: dequantize or cast it, or leave its module "
+            "out of the capture patterns"
+        )
+    return dt
+
+
+# ---------------------------------------------------------------------- decisions
+def decide_tensor(
+    logits: torch.Tensor,
+    *,
+    k: int = 8,
+    chosen: Sequence[int | None] | None = None,
+    watched: Sequence[int] = (),
+) -> list[Decision]:
+    """Decide every row of ``logits`` on its device (SPEC.md §3.2), one host transfer in all.
+
+    Top-k uses ``torch.topk`` with NaN as -inf, then fixes the order exactly: ids above the
+    k-th value sorted by (logit desc, id asc), then the ids tied at the k-th value by (NaN
+    last, id asc). Ranks count strictly greater logits plus equal ones with smaller ids (NaN
+    after every number). ``logsumexp`` is ``torch.logsumexp`` in float64 (NaN if any NaN).
+
+    Args:
+        logits: ``(vocabulary,)`` or ``(batch, vocabulary)`` tensor, any float dtype and device.
+        k: top candidates kept (at least 2; fewer if the vocabulary is smaller).
+        chosen: per row, the id used (None: the argmax); None for all argmax.
+        watched: ids whose logit and rank to report, in every row.
+
+    Returns:
+        One :class:`tracefmt.decisions.Decision` per row.
+
+    Raises:
+        TraceUsageError: bad shape, ``k < 2``, or an id outside the vocabulary.
+    """
+    x = logits.detach()
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.dim() != 2 or x.shape[1] < 2:
+        raise TraceUsageError(f"logits must be (vocabulary,) or (batch, vocabulary) with >= 2 classes, got {tuple(logits.shape)}")
+    if k < 2:
+        raise TraceUsageError(f"k={k}: SPEC.md needs at least the top 2 candidates")
+    b, v = x.shape
+    k = min(k, v)
+    rows_chosen = list(chosen) if chosen is not None else [None] * b
+    for t in [c for c in rows_chosen if c is not None] + list(watched):
+        if not 0 <= int(t) < v:
+            raise TraceUsageError(f"token id {t} is outside the logits (vocabulary of {v})")
+    xf = x if x.dtype == torch.float64 else x.float()  # exact for float16/bfloat16: same order as float64
+    dev = xf.device
+    nan = xf.isnan()
+    key = xf.masked_fill(nan, float("-inf"))
+    vals, idx = key.topk(k, dim=1)
+    kth = vals[:, k - 1 :]
+    by_id = idx.argsort(dim=1)
+    idx, vals = idx.gather(1, by_id), vals.gather(1, by_id)
+    by_val = vals.sort(dim=1, descending=True, stable=True).indices
+    greater_ids, greater = idx.gather(1, by_val), vals.gather(1, by_val)
+    n_greater = (greater > kth).sum(1, keepdim=True)
+    ids = torch.arange(v, device=dev)
+    tie_score = torch.where(key == kth, ids + nan.long() * v, 2 * v)
+    tied = tie_score.topk(k, dim=1, largest=False).indices  # (NaN, id) ascending
+    j = torch.arange(k, device=dev).unsqueeze(0)
+    top = torch.where(j < n_greater, greater_ids, tied.gather(1, (j - n_greater).clamp(min=0)))
+    if x.dtype == torch.float16:  # numpy widens float16 NaN to the canonical NaN: do the same
+        xf = xf.masked_fill(nan, float("nan"))
+    top_logits = xf.gather(1, top).float()
+    x64 = xf.double()
+    lse = torch.logsumexp(x64, dim=1)
+    m = x64.amax(dim=1)
+    lse = torch.where(m.isinf(), m, lse).masked_fill(nan.any(1), float("nan"))
+    own = torch.tensor([-1 if c is None else int(c) for c in rows_chosen], device=dev)
+    tokens = torch.cat([torch.where(own < 0, top[:, 0], own).unsqueeze(1),
+                        torch.tensor([list(watched)] * b, dtype=torch.long, device=dev).reshape(b, -1)], 1)
+    tv = xf.gather(1, tokens)
+    before = ids.view(1, 1, v) < tokens.unsqueeze(2)
+    xs = xf.unsqueeze(1)
+    rank_num = (xs > tv.unsqueeze(2)).sum(2) + ((xs == tv.unsqueeze(2)) & before).sum(2)
+    rank_nan = (~nan).sum(1, keepdim=True) + (nan.unsqueeze(1) & before).sum(2)
+    ranks = torch.where(tv.isnan(), rank_nan, rank_num)
+    packed = torch.cat([top.double(), top_logits.double(), lse.unsqueeze(1), tokens.double(), ranks.double(),
+                        tv.float().double()], 1).cpu().numpy()
+    out = []
+    m1 = tokens.shape[1]
+    for row in packed:
+        tk_ids = row[:k].astype(np.int32)
+        tk_logits = row[k : 2 * k].astype(np.float32)
+        toks = row[2 * k + 1 : 2 * k + 1 + m1].astype(np.int64)
+        rks = row[2 * k + 1 + m1 : 2 * k + 1 + 2 * m1].astype(np.int64)
+        tls = row[2 * k + 1 + 2 * m1 :].astype(np.float32)
+        out.append(Decision(
+            chosen=int(toks[0]), argmax=int(tk_ids[0]), topk_ids=tk_ids, topk_logits=tk_logits,
+            margin=float(np.float32(float(tk_logits[0]) - float(tk_logits[1]))), logsumexp=float(row[2 * k]),
+            chosen_logit=float(tls[0]), chosen_rank=int(rks[0]),
+            watched=[{"id": int(t), "logit": float(lg), "rank": int(r)} for t, lg, r in zip(toks[1:], tls[1:], rks[1:])],
+        ))
+    return out
+
+
+# ---------------------------------------------------------------------- device statistics and copies
+def device_stats(t: torch.Tensor) -> torch.Tensor:
+    """Reduce ``t`` on its device to SPEC.md §4.4 sums, without a host synchronisation.
+
+    Args:
+        t: a dense tensor of a SPEC.md dtype (bfloat16 as itself, not its bits).
+
+    Returns:
+        A float64 tensor on ``t``'s device: ``[finite count, min, max, Σx, Σx², nan_count,
+        inf_count, scale]`` over the finite elements (x divided by ``scale``, 1 unless float64
+        values beyond 1e150 would overflow Σx²).
+    """
+    x = t.detach().reshape(-1).double()
+    finite = x.isfinite()
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    xf = torch.where(finite, x, zero)
+    lo = torch.where(finite, x, float("inf")).amin()
+    hi = torch.where(finite, x, float("-inf")).amax()
+    scale = torch.ones_like(zero)
+    if t.dtype == torch.float64:
+        big = torch.maximum(lo.abs(), hi.abs())
+        scale = torch.where(finite.any() & (big > 1e150), big, scale)
+        xf = xf / scale
+    return torch.stack([finite.sum().double(), lo, hi, xf.sum(), (xf * xf).sum(), x.isnan().sum().double(),
+                        x.isinf().sum().double(), scale])
+
+
+def _stats_from(numel: int, s: np.ndarray) -> TensorStats:
+    count, lo, hi, total, sumsq, nans, infs, scale = (float(v) for v in s)
+    if count == 0:
+        return TensorStats(numel, None, None, None, None, None, 0.0 if numel == 0 else None, int(nans), int(infs))
+    mean = total / count
+    std = max(sumsq / count - mean * mean, 0.0) ** 0.5
+    return TensorStats(numel, lo, hi, mean * scale, std * scale, max(abs(lo), abs(hi)), sumsq**0.5 * scale,
+                       int(nans), int(infs))
+
+
+class TorchCopy:
+    """A :class:`recorders.capture.HostCopy` of a torch tensor: statistics reduced on its
+    device, values copied to (pinned, for CUDA) host memory without blocking the caller.
+
+    Args:
+        t: the tensor.
+        dtype: its SPEC.md dtype name.
+    """
+
+    def __init__(self, t: torch.Tensor, dtype: str) -> None:
+        self.dtype = dtype
+        self.numel = t.numel()
+        src = t.detach()
+        if dtype == "bfloat16":
+            src = src.view(torch.int16)
+        cuda = src.device.type == "cuda"
+        stats = device_stats(t) if self.numel else None
+        if cuda:
+            self._host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            self._host.copy_(src, non_blocking=True)
+            self._stats = None if stats is None else torch.empty(8, dtype=torch.float64, pin_memory=True)
+            if stats is not None:
+                self._stats.copy_(stats, non_blocking=True)
+            self._event: Any = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = src.to("cpu", copy=True, memory_format=torch.contiguous_format)
+            self._stats = None if stats is None else stats.cpu()
+            self._event = None
+
+    def done(self) -> bool:
+        """Return whether the copy has landed (never blocks)."""
+        return self._event is None or bool(self._event.query())
+
+    def _wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+    def result(self) -> tuple[np.ndarray, TensorStats]:
+        """Wait for the copy; return the canonical host array and the device statistics."""
+        self._wait()
+        arr = self._host.numpy()
+        if self.dtype == "bfloat16":
+            arr = arr.view(np.uint16)
+        stats = _stats_from(0, np.zeros(8)) if self._stats is None else _stats_from(self.numel, self._stats.numpy())
+        return arr, stats
+
+    def nonfinite(self) -> bool:
+        """Wait for the copy; return whether the tensor holds NaN or ±Inf."""
+        self._wait()
+        return self._stats is not None and bool(self._stats[5] + self._stats[6] > 0)
+
+
+# ---------------------------------------------------------------------- the recorder
+class TorchRecorder(Recorder):
+    """Records a torch model's module outputs and decisions, step by step.
+
+    Forward hooks on the modules selected by ``modules`` record each call's output (a call
+    index per module and step; tuple/list outputs as ``name.0``, ``name.1``, dict outputs as
+    ``name.key``) in execution order (hooks fire as each module returns). Hooks are removed at
+    :meth:`close`.
+
+    Args:
+        trace: the trace directory to write.
+        model: the root module.
+        modules: capture policy over module names (``named_modules()`` paths):
+            ``{"encoder.layers.*": "stats", "decoder.*": "full"}`` (first match wins), a list
+            of globs (``"stats"``), or one mode for every module. The root module itself is
+            never hooked for capture; its output is what you pass to :meth:`decide`. The policy
+            also applies to ``logits:<head>`` (the full logits given to :meth:`decide`).
+        step_module: name of a module each call of which opens the next step (automatic
+            steps; ``""`` for the root model). None: steps are explicit (:meth:`step`) or open
+            on the first record after the previous step ended.
+        transplant: globs of module names whose outputs are replaced by the reference's
+            recorded tensors at the same (sample, step, call); needs ``reference``.
+        device_stats: reduce statistics on the tensor's device and finish host copies on a
+            recorder thread; None (default) does so for tensors not on the CPU.
+        **options: :class:`recorders.capture.Recorder` options (``reference``,
+            ``teacher_forcing``, ``budget``, ``sample``, ``k``, ``watched``, ``metadata``,
+            ``vocab``, ``mode``, ``writer_options``).
+
+    Raises:
+        RecorderUsageError: a module glob matches no module, ``step_module`` is not a module of
+            the model, or ``transplant`` is given without a reference.
+        TraceExistsError: a trace exists at ``trace`` and ``mode="create"``.
+    """
+
+    def __init__(
+        self,
+        trace: str | os.PathLike[str],
+        model: torch.nn.Module,
+        *,
+        modules: PolicyLike = None,
+        step_module: str | None = None,
+        transplant: Sequence[str] = (),
+        device_stats: bool | None = None,
+        **options: Any,
+    ) -> None:
+        policy = CapturePolicy.coerce(modules)
+        named = dict(model.named_modules())
+        module_names = [n for n in named if n]
+        missing = [g for g in policy.unmatched(module_names) if not g.startswith("logits:")]
+        if missing:
+            raise RecorderUsageError(
+                f"module pattern(s) {', '.join(map(repr, missing))} match no module of {type(model).__name__}; "
+                f"its modules are named like {', '.join(module_names[:6]) or '(none)'}"
+            )
+        transplant = [transplant] if isinstance(transplant, str) else list(transplant)
+        if transplant and options.get("reference") is None:
+            raise RecorderUsageError("transplant needs the reference trace to take tensors from: pass reference=PATH")
+        bad = CapturePolicy(transplant).unmatched(module_names)
+        if bad:
+            raise RecorderUsageError(f"transplant pattern(s) {', '.join(map(repr, bad))} match no module")
+        if step_module is not None and step_module not in named:
+            raise RecorderUsageError(f"step_module {step_module!r} is not a module of {type(model).__name__}")
+        param = next(iter(model.parameters()), None)
+        defaults = {"runtime": "torch", "runtime_version": torch.__version__}
+        if param is not None:
+            defaults.update(device=str(param.device), precision=_PRECISION.get(param.dtype))
+        defaults.update(options.pop("defaults", None) or {})
+        tags = dict(options.pop("tags", None) or {})
+        if transplant:
+            tags["steptrace.transplant"] = ",".join(transplant)
+        super().__init__(trace, policy=policy, defaults=defaults, tags=tags, **options)
+        self.model = model
+        self._device_stats = device_stats
+        self._handles: list[Any] = []
+        tp = CapturePolicy(transplant)
+        for name, mod in named.items():
+            mode, swap = policy.mode(name) if name else "none", bool(name) and tp.mode(name) != "none"
+            if mode != "none" or swap:
+                self._handles.append(mod.register_forward_hook(self._hook(name, type(mod).__name__, mode, swap)))
+        if step_module is not None:
+            self._handles.append(named[step_module].register_forward_pre_hook(lambda _m, _a: self._auto_step()))
+
+    def _auto_step(self) -> None:
+        self.begin_step()
+
+    def _hook(self, name: str, source: str, mode: str, swap: bool) -> Any:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+            call = self.next_call(name)
+            if swap:
+                output = self._transplant(name, call, output)
+            if mode != "none":
+                self._record_output(name, call, output, f"{source} [transplanted]" if swap else source, mode)
+            return output if swap else None
+
+        return hook
+
+    def _record_output(self, name: str, call: int, out: Any, source: str, mode: str) -> None:
+        if isinstance(out, torch.Tensor):
+            self.record(name, out, call=call, source=source, mode=mode)
+        elif isinstance(out, (tuple, list)):
+            for i, o in enumerate(out):
+                self._record_output(f"{name}.{i}", call, o, source, mode)
+        elif isinstance(out, Mapping):
+            for key, o in out.items():
+                self._record_output(f"{name}.{key}", call, o, source, mode)
+        # anything else (None, ints, custom objects) holds no tensor to record
+
+    def to_host(self, value: Any, dtype: str | None) -> tuple[np.ndarray | HostCopy, str | None]:
+        """Clone a CPU tensor to numpy (bfloat16 as uint16 bits); wrap other devices' tensors
+        (or every tensor, with ``device_stats=True``) in a :class:`TorchCopy`.
+
+        Args:
+            value: a torch tensor, or anything :meth:`Recorder.to_host` accepts.
+            dtype: SPEC.md dtype override for non-tensors.
+
+        Returns:
+            ``(host data, SPEC.md dtype)``.
+
+        Raises:
+            UnsupportedDtypeError: complex, quantized, sparse or float8 tensors.
+        """
+        if not isinstance(value, torch.Tensor):
+            return super().to_host(value, dtype)
+        dt = _spec_dtype(value)
+        if self._device_stats or (self._device_stats is None and value.device.type != "cpu"):
+            return TorchCopy(value, dt), dt
+        c = value.detach().clone(memory_format=torch.contiguous_format)
+        if dt == "bfloat16":
+            return c.view(torch.int16).numpy().view(np.uint16), dt
+        return c.numpy(), dt
+
+    def _transplant(self, name: str, call: int, out: Any) -> Any:
+        if isinstance(out, torch.Tensor):
+            return self._replacement(name, call, out)
+        if isinstance(out, tuple) and hasattr(out, "_fields"):
+            return type(out)(*(self._transplant(f"{name}.{i}", call, o) for i, o in enumerate(out)))
+        if isinstance(out, (tuple, list)):
+            return type(out)(self._transplant(f"{name}.{i}", call, o) for i, o in enumerate(out))
+        if isinstance(out, dict):
+            new = copy.copy(out)  # keeps the mapping's class (OrderedDict, Hugging Face ModelOutput)
+            for key, o in out.items():
+                new[key] = self._transplant(f"{name}.{key}", call, o)
+            return new
+        return out
+
+    def _replacement(self, name: str, call: int, t: torch.Tensor) -> torch.Tensor:
+        ref = self.reference_tensor(name, call=call)
+        dt = _spec_dtype(t, name)
+        if ref.dtype != dt or tuple(ref.values.shape) != tuple(t.shape):
+            key = self.current_step
+            raise TransplantMismatchError(
+                f"transplant of {name!r} (call {call}) at sample {key.sample!r} step {key.index}: the reference "
+                f"holds {ref.dtype}{list(ref.values.shape)} but this run produced {dt}{list(t.shape)}; transplant "
+                "between runs with the same shapes and dtype (record the reference in the candidate's precision)"
+            )
+        if dt == "bfloat16":
+            r = torch.from_numpy(ref.values.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            r = torch.from_numpy(np.array(ref.values, copy=True))
+        return r.to(t.device)
+
+    def close(self) -> WriteSummary:
+        """Remove the hooks, then close as :meth:`recorders.capture.Recorder.close` does.
+
+        Returns:
+            The writer's :class:`tracefmt.WriteSummary`.
+        """
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return super().close()
