@@ -8,7 +8,6 @@ footer, and :func:`read_arrow` recovers every complete record batch from its str
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -66,14 +65,38 @@ class ArrowAppender:
         self._sink.close()
 
 
-@dataclass
 class ArrowData:
-    """The record batches read from one data file."""
+    """The record batches of one data file; a complete file's batches are read on demand."""
 
-    schema: pa.Schema
-    batches: list[pa.RecordBatch]
-    complete: bool  # the file has its footer
-    damaged_tail: bool  # bytes after the last complete batch could not be read
+    def __init__(
+        self,
+        schema: pa.Schema,
+        batches: list[pa.RecordBatch] | None,
+        complete: bool,
+        damaged_tail: bool,
+        reader: pa.ipc.RecordBatchFileReader | None = None,
+    ) -> None:
+        self.schema = schema
+        self.complete = complete  # the file has its footer
+        self.damaged_tail = damaged_tail  # bytes after the last complete batch could not be read
+        self._reader = reader
+        self._batches = batches
+
+    @property
+    def num_batches(self) -> int:
+        """Number of record batches (from the footer: no batch is read)."""
+        return self._reader.num_record_batches if self._batches is None else len(self._batches)
+
+    def batch(self, i: int) -> pa.RecordBatch:
+        """Return batch ``i`` (memory-mapped; only that batch is read)."""
+        return self._reader.get_batch(i) if self._batches is None else self._batches[i]
+
+    @property
+    def batches(self) -> list[pa.RecordBatch]:
+        """All batches (reads each batch once)."""
+        if self._batches is None:
+            self._batches = [self._reader.get_batch(i) for i in range(self._reader.num_record_batches)]
+        return self._batches
 
     @property
     def num_rows(self) -> int:
@@ -133,8 +156,7 @@ def read_arrow(path: Path, kind: str, *, allow_partial: bool) -> ArrowData:
         reader = pa.ipc.open_file(mm)
         schema = reader.schema
         _check_schema(schema, kind, path)
-        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-        return ArrowData(schema, batches, True, False)
+        return ArrowData(schema, None, True, False, reader=reader)
     except _READ_ERRORS as exc:
         if not allow_partial:
             raise TraceCorruptError(

@@ -47,6 +47,8 @@ def _as_numbers(a: np.ndarray, name: str) -> np.ndarray:
     """View canonical bytes of dtype ``name`` as numbers numpy can reduce."""
     if name == "bfloat16":
         return widen_bfloat16(a)
+    if name == "float16":  # exact widening; numpy's float16 reductions are emulated and ~5x slower
+        return a.astype(np.float32)
     if name == "bool":
         return a.view(np.uint8)
     return a

@@ -596,8 +596,10 @@ class TraceWriter:
 
         def flush() -> None:
             nonlocal dec, ten, val, deadline
-            if val:  # payloads are compressed on the encoder thread; collect them in order
-                self._files["values"].write(values_batch([(enc, fut.result()) for enc, fut in val]))
+            # One value per record batch: value_ref i is batch i + 1 (batch 0 is the empty batch
+            # that carries the schema), so a reader finds a value without reading every batch.
+            for enc, fut in val:  # payloads are compressed on the encoder thread; in order
+                self._files["values"].write(values_batch([(enc, fut.result())]))
             if ten:
                 self._files["tensors"].write(tensors_batch(ten))
             if dec:
