@@ -25,3 +25,7 @@ class ReferenceNotFoundError(TraceNotFoundError):
 
 class TransplantMismatchError(RecorderUsageError):
     """A reference tensor cannot replace a module's output: its dtype or shape differs."""
+
+
+class CoreMLUnavailableError(TraceUsageError):
+    """Core ML cannot run a model on this machine (prediction needs macOS and its framework)."""
