@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import diffcmd
 
     diffcmd.add_parser(sub).set_defaults(func=diffcmd.run)
+
+    from . import viewcmd  # argparse only: textual is imported when `view` runs
+
+    viewcmd.add_parser(sub)
     return parser
 
 
