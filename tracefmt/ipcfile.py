@@ -202,7 +202,7 @@ def unify(table: pa.Table, kind: str) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=pa.schema([f.with_nullable(True) for f in schema]))
 
 
-def compact(path: Path, kind: str, part: str, *, level: int, batch_rows: int = 1 << 16) -> int:
+def compact(path: Path, kind: str, part: str, *, level: int, batch_rows: int = 1 << 14) -> int:
     """Rewrite a closed data file in large batches, dictionary-encoding repetitive strings.
 
     The new file replaces the old one atomically; a crash mid-way leaves the old file.
