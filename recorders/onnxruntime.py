@@ -391,3 +391,46 @@ def _precision(proto: onnx.ModelProto) -> str:
         if t.data_type in names:
             counts[t.data_type] = counts.get(t.data_type, 0) + int(np.prod(t.dims, dtype=np.int64))
     return names[max(counts, key=counts.__getitem__)] if counts else "fp32"
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_dynamic_copy: the int8 copy `trace demo` compares with fp32 (tui/democmd.py).
+# ---------------------------------------------------------------------------------------------
+def quantize_dynamic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Write an int8 copy of an ONNX model with ``onnxruntime.quantization.quantize_dynamic``.
+
+    MatMul/Gemm weights become int8 (one scale per tensor); activations are quantized to uint8
+    at run time by the inserted ``DynamicQuantizeLinear`` nodes. Value names of the nodes that
+    stay (Add, LayerNormalization, ...) are kept, so the copy's intermediates can be exposed and
+    compared with the original's under the same names.
+
+    Args:
+        src: the fp32 ``.onnx`` file.
+        dst: where to write the int8 copy (its folder is created).
+
+    Returns:
+        ``dst`` as a Path.
+
+    Raises:
+        RecorderUsageError: ``src`` is not a file, or the ``onnx`` package (which
+            ``onnxruntime.quantization`` imports) is missing.
+    """
+    import logging
+
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as exc:  # onnxruntime.quantization imports the onnx package
+        raise RecorderUsageError("the demo's int8 run needs the onnx package: pip install 'steptrace[onnx]'") from exc
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise RecorderUsageError(f"no ONNX model at {src}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic advises pre-processing on the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+    finally:
+        root.setLevel(level)
+    return dst
+# ------------------------------------------------------------------- end quantize_dynamic_copy

@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import viewcmd  # argparse only: textual is imported when `view` runs
 
     viewcmd.add_parser(sub)
+
+    from . import democmd  # argparse only: onnxruntime is imported when `demo` runs
+
+    democmd.add_parser(sub)
     return parser
 
 
