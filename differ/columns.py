@@ -33,21 +33,29 @@ def codes(col: pa.ChunkedArray | pa.Array, universe: list[str]) -> np.ndarray:
 def numpy_col(col: pa.ChunkedArray | pa.Array, dtype: type, fill: float | int) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(values, valid)``: a numpy array of ``dtype`` with nulls replaced by ``fill``."""
     arr = combined(col)
+    if arr.null_count == 0:
+        vals = arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+        return vals, np.ones(len(arr), dtype=bool)
     valid = arr.is_valid().to_numpy(zero_copy_only=False)
     vals = arr.fill_null(fill).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     return vals, valid
 
 
-def dense_lists(col: pa.ChunkedArray | pa.Array, dtype: type, fill: float | int) -> tuple[np.ndarray, np.ndarray]:
-    """Return a list column as a dense ``(rows, kmax)`` array padded with ``fill``, and lengths."""
+def dense_lists(col: pa.ChunkedArray | pa.Array, dtype: type | None, fill: float | int) -> tuple[np.ndarray, np.ndarray]:
+    """Return a list column as a dense ``(rows, kmax)`` array padded with ``fill``, and lengths.
+
+    ``dtype`` None keeps the values' own dtype (no copy when every list has the same length).
+    """
     arr = combined(col)
     n = len(arr)
     lens = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
+    if dtype is not None:
+        flat = flat.astype(dtype, copy=False)
     k = int(lens.max()) if n else 0
     if n and (lens == k).all():
         return flat.reshape(n, k), lens
-    out = np.full((n, max(k, 1)), fill, dtype=dtype)
+    out = np.full((n, max(k, 1)), fill, dtype=flat.dtype)
     rows = np.repeat(np.arange(n), lens)
     starts = np.cumsum(lens) - lens
     pos = np.arange(flat.size) - np.repeat(starts, lens)
@@ -78,19 +86,32 @@ def pack_pair(ca: list[np.ndarray], cb: list[np.ndarray]) -> tuple[np.ndarray, n
     return one(ca), one(cb)
 
 
+def _increasing(k: np.ndarray) -> bool:
+    """Whether ``k`` is strictly increasing (sorted, no duplicates)."""
+    return k.size < 2 or bool((k[1:] > k[:-1]).all())
+
+
 def merge_sorted(ka: np.ndarray, kb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Full outer join of two unique int64 key arrays.
 
     Returns:
         ``(keys, ia, ib)``: the sorted union and, for each key, its row in ``ka``/``kb`` or -1.
     """
-    keys = np.union1d(ka, kb)
+    if _increasing(ka) and _increasing(kb):  # the usual case: rows come sorted by key
+        if ka.size == kb.size and bool((ka == kb).all()):
+            rows = np.arange(ka.size, dtype=np.int64)
+            return ka.copy(), rows, rows.copy()
+        keys = np.concatenate([ka, kb])
+        keys.sort()
+        keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if keys.size else keys
+    else:
+        keys = np.union1d(ka, kb)
     return keys, _lookup(ka, keys), _lookup(kb, keys)
 
 
 def _lookup(k: np.ndarray, keys: np.ndarray) -> np.ndarray:
     order = None
-    if k.size > 1 and not (k[1:] > k[:-1]).all():
+    if not _increasing(k):
         order = np.argsort(k, kind="stable")
         k = k[order]
     pos = np.searchsorted(k, keys)
@@ -102,5 +123,7 @@ def _lookup(k: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 def duplicates(k: np.ndarray) -> np.ndarray:
     """Return the key values that occur more than once in ``k``."""
+    if _increasing(k):
+        return k[:0]
     s = np.sort(k)
     return np.unique(s[1:][s[1:] == s[:-1]])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -72,30 +73,49 @@ def diff(
     rbs = [_open(c) for c in candidates]
     heads = None
     watched_pairs = []
-    for rb in rbs:
-        h, w = check_compatible(ra, rb, opts.heads)
-        if heads is not None and h != heads:
-            raise IncompatibleTracesError(f"candidate {rb.path} records heads {h}, another candidate {heads}")
-        heads = h
-        watched_pairs.append(w)
-    names = set(ra.samples())
-    for rb in rbs:
-        names |= set(rb.samples())
+    # each trace's heads, then sample ids, read on two threads (in order, so errors come as before;
+    # a reader object given twice is asked once)
+    readers = list({id(r): r for r in [ra, *rbs]}.values())
+    with ThreadPoolExecutor(2, thread_name_prefix="steptrace-diff-meta") as pool:
+        head_lists = dict(zip(map(id, readers), pool.map(TraceReader.heads, readers)))
+        for rb in rbs:
+            h, w = check_compatible(ra, rb, opts.heads, known=(head_lists[id(ra)], head_lists[id(rb)]))
+            if heads is not None and h != heads:
+                raise IncompatibleTracesError(f"candidate {rb.path} records heads {h}, another candidate {heads}")
+            heads = h
+            watched_pairs.append(w)
+        names = set()
+        for ids in pool.map(TraceReader.samples, readers):
+            names |= set(ids)
     samples = select_samples(sorted(names), opts.samples)
     ref = _Reference(ra, trace_info(ra), samples, heads or [])
     all_watched = sorted({i for w in watched_pairs for i in w.values()})
     if progress:
         progress("reference", 0, 1)
-    A = load_side(ra, samples, ref.heads, all_watched, samples if opts.samples else None)
-    if progress:
-        progress("reference", 1, 1)
     reports, sides = [], []
-    for i, (rb, w) in enumerate(zip(rbs, watched_pairs)):
+    # Each candidate's decisions are read (Arrow sort and take, numpy conversions: mostly without
+    # the GIL) on a second thread while the previous trace is read or compared.
+    with ThreadPoolExecutor(1, thread_name_prefix="steptrace-diff-read") as pool:
+
+        def read(i: int) -> Future[Side] | None:
+            rb = rbs[i]
+            if any(r is rb for j, r in enumerate([ra, *rbs]) if j != i + 1):
+                return None  # one reader object twice: read it on this thread only
+            keep = select_samples(rb.samples(), opts.samples) if opts.samples else None
+            return pool.submit(load_side, rb, samples, ref.heads, list(watched_pairs[i].values()), keep)
+
+        pending = read(0)
+        A = load_side(ra, samples, ref.heads, all_watched, samples if opts.samples else None)
         if progress:
-            progress("candidates", i, len(rbs))
-        rep, side = compare_pair(ref, A, rb, opts, w, progress)
-        reports.append(rep)
-        sides.append(side)
+            progress("reference", 1, 1)
+        for i, (rb, w) in enumerate(zip(rbs, watched_pairs)):
+            if progress:
+                progress("candidates", i, len(rbs))
+            side_b = pending.result() if pending is not None else None
+            pending = read(i + 1) if i + 1 < len(rbs) else None
+            rep, side = compare_pair(ref, A, rb, opts, w, progress, side_b=side_b)
+            reports.append(rep)
+            sides.append(side)
     if progress:
         progress("candidates", len(rbs), len(rbs))
     cross = []

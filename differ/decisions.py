@@ -5,6 +5,7 @@ watched tokens).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,18 +16,42 @@ from tracefmt import TraceReader
 
 from .columns import codes, combined, dense_lists, numpy_col
 from .policy import Policy
+from .topk import logit_of, logsumexp_ranks, match, rank_major, softmax_kld
 
-#: Rows compared per block (bounds the k x k top-k match matrices).
-BLOCK = 1 << 16
+#: Rows compared per block: a block's (k, rows) float64 temporaries (1 MB at k = 8) stay in cache.
+BLOCK = 1 << 14
 KEY_COLUMNS = ("frame", "chunk", "position", "emission")
+
+
+class KeyColumns(Mapping[str, tuple[np.ndarray, np.ndarray]]):
+    """The alignment key columns of a side (``frame``, ...) as ``(values, valid)``, converted from
+    the Arrow table when first asked for (only ``--align`` by keys reads them)."""
+
+    def __init__(self, table: pa.Table | None = None) -> None:
+        self._table = table
+        self._cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __getitem__(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self._cols:
+            if self._table is None or name not in KEY_COLUMNS:
+                raise KeyError(name)
+            self._cols[name] = numpy_col(self._table[name], np.int64, 0)
+        return self._cols[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(KEY_COLUMNS if self._table is not None else ())
+
+    def __len__(self) -> int:
+        return len(KEY_COLUMNS) if self._table is not None else 0
 
 
 @dataclass
 class Side:
     """One trace's decision rows as numpy columns (row order: sample, step, head).
 
-    Attributes hold one entry per row; ``ids``/``logits`` are ``(rows, kmax)`` padded with -1
-    and NaN; ``watched`` maps a watched token id to ``(logit, rank, valid)`` arrays.
+    Attributes hold one entry per row; ``ids``/``logits`` are ``(rows, kmax)`` in the trace's
+    dtypes (int32, float32: zero-copy from Arrow when k is constant) padded with -1 and NaN;
+    ``watched`` maps a watched token id to ``(logit, rank, valid)`` arrays.
     """
 
     sample: np.ndarray
@@ -42,7 +67,7 @@ class Side:
     k: np.ndarray
     chosen_logit: np.ndarray  # NaN where unknown
     chosen_rank: np.ndarray  # -1 where unknown
-    keys: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    keys: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=KeyColumns)
     watched: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     piece: pa.Array | None = None
 
@@ -63,21 +88,29 @@ def load_side(reader: TraceReader, samples: list[str], heads: list[str], watched
         watched_ids: watched token ids to extract.
         keep: only these samples (None: all).
     """
-    t = reader.decisions(sample=keep) if keep is not None else reader.decisions()
+    # chosen_logit / chosen_rank are derived here from the dense top-k (cheaper than the reader's)
+    t = reader.decisions(sample=keep, derive=False) if keep is not None else reader.decisions(derive=False)
     head_codes = codes(t["head"], heads)
     if (head_codes < 0).any():
         t = t.filter(pa.array(head_codes >= 0))
         head_codes = head_codes[head_codes >= 0]
-    ids, k = dense_lists(t["topk_ids"], np.int64, -1)
-    logits, _ = dense_lists(t["topk_logits"], np.float64, np.nan)
+    ids, k = dense_lists(t["topk_ids"], None, -1)
+    logits, _ = dense_lists(t["topk_logits"], None, np.nan)
     lse, _ = numpy_col(t["logsumexp"], np.float64, np.nan)
+    chosen = numpy_col(t["chosen"], np.int64, -1)[0]
     cl, cl_valid = numpy_col(t["chosen_logit"], np.float64, np.nan)
     cr, cr_valid = numpy_col(t["chosen_rank"], np.int64, -1)
+    if t.num_rows and not (cl_valid.all() and cr_valid.all()):
+        # SPEC.md 3.1: null chosen_logit / chosen_rank are topk_logits[i] and i where chosen = topk_ids[i]
+        pos = _first_in_rows(ids, chosen, k)
+        cl = np.where(cl_valid, cl, np.where(pos >= 0, logits[np.arange(pos.size), np.maximum(pos, 0)], np.nan))
+        cr = np.where(cr_valid, cr, pos)
+        cl_valid, cr_valid = cl_valid | (pos >= 0), cr_valid | (pos >= 0)
     side = Side(
         sample=codes(t["sample"], samples),
         step=numpy_col(t["step"], np.int64, 0)[0],
         head=head_codes,
-        chosen=numpy_col(t["chosen"], np.int64, -1)[0],
+        chosen=chosen,
         argmax=numpy_col(t["argmax"], np.int64, -1)[0],
         forced=numpy_col(t["forced"], bool, False)[0],
         margin=numpy_col(t["margin"], np.float64, np.nan)[0],
@@ -88,9 +121,8 @@ def load_side(reader: TraceReader, samples: list[str], heads: list[str], watched
         chosen_logit=np.where(cl_valid, cl, np.nan),
         chosen_rank=np.where(cr_valid, cr, -1),
         piece=combined(t["piece"]),
+        keys=KeyColumns(t.select(list(KEY_COLUMNS))),
     )
-    for name in KEY_COLUMNS:
-        side.keys[name] = numpy_col(t[name], np.int64, 0)
     if watched_ids and t.num_rows:
         w = combined(t["watched"])
         flat = pc.list_flatten(w)
@@ -110,37 +142,46 @@ def load_side(reader: TraceReader, samples: list[str], heads: list[str], watched
     return side
 
 
-def _take(x: np.ndarray, idx: np.ndarray, fill: float | int) -> np.ndarray:
-    """``x[idx]`` with ``fill`` where ``idx`` is -1 (works for 1-d and 2-d ``x``)."""
-    if x.shape[0] == 0:
-        shape = (idx.size,) + x.shape[1:]
-        return np.full(shape, fill, dtype=x.dtype if np.can_cast(type(fill), x.dtype) else np.float64)
-    out = x[np.maximum(idx, 0)]  # fancy indexing copies
-    out[idx < 0] = fill
+def _first_in_rows(ids: np.ndarray, tok: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Per row of a row-major ``(rows, kmax)`` id array, the first position of ``tok`` among
+    the row's ``k`` ids, -1 when absent."""
+    tok = tok.astype(ids.dtype, copy=False)
+    pos = np.where((ids[:, 0] == tok) & (k > 0), 0, -1) if ids.shape[1] else np.full(tok.size, -1)
+    rest = np.flatnonzero(pos < 0)  # usually few: the chosen token is the argmax
+    if rest.size and ids.shape[1] > 1:
+        hit = ids[rest, 1:] == tok[rest, None]
+        hit &= np.arange(1, ids.shape[1]) < k[rest, None]
+        at = hit.argmax(axis=1)
+        pos[rest] = np.where(hit[np.arange(rest.size), at], at + 1, -1)
+    return pos
+
+
+class _Taker:
+    """``x[idx]`` with a fill value where ``idx`` is -1, for many ``x`` and one ``idx`` (works for
+    1-d and 2-d ``x``)."""
+
+    def __init__(self, idx: np.ndarray) -> None:
+        self.absent = idx < 0
+        self.any_absent = bool(self.absent.any())
+        self.safe = np.maximum(idx, 0) if self.any_absent else idx
+        self.size = idx.size
+
+    def __call__(self, x: np.ndarray, fill: float) -> np.ndarray:
+        if x.shape[0] == 0:
+            shape = (self.size,) + x.shape[1:]
+            return np.full(shape, fill, dtype=x.dtype if np.can_cast(type(fill), x.dtype) else np.float64)
+        out = x[self.safe]  # fancy indexing copies
+        if self.any_absent:
+            out[self.absent] = fill
+        return out
+
+
+def _filled(n: int, dtype: type, fill: float, written: np.ndarray) -> np.ndarray:
+    """An array of ``n`` whose entries outside ``written`` hold ``fill`` (the rest is left for the
+    caller to write: fresh memory is touched once, not twice)."""
+    out = np.empty(n, dtype=dtype)
+    out[~written] = fill
     return out
-
-
-def _logit_of(ids: np.ndarray, logits: np.ndarray, tok: np.ndarray, chosen: np.ndarray,
-              chosen_logit: np.ndarray, chosen_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return (logit, rank) of ``tok`` per row from the top-k, else from chosen_*; NaN / -1 if unknown."""
-    hit = ids == tok[:, None]
-    found = hit.any(axis=1)
-    pos = hit.argmax(axis=1)
-    rows = np.arange(tok.size)
-    logit = np.where(found, logits[rows, pos], np.nan)
-    rank = np.where(found, pos, -1)
-    fb = ~found & (tok == chosen)
-    logit = np.where(fb, chosen_logit, logit)
-    rank = np.where(fb, chosen_rank, rank)
-    return logit, rank
-
-
-def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore"):
-        m = np.nanmax(np.where(np.isnan(x), -np.inf, x), axis=1)
-        mm = np.where(np.isfinite(m), m, 0.0)
-        s = np.nansum(np.exp(x - mm[:, None]), axis=1)
-        return np.log(s) + mm
 
 
 @dataclass
@@ -185,27 +226,29 @@ def compare_decisions(A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, head: np
     """
     n = ia.size
     both = (ia >= 0) & (ib >= 0)
-    a_tok, b_tok = _take(A.argmax, ia, -1), _take(B.argmax, ib, -1)
+    take_a, take_b = _Taker(ia), _Taker(ib)
     out = DecisionDiff(
-        a_tok=a_tok, b_tok=b_tok,
-        a_chosen=_take(A.chosen, ia, -1), b_chosen=_take(B.chosen, ib, -1),
-        a_forced=_take(A.forced, ia, False), b_forced=_take(B.forced, ib, False),
-        a_margin=_take(A.margin, ia, np.nan), b_margin=_take(B.margin, ib, np.nan),
-        a_rank_of_b=np.full(n, -1, np.int64), b_rank_of_a=np.full(n, -1, np.int64),
-        a_gap=np.full(n, np.nan), b_gap=np.full(n, np.nan), epsilon=np.full(n, np.nan),
-        near_tie=np.zeros(n, bool), logit_diff=np.full(n, np.nan), logit_tol=np.full(n, np.nan),
-        bitexact=np.zeros(n, bool), drift=np.zeros(n, bool), kld=np.full(n, np.nan), dp=np.full(n, np.nan),
-        watched={},
+        a_tok=take_a(A.argmax, -1), b_tok=take_b(B.argmax, -1),
+        a_chosen=take_a(A.chosen, -1), b_chosen=take_b(B.chosen, -1),
+        a_forced=take_a(A.forced, False), b_forced=take_b(B.forced, False),
+        a_margin=take_a(A.margin, np.nan), b_margin=take_b(B.margin, np.nan),
+        # every row present on both sides is written by _block; the others keep the fill
+        a_rank_of_b=_filled(n, np.int64, -1, both), b_rank_of_a=_filled(n, np.int64, -1, both),
+        a_gap=_filled(n, np.float64, np.nan, both), b_gap=_filled(n, np.float64, np.nan, both),
+        epsilon=_filled(n, np.float64, np.nan, both), near_tie=np.zeros(n, bool),
+        logit_diff=_filled(n, np.float64, np.nan, both), logit_tol=_filled(n, np.float64, np.nan, both),
+        bitexact=np.zeros(n, bool), drift=np.zeros(n, bool), kld=_filled(n, np.float64, np.nan, both),
+        dp=_filled(n, np.float64, np.nan, both), watched={},
     )
     rows_both = np.flatnonzero(both)
     for lo in range(0, rows_both.size, BLOCK):
         r = rows_both[lo : lo + BLOCK]
         _block(out, A, B, ia[r], ib[r], head[r], r, heads, policy, grid)
     for tok in set(A.watched) & set(B.watched):
-        al, ar, av = (_take(x, ia, f) for x, f in zip(A.watched[tok], (np.nan, -1, False)))
-        bl, br, bv = (_take(x, ib, f) for x, f in zip(B.watched[tok], (np.nan, -1, False)))
-        a_top = _take(A.logits[:, 0] if A.rows else np.zeros(0), ia, np.nan)
-        b_top = _take(B.logits[:, 0] if B.rows else np.zeros(0), ib, np.nan)
+        al, ar, av = (take_a(x, f) for x, f in zip(A.watched[tok], (np.nan, -1, False)))
+        bl, br, bv = (take_b(x, f) for x, f in zip(B.watched[tok], (np.nan, -1, False)))
+        a_top = take_a(A.logits[:, 0].astype(np.float64) if A.rows else np.zeros(0), np.nan)
+        b_top = take_b(B.logits[:, 0].astype(np.float64) if B.rows else np.zeros(0), np.nan)
         out.watched[tok] = {
             "a_logit": al, "a_rank": np.where(av, ar, -1), "b_logit": bl, "b_rank": np.where(bv, br, -1),
             # gap to the top: how much the watched token lost by (0 when it is the argmax)
@@ -219,81 +262,134 @@ def compare_decisions(A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, head: np
 
 def _block(out: DecisionDiff, A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, head: np.ndarray, r: np.ndarray,
            heads: list[str], policy: Policy, grid: str) -> None:
-    """Compare one block of rows present on both sides; write results at positions ``r``."""
-    a_ids, a_log = A.ids[ia], A.logits[ia]
-    b_ids, b_log = B.ids[ib], B.logits[ib]
-    kk = max(a_ids.shape[1], b_ids.shape[1])
-    if a_ids.shape[1] < kk:
-        a_ids = np.pad(a_ids, ((0, 0), (0, kk - a_ids.shape[1])), constant_values=-1)
-        a_log = np.pad(a_log, ((0, 0), (0, kk - a_log.shape[1])), constant_values=np.nan)
-    if b_ids.shape[1] < kk:
-        b_ids = np.pad(b_ids, ((0, 0), (0, kk - b_ids.shape[1])), constant_values=-1)
-        b_log = np.pad(b_log, ((0, 0), (0, kk - b_log.shape[1])), constant_values=np.nan)
+    """Compare one block of rows present on both sides; write results at positions ``r``.
+
+    The top-k lists are taken rank-major (``(k, rows)``, see :mod:`differ.topk`); bit-exactness
+    is judged on the float32 values as stored, the arithmetic is float64. Rows that are the same
+    decision bit for bit (same argmax at rank 0 of identical lists, equal logsumexp, finite
+    logits, no probability above e) get the results the arithmetic would give them: rank 0,
+    gaps, logit difference, KLD and Δp 0. Only the other rows go through :func:`_general`.
+    """
+    kk = max(A.ids.shape[1], B.ids.shape[1])
+    a_ids, b_ids = rank_major(A.ids, ia, kk, -1), rank_major(B.ids, ib, kk, -1)
+    a_raw, b_raw = rank_major(A.logits, ia, kk, np.nan), rank_major(B.logits, ib, kk, np.nan)
+    stored32 = a_raw.dtype == np.float32 and b_raw.dtype == np.float32  # as SPEC.md stores them
+    a32, b32 = (a_raw, b_raw) if stored32 else (a_raw.astype(np.float32), b_raw.astype(np.float32))
     at, bt = A.argmax[ia], B.argmax[ib]
-    la_b, ra_b = _logit_of(a_ids, a_log, bt, A.chosen[ia], A.chosen_logit[ia], A.chosen_rank[ia])
-    lb_a, rb_a = _logit_of(b_ids, b_log, at, B.chosen[ib], B.chosen_logit[ib], B.chosen_rank[ib])
-    a_top, b_top = a_log[:, 0], b_log[:, 0]
-    a_gap, b_gap = a_top - la_b, b_top - lb_a
+    la, lb = A.lse[ia], B.lse[ib]
+    a_top, b_top = a_raw[0].astype(np.float64), b_raw[0].astype(np.float64)
     # epsilon and logit tolerance per head
     mag = np.fmax(np.abs(a_top), np.abs(b_top))
     eps = np.empty(r.size)
     ltol = np.empty(r.size)
-    for h in np.unique(head):
-        m = head == h
+    lo_h, hi_h = (int(head.min()), int(head.max())) if head.size else (0, 0)
+    for h in range(lo_h, hi_h + 1):
+        m = slice(None) if lo_h == hi_h else head == h
         dt = policy.for_head(heads[h])
-        e = dt.epsilons(grid, mag[m])
-        eps[m] = e
+        eps[m] = dt.epsilons(grid, mag[m])
         ltol[m] = dt.logit_tolerance(grid, mag[m])
     same = at == bt
+    a_nan = np.isnan(a32)
+    lse_nan = np.isnan(la) | np.isnan(lb)
+    bitexact = (
+        same
+        & (A.k[ia] == B.k[ib])
+        & (a_ids == b_ids).all(axis=0)
+        & ((a32.view(np.uint32) == b32.view(np.uint32)) | a_nan & np.isnan(b32)).all(axis=0)
+        & ((la.astype(np.float32).view(np.uint32) == lb.astype(np.float32).view(np.uint32)) | (np.isnan(la) & np.isnan(lb)))
+    )
+    with np.errstate(invalid="ignore"):
+        ident = (stored32 & bitexact & (a_ids[0] == at) & (a_ids[0] >= 0)
+                 & (~np.isinf(a32) & (~a_nan | (a_ids < 0))).all(axis=0)  # finite; NaN only as padding
+                 & (lse_nan | (np.fmax.reduce(a32, axis=0).astype(np.float64) - la <= 1.0)))
+    rest = np.flatnonzero(~ident)
+    at_r = slice(int(r[0]), int(r[-1]) + 1) if r[-1] - r[0] == r.size - 1 else r  # usually a range
+    out.epsilon[at_r] = eps
+    out.logit_tol[at_r] = ltol
+    out.bitexact[at_r] = bitexact
+    res: dict[str, np.ndarray] = {}
+    if rest.size:
+        sub = slice(None) if rest.size == r.size else rest
+        res = _general(A, B, ia[sub], ib[sub], a_ids[:, sub], b_ids[:, sub], a_raw[:, sub], b_raw[:, sub], at[sub],
+                       bt[sub], la[sub], lb[sub], eps[sub], ltol[sub], same[sub], bitexact[sub])
+    for name, value in _IDENTICAL_ROW.items():
+        col = getattr(out, name)
+        if rest.size == r.size:
+            col[at_r] = res[name]
+            continue
+        blk = np.full(r.size, value, dtype=col.dtype)
+        if rest.size:
+            blk[rest] = res[name]
+        col[at_r] = blk
+
+
+#: What the comparison gives a row that is the same decision bit for bit (see :func:`_block`).
+_IDENTICAL_ROW = {"a_rank_of_b": 0, "b_rank_of_a": 0, "a_gap": 0.0, "b_gap": 0.0, "near_tie": False,
+                  "logit_diff": 0.0, "drift": False, "kld": 0.0, "dp": 0.0}
+
+
+def _general(A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, a_ids: np.ndarray, b_ids: np.ndarray,
+             a_raw: np.ndarray, b_raw: np.ndarray, at: np.ndarray, bt: np.ndarray, la: np.ndarray, lb: np.ndarray,
+             eps: np.ndarray, ltol: np.ndarray, same: np.ndarray, bitexact: np.ndarray) -> dict[str, np.ndarray]:
+    """Ranks, gaps, near ties, logit difference, drift, KLD and Δp of rows (rank-major blocks)."""
+    a_log, b_log = a_raw.astype(np.float64), b_raw.astype(np.float64)
+    la_b, ra_b = logit_of(a_ids, a_log, bt, A.chosen[ia], A.chosen_logit[ia], A.chosen_rank[ia])
+    lb_a, rb_a = logit_of(b_ids, b_log, at, B.chosen[ib], B.chosen_logit[ib], B.chosen_rank[ib])
+    a_top, b_top = a_log[0], b_log[0]
+    a_gap, b_gap = a_top - la_b, b_top - lb_a
     with np.errstate(invalid="ignore"):
         near = (~same) & (ra_b >= 0) & (rb_a >= 0) & (a_gap <= eps) & (b_gap <= eps)
     # logits of ids present in both top-k lists
-    match = (a_ids[:, :, None] == b_ids[:, None, :]) & (a_ids[:, :, None] >= 0)
-    has = match.any(axis=2)
-    bpos = match.argmax(axis=2)
-    rows = np.arange(r.size)[:, None]
-    b_on_a = np.where(has, b_log[rows, bpos], np.nan)
+    b_on_a, has = match(a_ids, b_ids, b_log)
     with np.errstate(invalid="ignore"):
         delta = np.abs(a_log - b_on_a)
         both_nan = np.isnan(a_log) & np.isnan(b_on_a) & has
         delta = np.where(both_nan, 0.0, np.where(has & np.isnan(delta), np.inf, delta))
-        ldiff = np.fmax.reduce(np.where(has, delta, np.nan), axis=1) if kk else np.zeros(r.size)
-    la, lb = A.lse[ia], B.lse[ib]
+        ldiff = np.fmax.reduce(np.where(has, delta, np.nan), axis=0)
     lse_d = np.where(np.isnan(la) | np.isnan(lb), 0.0, np.abs(la - lb))
     ldiff = np.fmax(np.nan_to_num(ldiff, nan=0.0), lse_d)
-    bitexact = (
-        same
-        & (A.k[ia] == B.k[ib])
-        & (a_ids == b_ids).all(axis=1)
-        & ((a_log.astype(np.float32).view(np.uint32) == b_log.astype(np.float32).view(np.uint32)) | np.isnan(a_log) & np.isnan(b_log)).all(axis=1)
-        & ((la.astype(np.float32).view(np.uint32) == lb.astype(np.float32).view(np.uint32)) | (np.isnan(la) & np.isnan(lb)))
-    )
-    # probabilities: full softmax when logsumexp is known on both sides, else over the top-k
-    lse_a = np.where(np.isnan(la) | np.isnan(lb), _logsumexp_rows(a_log), la)
-    lse_b = np.where(np.isnan(la) | np.isnan(lb), _logsumexp_rows(b_log), lb)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        p = np.exp(a_log - lse_a[:, None])
-        q = np.exp(b_on_a - lse_b[:, None])
-        p_c = np.where(has, p, 0.0)
-        q_c = np.where(has, q, 0.0)
-        terms = np.where((p_c > 0) & has, p_c * (np.log(p_c) - np.log(q_c)), 0.0)
-        pr = np.clip(1.0 - p_c.sum(axis=1), 0.0, 1.0)
-        qr = np.clip(1.0 - q_c.sum(axis=1), 0.0, 1.0)
-        rest = np.where(pr > 0, pr * (np.log(pr) - np.log(np.where(qr > 0, qr, 1e-300))), 0.0)
-        kld = np.maximum(terms.sum(axis=1) + rest, 0.0)
-        p_at = np.exp(a_top - lse_a)
-        q_at = np.exp(lb_a - lse_b)
-        dp = q_at - p_at
-    out.a_rank_of_b[r] = ra_b
-    out.b_rank_of_a[r] = rb_a
-    out.a_gap[r] = np.where(same, 0.0, a_gap)
-    out.b_gap[r] = np.where(same, 0.0, b_gap)
-    out.epsilon[r] = eps
-    out.near_tie[r] = near
-    out.logit_diff[r] = ldiff
-    out.logit_tol[r] = ltol
-    out.bitexact[r] = bitexact
+    same_rows = ((a_log == b_log) | (np.isnan(a_log) & np.isnan(b_log))).all(axis=0)  # equal values, rank by rank
+    kld, dp = _kld(a_ids, a_log, b_log, b_on_a, has, la, lb, a_top, lb_a, same_rows)
     with np.errstate(invalid="ignore"):
-        out.drift[r] = same & ~bitexact & (ldiff > ltol)
-    out.kld[r] = kld
-    out.dp[r] = dp
+        drift = same & ~bitexact & (ldiff > ltol)
+    return {"a_rank_of_b": ra_b, "b_rank_of_a": rb_a, "a_gap": np.where(same, 0.0, a_gap),
+            "b_gap": np.where(same, 0.0, b_gap), "near_tie": near, "logit_diff": ldiff, "drift": drift,
+            "kld": kld, "dp": dp}
+
+
+def _kld(a_ids: np.ndarray, a_log: np.ndarray, b_log: np.ndarray, b_on_a: np.ndarray, has: np.ndarray,
+         la: np.ndarray, lb: np.ndarray, a_top: np.ndarray, lb_a: np.ndarray,
+         same_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k KL divergence and Δp of A's top token for a block (rank-major arrays).
+
+    Probabilities come from the full softmax (``logit - logsumexp``) when both sides recorded
+    logsumexp, else from the top-k. Rows whose probabilities are provably equal on both sides
+    get exactly what the arithmetic gives them, 0 and 0, without computing it: B's logits equal
+    A's rank by rank (and on every shared id), logsumexp equal (or computed from equal lists),
+    every logit finite (NaN only as padding) and none above logsumexp + 1 (no probability
+    overflows; a logsumexp computed from the list is never below its maximum), and B's logit of
+    A's token equal to A's top logit.
+    """
+    need = np.isnan(la) | np.isnan(lb)
+    with np.errstate(invalid="ignore"):
+        finite = (np.isfinite(a_log) | (np.isnan(a_log) & (a_ids < 0))).all(axis=0)  # NaN only as padding
+        top = np.fmax.reduce(a_log, axis=0)
+        trivial = (same_rows & finite & ((b_on_a == a_log) | ~has).all(axis=0) & (lb_a == a_top)
+                   & (need | ((la == lb) & (top - la <= 1.0))))
+    kld, dp = np.zeros(a_top.size), np.zeros(a_top.size)
+    rest = np.flatnonzero(~trivial)
+    if not rest.size:
+        return kld, dp
+    if rest.size < a_top.size:
+        a_log, b_log, b_on_a, has = a_log[:, rest], b_log[:, rest], b_on_a[:, rest], has[:, rest]
+        la, lb, a_top, lb_a, need, same_rows = la[rest], lb[rest], a_top[rest], lb_a[rest], need[rest], same_rows[rest]
+    lse_a, lse_b = la.copy(), lb.copy()
+    if need.any():
+        rows = slice(None) if need.all() else need
+        lse_a[rows] = logsumexp_ranks(a_log[:, rows])
+        lse_b[rows] = lse_a[rows]  # equal logit lists give equal sums
+        own = need & ~same_rows
+        if own.any():
+            lse_b[own] = logsumexp_ranks(b_log[:, own])
+    kld[rest], dp[rest] = softmax_kld(a_log, b_on_a, has, lse_a, lse_b, a_top, lb_a)
+    return kld, dp

@@ -12,6 +12,7 @@ inf where a = 0 != b), ``cosine = a.b / (|a| |b|)``,
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -161,6 +162,20 @@ class _Scratch:
         self.u = np.empty(size, dtype)
         self.m = np.empty(size, bool)
         self.ones = np.ones(size, dtype)
+        self.a = np.empty(size, dtype)  # inputs widened to the working dtype
+        self.b = np.empty(size, dtype)
+
+
+_local = threading.local()
+
+
+def _scratch(dtype: np.dtype) -> _Scratch:
+    """This thread's chunk buffers of ``dtype``, kept between calls."""
+    cache = _local.__dict__.setdefault("scratch", {})
+    sc = cache.get(dtype)
+    if sc is None:
+        sc = cache[dtype] = _Scratch(dtype)
+    return sc
 
 
 def _finish(acc: _Acc, ac: np.ndarray, bc: np.ndarray, d: np.ndarray, m: float, tol: TensorTolerance,
@@ -174,16 +189,15 @@ def _finish(acc: _Acc, ac: np.ndarray, bc: np.ndarray, d: np.ndarray, m: float, 
     if sums:
         acc.aa += float(np.dot(ac, ac))
         acc.bb += float(np.dot(bc, bc))
-    if m > tol.atol:  # some element may break atol + rtol|a|: count them
-        u = np.abs(ac, out=sc.u[:n])
-        u *= tol.rtol
-        u += tol.atol
-        acc.bad += int(np.count_nonzero(np.greater(d, u, out=sc.m[:n])))
-    t = np.divide(d, ac, out=sc.t[:n])  # |d|/a: 0/0 -> NaN (skipped by fmax), d/0 -> inf
-    np.abs(t, out=t)
+    u = np.abs(ac, out=sc.u[:n])
+    t = np.divide(d, u, out=sc.t[:n])  # |d|/|a|: 0/0 -> NaN (skipped by fmax), d/0 -> inf
     r = float(np.fmax.reduce(t))
     if r > acc.rel:
         acc.rel = r
+    if m > tol.atol:  # some element may break atol + rtol|a|: count them
+        u *= tol.rtol
+        u += tol.atol
+        acc.bad += int(np.count_nonzero(np.greater(d, u, out=sc.m[:n])))
     acc.n += n
 
 
@@ -219,15 +233,17 @@ def _accumulate(fa: np.ndarray, fb: np.ndarray, lo: int, hi: int, tol: TensorTol
                 work: np.dtype) -> _Acc:
     """Fold elements ``[lo, hi)`` chunk by chunk into a fresh accumulator."""
     acc = _Acc()
-    sc = _Scratch(work, min(CHUNK, max(hi - lo, 1)))
+    sc = _scratch(work)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for i in range(lo, hi, CHUNK):
             j = min(i + CHUNK, hi)
             ac, bc = fa[i:j], fb[i:j]
             if ac.dtype != work:
-                ac = ac.astype(work)
+                ac = sc.a[: j - i]
+                np.copyto(ac, fa[i:j], casting="unsafe")
             if bc.dtype != work:
-                bc = bc.astype(work)
+                bc = sc.b[: j - i]
+                np.copyto(bc, fb[i:j], casting="unsafe")
             _fold(acc, ac, bc, tol, sums, sc)
     return acc
 

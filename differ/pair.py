@@ -21,11 +21,21 @@ from .mapping import NameMapping, guess_mapping
 from .policy import Policy, coarser, grid_dtype
 from .report import Culprit, DriftOnset, FirstDivergence, PairReport, SampleResult, TraceInfo, WatchedToken
 from .sequence import char_codes, edit_distance, pieces_to_text, word_codes
+from .summary import (
+    decision_summary,
+    distinct_steps,
+    first_in_segments,
+    histogram,
+    same_sequences,
+    segment_max,
+    segment_sums,
+    steps_table,
+    tensor_summary,
+    watched_summary,
+)
 from .tensors import Progress, TensorDiff, compare_tensors, step_signature, to_table
 from .verdict import DRIFT, FLIP, VERDICTS, StepStatus, judge_rows, tensor_status
 
-#: Margin histogram bin edges (logits) for flipped vs unflipped steps.
-MARGIN_EDGES = [0.0, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, float("inf")]
 #: When fewer candidate tensor names than this fraction exist in the reference, guess a mapping.
 GUESS_BELOW = 0.5
 
@@ -79,13 +89,17 @@ def trace_info(reader: TraceReader) -> TraceInfo:
                      grid_dtype(m.precision, logits_dtype))
 
 
-def check_compatible(ra: TraceReader, rb: TraceReader, heads: list[str] | None) -> tuple[list[str], dict[str, int]]:
+def check_compatible(ra: TraceReader, rb: TraceReader, heads: list[str] | None,
+                     known: tuple[list[str], list[str]] | None = None) -> tuple[list[str], dict[str, int]]:
     """Refuse traces that cannot be compared; return the heads to compare and shared watched ids.
+
+    Args:
+        known: ``(ra.heads(), rb.heads())`` when already read.
 
     Raises:
         IncompatibleTracesError: different heads (without ``heads``), vocabularies or watched ids.
     """
-    ha, hb = set(ra.heads()), set(rb.heads())
+    ha, hb = (set(x) for x in known) if known is not None else (set(ra.heads()), set(rb.heads()))
     if heads:
         for side, h, r in (("reference", ha, ra), ("candidate", hb, rb)):
             miss = [x for x in heads if x not in h and h]
@@ -134,16 +148,22 @@ def _pieces(reader: TraceReader, side: Side, rows: np.ndarray) -> list[str | Non
 
 
 def compare_pair(ref: _Reference, side_a: Side, rb: TraceReader, opts: DiffOptions, watched: dict[str, int],
-                 progress: Progress | None = None) -> tuple[PairReport, Side]:
+                 progress: Progress | None = None, side_b: Side | None = None) -> tuple[PairReport, Side]:
     """Compare one candidate with the reference.
+
+    Args:
+        side_b: the candidate's decisions when already read (:func:`load_side` with the
+            reference's samples and heads and the pair's watched ids); read here when None.
 
     Returns:
         The report and the candidate's decisions (kept for candidate-vs-candidate checks).
     """
     info_b = trace_info(rb)
     samples, heads = ref.samples, ref.heads
-    keep = select_samples(rb.samples(), opts.samples) if opts.samples else None
-    B = load_side(rb, samples, heads, list(watched.values()), keep)
+    if side_b is None:
+        keep = select_samples(rb.samples(), opts.samples) if opts.samples else None
+        side_b = load_side(rb, samples, heads, list(watched.values()), keep)
+    B = side_b
     A = side_a
     vocab_head_name = ref.reader.metadata.vocab_head or "token"
     vocab_head = heads.index(vocab_head_name) if vocab_head_name in heads else 0
@@ -218,7 +238,6 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
             mapping: NameMapping, samples: list[str], opts: DiffOptions) -> PairReport:
     v, after = st.verdict, st.after
     fresh = ~after
-    both = al.gap == BOTH
     bounds = np.searchsorted(al.sample, np.arange(len(samples) + 1))
     id_to_name = {i: n for n, i in watched.items()}
     resync = al.mode == "resync"
@@ -230,6 +249,18 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
     pieces_a = _pieces(ref.reader, A, np.flatnonzero(va))
     pieces_b = _pieces(rb, B, np.flatnonzero(vb))
     texts = pieces_a is not None and pieces_b is not None
+    ns = len(samples)
+    a_steps, b_steps = distinct_steps(al.sample, al.a_step, ns), distinct_steps(al.sample, al.b_step, ns)
+    # per-sample figures, vectorised over the sample boundaries
+    has_a, has_b = segment_sums(al.ia >= 0, bounds), segment_sums(al.ib >= 0, bounds)
+    mism = (v >= FLIP) & fresh
+    mismatches, afters = segment_sums(mism, bounds), segment_sums(after, bounds)
+    s_verdict = segment_max(np.where(fresh, v, 0), bounds)
+    same_seqs = same_sequences(seq_a, seq_b, sa_b, sb_b)
+    first_drift = first_in_segments(np.flatnonzero((v == DRIFT) & fresh), bounds)
+    first_drifted = first_in_segments(np.flatnonzero(st.drifted & fresh), bounds)
+    bad_rows = np.flatnonzero(mism)
+    bad_at = np.searchsorted(bad_rows, bounds)
     per_sample: list[SampleResult] = []
     fds: list[tuple[int, int, FirstDivergence, DriftOnset | None]] = []
     hist_steps: list[int] = []
@@ -239,20 +270,18 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
     word_edits = word_ref = char_edits = char_ref = 0
     identical_seqs = 0
     only_ref = only_cand = 0
-    for s in range(len(samples)):
+    for s in range(ns):
         r0, r1 = int(bounds[s]), int(bounds[s + 1])
         x, y = seq_a[sa_b[s] : sa_b[s + 1]], seq_b[sb_b[s] : sb_b[s + 1]]
         if r0 == r1 and x.size == 0 and y.size == 0:
             continue
-        rows = np.arange(r0, r1)
-        fr = rows[fresh[r0:r1]]
         only_in = None
-        if (al.ia[r0:r1] < 0).all() and r1 > r0:
+        if r1 > r0 and not has_a[s]:
             only_in, only_cand = "candidate", only_cand + 1
-        elif (al.ib[r0:r1] < 0).all() and r1 > r0:
+        elif r1 > r0 and not has_b[s]:
             only_in, only_ref = "reference", only_ref + 1
-        verdict = int(v[fr].max()) if fr.size else 0
-        same_seq = x.size == y.size and bool((x == y).all())
+        verdict = int(s_verdict[s])
+        same_seq = bool(same_seqs[s])
         identical_seqs += same_seq
         edits = 0 if same_seq else edit_distance(x, y)
         tok_edits += edits
@@ -267,22 +296,17 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
                 word_edits += edit_distance(wa, wb)
                 char_edits += edit_distance(char_codes(ta), char_codes(tb))
         # first divergence: first fresh row worse than drift; else the first drift row
-        fd_row = -1
-        bad = fr[v[fr] >= FLIP]
-        if bad.size:
+        fd_row = int(first_drift[s])
+        if bad_at[s] < bad_at[s + 1]:
+            bad = bad_rows[bad_at[s] : bad_at[s + 1]]
             first_pos = al.pos[bad[0]]
             grp = bad[al.pos[bad] == first_pos]
             # worst verdict first, then the vocab head, then head order
             key = [(-int(v[i]), 0 if al.head[i] == vocab_head else 1, int(al.head[i])) for i in grp]
             fd_row = int(grp[min(range(len(grp)), key=key.__getitem__)])
-        else:
-            dr = fr[v[fr] == DRIFT]
-            if dr.size:
-                fd_row = int(dr[0])
-        drift_rows = fr[st.drifted[fr]]
         onset = None
-        if drift_rows.size:
-            i = int(drift_rows[0])
+        if first_drifted[s] >= 0:
+            i = int(first_drifted[s])
             onset = DriftOnset(samples[s], int(al.a_step[i]), heads[al.head[i]] if heads else None,
                                _culprit(td, int(st.t_first[i])) if st.t_fail[i] else None, _opt(dd.logit_diff[i]))
         fd = None
@@ -299,9 +323,8 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
         per_sample.append(SampleResult(
             sample=samples[s], verdict=VERDICTS[verdict], first_step=fd.step if fd else None,
             head=fd.head if fd else None, kind=fd.kind if fd else None,
-            a_steps=int(np.unique(al.a_step[r0:r1][al.a_step[r0:r1] >= 0]).size),
-            b_steps=int(np.unique(al.b_step[r0:r1][al.b_step[r0:r1] >= 0]).size),
-            mismatches=int((v[fr] >= FLIP).sum()), after=int(after[r0:r1].sum()),
+            a_steps=int(a_steps[s]), b_steps=int(b_steps[s]),
+            mismatches=int(mismatches[s]), after=int(afters[s]),
             drift_step=onset.step if onset else None, identical_sequence=same_seq, token_edits=int(edits),
             culprit=fd.culprit.name if fd and fd.culprit else None, only_in=only_in,
         ))
@@ -322,8 +345,8 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
         drift_onset=drift,
         samples=samples_json,
         steps=steps_json,
-        decisions=_decision_summary(al, dd, st, A, B),
-        tensors=_tensor_summary(td, mapping),
+        decisions=decision_summary(al, dd, st, A, B),
+        tensors=tensor_summary(td, mapping),
         sequences={
             "samples": len(per_sample), "identical": identical_seqs,
             "token_error_rate": tok_edits / tok_ref if tok_ref else None, "token_edits": tok_edits,
@@ -331,13 +354,13 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
             "wer": word_edits / word_ref if texts and word_ref else None,
             "cer": char_edits / char_ref if texts and char_ref else None,
         },
-        first_divergence_histogram=_histogram(hist_steps),
+        first_divergence_histogram=histogram(hist_steps),
         culprits=[{"name": n, "samples": c} for n, c in culprits.most_common()],
-        watched=_watched_summary(watched_bias, watched),
+        watched=watched_summary(watched_bias, watched),
         per_sample=per_sample,
         alignment={"mode": al.mode, "approximate_samples": [samples[i] for i in al.approximate],
                    "teacher_forced": bool(A.forced.any() or B.forced.any()), "grid": coarser(ref.info.grid, info_b.grid)},
-        steps_table=_steps_table(al, dd, st, samples, heads, id_to_name),
+        steps_table=steps_table(al, dd, st, samples, heads, id_to_name),
         tensors_table=to_table(td, samples) if td is not None else None,
         mapping=mapping,
     )
@@ -371,100 +394,3 @@ def _first_divergence(i: int, sample: str, al: Alignment, dd: DecisionDiff, st: 
         a_gap=_opt(dd.a_gap[i]), b_gap=_opt(dd.b_gap[i]), epsilon=_opt(dd.epsilon[i]),
         culprit=_culprit(td, int(st.t_first[i])) if st.t_fail[i] else None, watched=watched,
     )
-
-
-def _quantiles(x: np.ndarray) -> dict[str, float | None]:
-    x = x[~np.isnan(x)]
-    if not x.size:
-        return {"mean": None, "p50": None, "p99": None, "max": None}
-    return {"mean": float(x.mean()), "p50": float(np.percentile(x, 50)), "p99": float(np.percentile(x, 99)),
-            "max": float(x.max())}
-
-
-def _decision_summary(al: Alignment, dd: DecisionDiff, st: StepStatus, A: Side, B: Side) -> dict[str, Any]:
-    m = (al.gap == BOTH) & ~st.after
-    same = dd.a_tok[m] == dd.b_tok[m]
-    flipped = st.verdict[m] >= FLIP
-    margins = dd.a_margin[m]
-    eps = dd.epsilon[m]
-    return {
-        "compared": int(m.sum()),
-        "top1_agreement": float(same.mean()) if m.any() else None,
-        "flips": int((st.verdict[m] == FLIP).sum()),
-        "divergent": int((st.verdict[m] == VERDICTS.index("divergent")).sum()),
-        "kld": {**_quantiles(dd.kld[m]), "basis": "topk"},
-        "dp_rms": float(np.sqrt(np.nanmean(dd.dp[m] ** 2))) if m.any() and not np.isnan(dd.dp[m]).all() else None,
-        "logit_noise": _quantiles(dd.logit_diff[m][same]),
-        "epsilon": {"min": float(np.nanmin(eps)) if eps.size else None, "max": float(np.nanmax(eps)) if eps.size else None},
-        "margin_histogram": {
-            "edges": MARGIN_EDGES,
-            "flipped": np.histogram(np.abs(margins[flipped]), MARGIN_EDGES)[0].tolist(),
-            "unflipped": np.histogram(np.abs(margins[~flipped & ~np.isnan(margins)]), MARGIN_EDGES)[0].tolist(),
-        },
-    }
-
-
-def _tensor_summary(td: TensorDiff | None, mapping: NameMapping) -> dict[str, Any]:
-    if td is None:
-        return {"compared": 0, "bitexact": 0, "within": 0, "beyond": 0, "by_basis": {}, "unmatched_reference": {},
-                "unmatched_candidate": {}, "mapping": mapping.to_json()}
-    c = td.cols
-    basis = Counter(np.array(["digest", "values", "stats"])[c["basis"]].tolist()) if td.rows else Counter()
-    beyond = ~c["within"]
-    worst = Counter(np.array(td.names, dtype=object)[c["name"][beyond]].tolist()) if beyond.any() else Counter()
-    return {
-        "compared": td.rows,
-        "bitexact": int(c["bitexact"].sum()),
-        "within": int(c["within"].sum()),
-        "beyond": int(beyond.sum()),
-        "by_basis": dict(basis),
-        "beyond_by_name": dict(worst.most_common(20)),
-        "unmatched_reference": dict(sorted(td.unmatched_a.items())[:50]),
-        "unmatched_candidate": dict(sorted(td.unmatched_b.items())[:50]),
-        "mapping": mapping.to_json(),
-    }
-
-
-def _histogram(steps: list[int]) -> dict[str, list]:
-    if not steps:
-        return {"edges": [], "counts": []}
-    hi = max(steps) + 1
-    width = max(1, int(np.ceil(hi / 20)))
-    edges = list(range(0, hi + width, width))
-    counts = np.histogram(steps, edges)[0].tolist()
-    return {"edges": edges, "counts": counts}
-
-
-def _watched_summary(bias: dict[str, list[float]], watched: dict[str, int]) -> dict[str, Any]:
-    out = {}
-    for name, xs in bias.items():
-        if not xs:
-            out[name] = {"id": watched[name], "lost": 0}
-            continue
-        x = np.sort(np.array(xs))
-        out[name] = {
-            "id": watched[name], "lost": int(x.size),
-            "bias_p50": float(np.percentile(x, 50)), "bias_max": float(x.max()),
-            "fixed_by_bias": {f"+{b:g}": int((x < b).sum()) for b in (0.5, 1, 2, 4, 8)},
-        }
-    return out
-
-
-def _steps_table(al: Alignment, dd: DecisionDiff, st: StepStatus, samples: list[str], heads: list[str],
-                 id_to_name: dict[int, str]) -> pa.Table:
-    cols = {
-        "sample": pa.DictionaryArray.from_arrays(pa.array(al.sample, pa.int32()), pa.array(samples or [""])),
-        "pos": al.pos, "a_step": al.a_step, "b_step": al.b_step,
-        "head": pa.DictionaryArray.from_arrays(pa.array(al.head, pa.int32()), pa.array(heads or [""])),
-        "gap": al.gap,
-        "verdict": pa.DictionaryArray.from_arrays(pa.array(st.verdict.astype(np.int32)), pa.array(list(VERDICTS))),
-        "after": st.after, "a_token": dd.a_tok, "b_token": dd.b_tok, "a_chosen": dd.a_chosen, "b_chosen": dd.b_chosen,
-        "a_margin": dd.a_margin, "b_margin": dd.b_margin, "a_rank_of_b": dd.a_rank_of_b, "b_rank_of_a": dd.b_rank_of_a,
-        "a_gap": dd.a_gap, "b_gap": dd.b_gap, "epsilon": dd.epsilon, "logit_diff": dd.logit_diff, "kld": dd.kld,
-        "dp": dd.dp, "tensors": st.t_count, "tensor_beyond": st.t_fail, "first_beyond": st.t_first,
-    }
-    for tok, w in dd.watched.items():
-        name = id_to_name.get(tok, str(tok))
-        for k in ("a_rank", "b_rank", "b_lost_by", "b_bias"):
-            cols[f"{name}_{k}"] = w[k]
-    return pa.table({k: (v if isinstance(v, pa.Array) else pa.array(v)) for k, v in cols.items()})

@@ -114,17 +114,20 @@ def judge_rows(al: Alignment, dd: DecisionDiff, t_fail: np.ndarray, t_first: np.
 def _after(sample: np.ndarray, pos: np.ndarray, event: np.ndarray) -> np.ndarray:
     """True for rows of a (sample, pos) group that follows a group with an event in its sample.
 
-    Rows must be sorted by (sample, pos).
+    Rows must be sorted by (sample, pos): a row is after an event when its position is beyond
+    the position of its sample's first event row.
     """
     n = sample.size
     if n == 0:
         return np.zeros(0, bool)
-    newg = np.r_[True, (sample[1:] != sample[:-1]) | (pos[1:] != pos[:-1])]
-    starts = np.flatnonzero(newg)
-    gid = np.cumsum(newg) - 1
-    ev_g = np.logical_or.reduceat(event, starts).astype(np.int64)
-    excl = np.cumsum(ev_g) - ev_g
-    g_sample = sample[starts]
-    news = np.r_[True, g_sample[1:] != g_sample[:-1]]
-    base = np.maximum.accumulate(np.where(news, excl, 0))
-    return (excl - base > 0)[gid]
+    ev = np.flatnonzero(event)
+    if not ev.size:
+        return np.zeros(n, bool)
+    lo = int(sample.min())
+    if lo < 0:
+        sample = sample - lo
+    ev_sample = sample[ev]
+    first = np.r_[True, ev_sample[1:] != ev_sample[:-1]]  # each sample's first event row
+    first_pos = np.full(int(sample.max()) + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    first_pos[ev_sample[first]] = pos[ev[first]]
+    return pos > first_pos[sample]
