@@ -48,7 +48,12 @@ def tensors_batch(rows: list[tuple]) -> pa.RecordBatch:
 def values_batch(rows: list[tuple[str, bytes]]) -> pa.RecordBatch:
     """Build a values record batch from (encoding, payload) pairs."""
     enc, data = zip(*rows)
-    return pa.RecordBatch.from_arrays([pa.array(enc, pa.utf8()), pa.array(data, pa.large_binary())], schema=VALUES)
+    if len(data) == 1:  # the writer's case: wrap the payload without copying it
+        offsets = pa.py_buffer(np.array([0, len(data[0])], dtype=np.int64))
+        binary = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data[0])])
+    else:
+        binary = pa.array(data, pa.large_binary())
+    return pa.RecordBatch.from_arrays([pa.array(enc, pa.utf8()), binary], schema=VALUES)
 
 
 def write_vocab(path: Path, vocab: Sequence[str] | Mapping[int, str]) -> None:

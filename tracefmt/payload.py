@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,15 +44,33 @@ def digest(buf: memoryview | bytes) -> bytes:
     return hashlib.sha256(buf).digest()[:DIGEST_BYTES]
 
 
-def _as_numbers(a: np.ndarray, name: str) -> np.ndarray:
-    """View canonical bytes of dtype ``name`` as numbers numpy can reduce."""
+def _as_float64(flat: np.ndarray, name: str) -> np.ndarray:
+    """The elements of a canonical array as float64 (rare path: huge values)."""
     if name == "bfloat16":
-        return widen_bfloat16(a)
-    if name == "float16":  # exact widening; numpy's float16 reductions are emulated and ~5x slower
-        return a.astype(np.float32)
+        return widen_bfloat16(flat).astype(np.float64)
+    return flat.astype(np.float64)
+
+
+_CHUNK = 1 << 18  # elements per pass: each statistic reads a cache-sized chunk, not the whole tensor
+_scratch = threading.local()
+
+
+def _widened(c: np.ndarray, name: str) -> np.ndarray:
+    """Return chunk ``c`` as numbers numpy reduces natively (float16/bfloat16 widened exactly to
+    float32 in a reused per-thread buffer: fresh memory is slow to touch)."""
     if name == "bool":
-        return a.view(np.uint8)
-    return a
+        return c.view(np.uint8)
+    if name not in ("float16", "bfloat16"):
+        return c
+    buf = getattr(_scratch, "f32", None)
+    if buf is None:
+        buf = _scratch.f32 = np.empty(_CHUNK, np.float32)
+    out = buf[: c.size]
+    if name == "float16":
+        np.copyto(out, c, casting="unsafe")
+    else:
+        np.left_shift(c, 16, out=out.view(np.uint32), dtype=np.uint32)
+    return out
 
 
 def compute_stats(a: np.ndarray, name: str) -> TensorStats:
@@ -71,32 +90,38 @@ def compute_stats(a: np.ndarray, name: str) -> TensorStats:
     n = int(a.size)
     if n == 0:
         return TensorStats(0, None, None, None, None, None, 0.0, 0, 0)
-    flat = _as_numbers(a, name).reshape(-1)
-    nan_count = inf_count = 0
+    flat = a.reshape(-1)
+    is_float = DTYPES[name][1] == "f"
+    lo, hi, total, sumsq, count, nan_count, inf_count = math.inf, -math.inf, 0.0, 0.0, 0, 0, 0
     with np.errstate(invalid="ignore", over="ignore"):  # +inf + -inf, overflow: handled below
-        total = float(np.add.reduce(flat, dtype=np.float64))
-    if not math.isfinite(total) and DTYPES[name][1] == "f":
-        nan_mask = np.isnan(flat)
-        inf_mask = np.isinf(flat)
-        nan_count = int(np.count_nonzero(nan_mask))
-        inf_count = int(np.count_nonzero(inf_mask))
-        if nan_count or inf_count:
-            flat = flat[~(nan_mask | inf_mask)]
-            total = float(np.add.reduce(flat, dtype=np.float64))
-    count = int(flat.size)
+        for start in range(0, n, _CHUNK):
+            c = _widened(flat[start : start + _CHUNK], name)
+            s = float(np.add.reduce(c, dtype=np.float64))
+            if is_float and not math.isfinite(s):
+                bad = ~np.isfinite(c)
+                nans = int(np.count_nonzero(np.isnan(c)))
+                nan_count += nans
+                inf_count += int(np.count_nonzero(bad)) - nans
+                c = c[~bad]
+                if not c.size:
+                    continue
+                s = float(np.add.reduce(c, dtype=np.float64))
+            lo = min(lo, float(c.min()))
+            hi = max(hi, float(c.max()))
+            total += s
+            # einsum accumulates in float64 without a float64 copy and without BLAS (whose
+            # threads thrash on a busy machine: 30x slower here under load)
+            sumsq += float(np.einsum("i,i->", c, c, dtype=np.float64))
+            count += int(c.size)
     if count == 0:
         return TensorStats(n, None, None, None, None, None, None, nan_count, inf_count)
-    lo = float(flat.min())
-    hi = float(flat.max())
     abs_max = max(abs(lo), abs(hi))
     scale = 1.0
-    if abs_max > 1e150:  # scale huge values so that float64 sums of squares cannot overflow
+    if abs_max > 1e150:  # huge values: redo the sums scaled, so squares cannot overflow float64
         scale = abs_max
-        flat = flat.astype(np.float64) / scale
-        total = float(flat.sum())
-    # einsum accumulates in float64 without a float64 copy and without BLAS (whose threads
-    # thrash on a busy machine: 30x slower here under load).
-    sumsq = float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+        x = _as_float64(flat, name) / scale
+        x = x[np.isfinite(x)]
+        total, sumsq = float(x.sum()), float(np.einsum("i,i->", x, x))
     mean = total / count
     var = max(sumsq / count - mean * mean, 0.0)
     return TensorStats(
