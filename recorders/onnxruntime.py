@@ -434,3 +434,88 @@ def quantize_dynamic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[st
         root.setLevel(level)
     return dst
 # ------------------------------------------------------------------- end quantize_dynamic_copy
+
+
+# =====================================================================================================
+# Session patching for `trace record` (recorders/script.py). Appended section: the code above is
+# unchanged. The only onnxruntime calls the script recorder makes.
+# =====================================================================================================
+def session_defaults(session: ort.InferenceSession) -> dict[str, str | None]:
+    """Return the metadata defaults of a run of ``session`` (as :class:`OrtRecorder` fills them).
+
+    Args:
+        session: an open session.
+
+    Returns:
+        ``{"runtime": "onnxruntime", "runtime_version", "device", "model", "precision"}``.
+    """
+    path = getattr(session, "_model_path", None) or None
+    precision = None
+    if path is not None:
+        try:
+            precision = _precision(_load(path, weights=False))
+        except RecorderUsageError:
+            precision = None  # the file went away since the session was opened: precision unknown
+    return {"runtime": "onnxruntime", "runtime_version": ort.__version__,
+            "device": session.get_providers()[0].removesuffix("ExecutionProvider").lower(),
+            "model": str(path) if path is not None else None, "precision": precision}
+
+
+def session_topology(session: ort.InferenceSession) -> dict[str, tuple[int, str]]:
+    """Value name -> (topological index, producing node) of the session's model; empty when the
+    session was opened from bytes or its file cannot be read (order then follows the outputs).
+
+    Args:
+        session: an open session.
+
+    Returns:
+        The mapping (graph inputs and initializers at index -1).
+    """
+    path = getattr(session, "_model_path", None) or None
+    if path is None:
+        return {}
+    try:
+        return _producers(_load(path, weights=False).graph)
+    except RecorderUsageError:
+        return {}
+
+
+def patch_sessions(on_run: Any) -> Any:
+    """Route ``run()`` of every ``InferenceSession`` created from now on through ``on_run``.
+
+    ``on_run(session, output_names, input_feed, run)`` must return what ``run()`` returns;
+    ``run(names)`` runs the session for the output ``names`` with the caller's feed and run
+    options. Sessions created before the patch run as before; ``run_with_iobinding`` and
+    ``run_with_ort_values`` are not routed.
+
+    Args:
+        on_run: the callback.
+
+    Returns:
+        A function that restores ``InferenceSession.__init__`` and ``run``.
+    """
+    import functools
+    import weakref
+
+    cls = ort.InferenceSession
+    orig_init, orig_run = cls.__init__, cls.run
+    created: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    @functools.wraps(orig_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        orig_init(self, *args, **kwargs)
+        created.add(self)
+
+    @functools.wraps(orig_run)
+    def run(self: Any, output_names: Any, input_feed: Any, run_options: Any = None) -> Any:
+        if self not in created:
+            return orig_run(self, output_names, input_feed, run_options)
+        return on_run(self, output_names, input_feed, lambda names: orig_run(self, names, input_feed, run_options))
+
+    cls.__init__, cls.run = __init__, run  # type: ignore[method-assign]
+
+    def restore() -> None:
+        cls.__init__, cls.run = orig_init, orig_run  # type: ignore[method-assign]
+
+    return restore
+# ---------------------------------------------------------------------- end session patching

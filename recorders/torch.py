@@ -414,3 +414,135 @@ class TorchRecorder(Recorder):
             h.remove()
         self._handles.clear()
         return super().close()
+
+
+# =====================================================================================================
+# Helpers for the Hugging Face recorder (recorders/hf.py) and `trace record` (recorders/script.py).
+# Appended section: the code above is unchanged. These are the only torch calls those modules make.
+# =====================================================================================================
+def torch_defaults(model: Any | None = None) -> dict[str, str | None]:
+    """Return the metadata defaults of a torch run (as :class:`TorchRecorder` fills them).
+
+    Args:
+        model: a module whose first parameter gives ``device`` and ``precision``; None for
+            ``runtime`` and ``runtime_version`` only.
+
+    Returns:
+        ``{"runtime": "torch", "runtime_version": ..., "device": ..., "precision": ...}``.
+    """
+    out: dict[str, str | None] = {"runtime": "torch", "runtime_version": torch.__version__}
+    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    if param is not None:
+        out.update(device=str(param.device), precision=_PRECISION.get(param.dtype))
+    return out
+
+
+def is_module(x: object) -> bool:
+    """Return whether ``x`` is a ``torch.nn.Module``."""
+    return isinstance(x, torch.nn.Module)
+
+
+def install_global_hooks(pre: Any, post: Any) -> Any:
+    """Call ``pre(module)`` before and ``post(module, output)`` after every module call anywhere
+    (``torch.nn.modules.module.register_module_forward_pre_hook`` / ``..._forward_hook``).
+
+    ``post`` also runs when the forward raised (``always_call=True``; ``output`` is then None)
+    and may return a replacement output (None keeps the module's own). Calls made while torch
+    traces or compiles (``torch.onnx.export``, ``torch.jit.trace``, ``torch.compile``) are skipped.
+
+    Args:
+        pre: called with the module before its forward.
+        post: called with the module and its output; returns None or the output to use.
+
+    Returns:
+        A function that removes both hooks.
+    """
+    hooks = torch.nn.modules.module
+    tracing = torch.jit.is_tracing
+    compiling = torch.compiler.is_compiling
+
+    def on_pre(module: torch.nn.Module, _args: Any) -> None:
+        if not (tracing() or compiling()):  # torch.onnx.export / jit.trace / torch.compile: not a run
+            pre(module)
+
+    def on_post(module: torch.nn.Module, _args: Any, output: Any) -> Any:
+        return None if tracing() or compiling() else post(module, output)
+
+    h_pre = hooks.register_module_forward_pre_hook(on_pre)
+    h_post = hooks.register_module_forward_hook(on_post, always_call=True)
+
+    def remove() -> None:
+        h_pre.remove()
+        h_post.remove()
+
+    return remove
+
+
+def tensor_to_host(t: torch.Tensor, *, device_stats: bool | None = None) -> tuple[np.ndarray | HostCopy, str]:
+    """Host data of a tensor, as :meth:`TorchRecorder.to_host` makes it (CPU: a clone viewed as
+    numpy, bfloat16 as uint16 bits; other devices, or ``device_stats=True``: a :class:`TorchCopy`).
+
+    Args:
+        t: the tensor.
+        device_stats: reduce statistics on the tensor's device; None: for non-CPU tensors.
+
+    Returns:
+        ``(host data, SPEC.md dtype)``.
+
+    Raises:
+        UnsupportedDtypeError: complex, quantized, sparse or float8 tensors.
+    """
+    dt = _spec_dtype(t)
+    if device_stats or (device_stats is None and t.device.type != "cpu"):
+        return TorchCopy(t, dt), dt
+    c = t.detach().clone(memory_format=torch.contiguous_format)
+    if dt == "bfloat16":
+        return c.view(torch.int16).numpy().view(np.uint16), dt
+    return c.numpy(), dt
+
+
+def _kept(values: torch.Tensor) -> torch.Tensor:
+    """The forced tokens' own scores where finite, 0 where masked (-inf) or NaN."""
+    return torch.where(values.isfinite(), values, torch.zeros_like(values))
+
+
+def force_rows(scores: torch.Tensor, rows: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+    """Return a copy of 2-d ``scores`` where each row in ``rows`` is -inf except at its token
+    (teacher forcing of Hugging Face scores: argmax and sampling both pick the token).
+
+    The forced token keeps its own score (0 where it was -inf or NaN); other rows are unchanged.
+
+    Args:
+        scores: ``(batch, vocabulary)`` scores.
+        rows: the row indices to force.
+        tokens: the token of each forced row.
+
+    Returns:
+        The new scores tensor.
+    """
+    out = scores.detach().clone()
+    r = torch.tensor(list(rows), dtype=torch.long, device=scores.device)
+    tok = torch.tensor(list(tokens), dtype=torch.long, device=scores.device)
+    keep = _kept(scores[r, tok])
+    out[r] = float("-inf")
+    out[r, tok] = keep
+    return out
+
+
+def peak_at(t: torch.Tensor, index: tuple[int, ...], token: int) -> torch.Tensor:
+    """Return a copy of ``t`` whose vector ``t[index]`` is -inf except at ``token`` (teacher
+    forcing in ``trace record``: the script's argmax or sampling picks ``token``).
+
+    Args:
+        t: floating-point logits, ``[..., vocabulary]``.
+        index: the leading indices of the decided vector (``(0, -1)`` for ``[1, T, V]``).
+        token: the id to force.
+
+    Returns:
+        The new tensor (same dtype, device and shape).
+    """
+    out = t.detach().clone()
+    keep = _kept(t[index + (token,)].detach())
+    out[index] = float("-inf")
+    out[index + (token,)] = keep
+    return out

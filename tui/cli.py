@@ -46,10 +46,14 @@ def exit_code(outcome: HasMismatch | None = None, error: BaseException | None = 
         error: the exception it raised, if any.
 
     Returns:
-        0 ok/equivalent, 1 mismatch, 2 usage or format error (every TraceError), 130 interrupted.
+        0 ok/equivalent, 1 mismatch, 2 usage or format error (every TraceError), 130 interrupted;
+        ``trace record`` passes on the exit status of a recorded script that failed.
     """
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
+    status = getattr(outcome, "exit_status", 0) if error is None else 0
+    if status:
+        return int(status)
     if error is not None:
         return EXIT_ERROR
     if outcome is not None and outcome.mismatch:
@@ -208,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import diffcmd
 
     diffcmd.add_parser(sub).set_defaults(func=diffcmd.run)
+
+    from . import recordcmd
+
+    recordcmd.add_parser(sub).set_defaults(func=recordcmd.run)
 
     from . import viewcmd  # argparse only: textual is imported when `view` runs
 

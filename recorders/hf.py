@@ -1,0 +1,420 @@
+"""Hugging Face ``generate`` recorder: every step's decision of every sequence of the batch,
+each sequence its own sample. The only module of steptrace that imports transformers; torch
+calls go through :mod:`recorders.torch` helpers (scores are handled as torch tensors
+duck-typed).
+
+    out = record_generate(model, "cand.trace", input_ids=ids, attention_mask=mask,
+                          max_new_tokens=32, use_cache=False, samples=["a", "b", "c"]).output
+
+    with GenerateRecorder("cand.trace", model, tokenizer=tok, reference="ref.trace") as rec:
+        out = rec.generate(input_ids=ids, max_new_tokens=32)     # teacher-forced by ref.trace
+
+How it hooks in: a :class:`StepTraceLogitsProcessor`, appended after generate's own processors,
+sees the scores of step *t* (what greedy search takes the argmax of; possibly masked to -inf by
+processors such as ``min_new_tokens`` or ``suppress_tokens``, which SPEC.md §3.2 handles), keeps
+a copy and returns them (teacher forcing: masked to -inf except the reference's token). With
+``do_sample=True`` generate applies its sampling warpers (temperature, top-k, top-p) after every
+processor, so the recorded scores are the model's processed logits before them. A
+:class:`StepTraceStoppingCriteria` runs after the token is appended and writes step *t*'s
+decisions with ``chosen`` = the token generate actually appended (sampling included). A
+sequence is recorded up to and including its first EOS (``model.generation_config.eos_token_id``,
+watched as ``eos``); the padding generate appends after it is not recorded.
+
+Not supported: beam search (``num_beams > 1``: beams are reordered at every step, so a row of
+the scores is not one sequence — refused with :class:`GenerationModeError`), assisted and
+prompt-lookup decoding (several tokens per step; refused likewise). On MPS, generate may run one
+extra step past ``max_new_tokens`` and drop it afterwards; that step stays in the trace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import transformers
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from tracefmt import WriteSummary
+
+from .capture import HostCopy, Recorder
+from .decisions import decide_rows, is_torch_tensor
+from .errors import RecorderUsageError
+from .torch import force_rows, tensor_to_host, torch_defaults
+
+__all__ = [
+    "GenerateRecorder",
+    "GenerateRecording",
+    "GenerationModeError",
+    "StepTraceLogitsProcessor",
+    "StepTraceStoppingCriteria",
+    "record_generate",
+]
+
+_REFUSED = {"assistant_model": "assisted decoding", "prompt_lookup_num_tokens": "prompt-lookup decoding",
+            "assistant_early_exit": "self-speculative decoding"}
+
+
+class GenerationModeError(RecorderUsageError):
+    """``generate`` was asked for a decoding mode whose score rows are not one sequence each
+    (beam search, assisted or prompt-lookup decoding)."""
+
+
+def _eos_ids(model: Any) -> list[int]:
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _pieces(tokenizer: Any) -> list[str]:
+    """Decoded text of every id of a Hugging Face tokenizer (one id at a time, as ``piece``)."""
+    n = len(tokenizer)
+    return list(tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False))
+
+
+def _check_mode(model: Any, kwargs: Mapping[str, Any]) -> None:
+    """Refuse decoding modes whose score rows are not one sequence each.
+
+    Raises:
+        GenerationModeError: beam search, assisted or prompt-lookup decoding.
+    """
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    if beams > 1:
+        raise GenerationModeError(
+            f"beam search (num_beams={beams}) cannot be recorded: beams are reordered at every step, so a row "
+            "of the scores is not one sequence. Record greedy or sampled decoding (num_beams=1), or record "
+            "the chosen beam's tokens with a TorchRecorder and teacher forcing"
+        )
+    for key, what in _REFUSED.items():
+        if kwargs.get(key) is not None or getattr(config, key, None) is not None:
+            raise GenerationModeError(f"{what} ({key}) cannot be recorded: it scores several tokens per step; "
+                                      "record plain greedy or sampled decoding")
+
+
+class GenerateRecorder(Recorder):
+    """Records the decisions of Hugging Face ``generate`` calls, one sample per sequence.
+
+    Args:
+        trace: the trace directory to write.
+        model: the generating model (a ``transformers`` model with ``generation_config``).
+        tokenizer: a tokenizer whose decoded ids fill the vocabulary and each decision's
+            ``piece``; None for no pieces (or pass ``vocab=``).
+        prefix: default sample ids are ``f"{prefix}{n}"``, ``n`` counting sequences over every
+            :meth:`generate` call of this recorder.
+        **options: :class:`recorders.capture.Recorder` options (``reference`` for teacher
+            forcing, ``policy`` — ``{"logits:token": "stats"}`` records each step's scores —,
+            ``k``, ``watched``, ``metadata``, ``vocab``, ``mode``, ``writer_options``, ``tags``).
+            EOS ids of ``model.generation_config`` are watched as ``eos`` (``eos.1``, ... for
+            more) unless ``watched`` names them.
+
+    Raises:
+        RecorderUsageError: a bad option.
+        TraceExistsError: a trace exists at ``trace`` and ``mode="create"``.
+        TraceNotFoundError: the reference trace does not exist.
+    """
+
+    def __init__(
+        self,
+        trace: str | os.PathLike[str],
+        model: Any,
+        *,
+        tokenizer: Any = None,
+        prefix: str = "",
+        **options: Any,
+    ) -> None:
+        if not isinstance(prefix, str):
+            raise RecorderUsageError(f"prefix must be a string, got {prefix!r}")
+        self.model = model
+        self.eos = _eos_ids(model)
+        watched = dict(options.pop("watched", None) or {})
+        for i, e in enumerate(self.eos):
+            if e not in watched.values():
+                watched["eos" if i == 0 else f"eos.{i}"] = e
+        if tokenizer is not None and options.get("vocab") is None:
+            options["vocab"] = _pieces(tokenizer)
+        config = getattr(model, "config", None)
+        defaults = {**torch_defaults(model), "model": getattr(config, "name_or_path", None) or type(model).__name__}
+        defaults.update(options.pop("defaults", None) or {})
+        tags = {"transformers.version": transformers.__version__,
+                "transformers.model_type": str(getattr(config, "model_type", None)),
+                **dict(options.pop("tags", None) or {})}
+        super().__init__(trace, watched=watched, defaults=defaults, tags=tags, **options)
+        self.prefix = prefix
+        self.last_samples: list[str] = []
+        self._count = 0
+        self._live: list[StepTraceLogitsProcessor] = []
+
+    def to_host(self, value: Any, dtype: str | None) -> tuple[np.ndarray | HostCopy, str | None]:
+        """Host data of a torch tensor (scores recorded as ``logits:<head>``) or of anything
+        :meth:`recorders.capture.Recorder.to_host` accepts.
+
+        Raises:
+            UnsupportedDtypeError: a tensor dtype SPEC.md does not define.
+        """
+        if is_torch_tensor(value):
+            return tensor_to_host(value)
+        return super().to_host(value, dtype)
+
+    def processors(
+        self, *, samples: Sequence[str] | None = None, head: str = "token"
+    ) -> tuple[StepTraceLogitsProcessor, StepTraceStoppingCriteria]:
+        """Return a fresh logits processor and stopping criteria for one ``generate`` call.
+
+        Pass them to ``generate`` as ``logits_processor=LogitsProcessorList([proc])`` and
+        ``stopping_criteria=StoppingCriteriaList([crit])`` (or use :meth:`generate`). Without the
+        criteria each step is written at the next step, and the last one at :meth:`close` with
+        ``chosen`` = the argmax (exact for greedy decoding only).
+
+        Args:
+            samples: one sample id per row of the scores (batch × ``num_return_sequences``);
+                None: ``f"{prefix}{n}"``.
+            head: the decision head.
+
+        Returns:
+            ``(processor, criteria)``.
+        """
+        proc = StepTraceLogitsProcessor(self, samples=samples, head=head)
+        return proc, StepTraceStoppingCriteria(proc)
+
+    def _take_ids(self, rows: int) -> list[str]:
+        ids = [f"{self.prefix}{self._count + i}" for i in range(rows)]
+        self._count += rows
+        return ids
+
+    def generate(self, *args: Any, samples: Sequence[str] | None = None, head: str = "token", **kwargs: Any) -> Any:
+        """Call ``model.generate(*args, **kwargs)`` with this recorder's processor and criteria
+        appended to any given; every step of every sequence is recorded.
+
+        Args:
+            *args: passed to ``generate``.
+            samples: one sample id per sequence (batch × ``num_return_sequences``); None:
+                ``f"{prefix}{n}"``.
+            head: the decision head.
+            **kwargs: passed to ``generate``.
+
+        Returns:
+            What ``generate`` returns.
+
+        Raises:
+            GenerationModeError: beam search, assisted or prompt-lookup decoding.
+            RecorderUsageError: ``samples`` does not hold one id per sequence.
+            ReferenceNotFoundError: teacher forcing past the reference's last step.
+        """
+        _check_mode(self.model, kwargs)
+        proc, crit = self.processors(samples=samples, head=head)
+        kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), proc])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), crit])
+        try:
+            out = self.model.generate(*args, **kwargs)
+        except BaseException:
+            proc.discard()  # the pending step's token was never appended
+            raise
+        proc.finish()
+        self.last_samples = list(proc.samples or [])
+        return out
+
+    def close(self) -> WriteSummary:
+        """Write steps still pending (see :meth:`processors`), then close the trace.
+
+        Returns:
+            The writer's :class:`tracefmt.WriteSummary`.
+        """
+        if not self._closed:
+            for proc in list(self._live):
+                proc.finish()
+        return super().close()
+
+
+class StepTraceLogitsProcessor(LogitsProcessor):
+    """A ``LogitsProcessor`` recording each step's scores as decisions, one sample per row.
+
+    Keep it after your own processors (as :meth:`GenerateRecorder.generate` does) so the
+    recorded scores are the ones greedy search takes the argmax of. Under teacher forcing it returns
+    the scores masked to -inf except the reference's token (recording ``forced=true``, the
+    token as ``chosen`` and the run's own ``argmax`` and ranks).
+
+    Args:
+        recorder: the :class:`GenerateRecorder` writing the trace.
+        samples: one sample id per row; None: the recorder's ``f"{prefix}{n}"``.
+        head: the decision head.
+
+    Raises:
+        RecorderUsageError: ``samples`` holds duplicates or non-strings.
+    """
+
+    def __init__(self, recorder: GenerateRecorder, *, samples: Sequence[str] | None = None, head: str = "token") -> None:
+        if samples is not None:
+            samples = list(samples)
+            if not all(isinstance(s, str) and s for s in samples) or len(set(samples)) != len(samples):
+                raise RecorderUsageError(f"samples must be distinct non-empty strings, got {samples!r}")
+        self.recorder = recorder
+        self.samples = samples
+        self.head = head
+        self._start: int | None = None
+        self._finished: list[bool] = []
+        self._pending: tuple[int, Any, list[int], set[int], list[int]] | None = None
+        recorder._live.append(self)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        """Record step *t*'s scores (written once its token is known); return the scores to use.
+
+        Args:
+            input_ids: ``(rows, length)`` token ids so far.
+            scores: ``(rows, vocabulary)`` processed scores.
+
+        Returns:
+            ``scores``, or under teacher forcing a copy masked to the reference's tokens.
+
+        Raises:
+            RecorderUsageError: the rows do not match ``samples`` (or the first call's rows).
+            ReferenceNotFoundError: teacher forcing past the reference's last step.
+        """
+        rows = int(scores.shape[0])
+        if self._start is None:
+            self._start = int(input_ids.shape[1])
+            if self.samples is None:
+                self.samples = self.recorder._take_ids(rows)
+            self._finished = [False] * len(self.samples)
+        if rows != len(self.samples):
+            raise RecorderUsageError(
+                f"generate scored {rows} rows for {len(self.samples)} samples: give one sample id per sequence "
+                "(batch × num_return_sequences); beam search (num_beams > 1) is not supported"
+            )
+        self._flush(input_ids[:, -1].tolist())
+        step = int(input_ids.shape[1]) - self._start
+        active = [i for i in range(rows) if not self._finished[i]]
+        rec = self.recorder
+        forced: list[int] = []
+        out = scores
+        if rec.teacher_forcing and active:
+            forced = [rec.reference.token(self.samples[i], step, head=self.head) for i in active]  # type: ignore[union-attr]
+            out = force_rows(scores, active, forced)
+        self._pending = (step, scores.detach().clone(), active, set(active) if forced else set(), forced)
+        return out
+
+    def _flush(self, chosen: Sequence[int] | None) -> None:
+        """Write the pending step with ``chosen[i]`` for row i (None: forced token or argmax)."""
+        if self._pending is None:
+            return
+        step, scores, active, forced_rows, forced = self._pending
+        self._pending = None
+        if not active:
+            return
+        rec = self.recorder
+        if chosen is None:
+            chosen_active = forced if forced else [None] * len(active)
+        else:
+            chosen_active = [int(chosen[i]) for i in active]
+        sub = scores if len(active) == scores.shape[0] else scores[active]
+        watched = list(rec.metadata.watched.values()) if self.head == rec.metadata.vocab_head else []
+        decisions = decide_rows(sub, k=rec.k, chosen=chosen_active, watched=watched)
+        keep_logits = rec.policy.mode(f"logits:{self.head}") != "none"
+        eos = set(rec.eos)
+        for j, (i, d) in enumerate(zip(active, decisions)):
+            with rec.step(sample=self.samples[i], index=step):  # type: ignore[index]
+                rec.record_decision(d, head=self.head, forced=i in forced_rows)
+                if keep_logits:
+                    rec.record(f"logits:{self.head}", sub[j], source="generate scores")
+            if d.chosen in eos:
+                self._finished[i] = True
+
+    def finish(self) -> None:
+        """Write a step still pending (the last one when no :class:`StepTraceStoppingCriteria`
+        ran): ``chosen`` is the forced token or the argmax (exact for greedy decoding)."""
+        self._flush(None)
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop a pending step without writing it (generate failed before using its token)."""
+        self._pending = None
+        if self in self.recorder._live:
+            self.recorder._live.remove(self)
+
+
+class StepTraceStoppingCriteria(StoppingCriteria):
+    """Writes the pending step of a :class:`StepTraceLogitsProcessor` once generate has appended
+    its tokens, so ``chosen`` is the token used (sampled or greedy). Never stops generation.
+
+    Args:
+        processor: the processor of the same ``generate`` call.
+    """
+
+    def __init__(self, processor: StepTraceLogitsProcessor) -> None:
+        self.processor = processor
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        """Write the step whose tokens were just appended; return "not done" for every row."""
+        self.processor._flush(input_ids[:, -1].tolist())
+        return input_ids[:, -1] < 0  # token ids are never negative: all False, a bool tensor
+
+
+@dataclass
+class GenerateRecording:
+    """What :func:`record_generate` produced.
+
+    Attributes:
+        output: what ``generate`` returned (token ids, or a ``GenerateOutput``).
+        summary: the closed trace's :class:`tracefmt.WriteSummary`.
+        samples: the sample id of each sequence, in row order.
+    """
+
+    output: Any
+    summary: WriteSummary
+    samples: list[str]
+
+
+def _simple(kwargs: Mapping[str, Any]) -> str:
+    """The JSON-simple generate options (flags, lengths, temperatures) for the trace's tags."""
+    simple = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str)) or v is None}
+    return json.dumps(simple, sort_keys=True)
+
+
+def record_generate(
+    model: Any,
+    trace: str | os.PathLike[str],
+    *args: Any,
+    samples: Sequence[str] | None = None,
+    prefix: str = "",
+    tokenizer: Any = None,
+    recorder_options: Mapping[str, Any] | None = None,
+    **generate_kwargs: Any,
+) -> GenerateRecording:
+    """Run ``model.generate`` once, recording every step of every sequence into ``trace``.
+
+    Args:
+        model: the ``transformers`` model.
+        trace: the trace directory to write.
+        *args: positional arguments of ``generate`` (the input ids).
+        samples: one sample id per sequence; None: ``f"{prefix}{i}"``.
+        prefix: prefix of the default sample ids.
+        tokenizer: fills ``piece`` and the vocabulary (optional).
+        recorder_options: :class:`GenerateRecorder` options (``reference``, ``policy``, ``k``,
+            ``metadata``, ``mode``, ``vocab``, ...).
+        **generate_kwargs: passed to ``generate`` (``input_ids``, ``attention_mask``,
+            ``max_new_tokens``, ``use_cache``, ``do_sample``, ...); the simple ones are kept in
+            the trace's tag ``transformers.generate``.
+
+    Returns:
+        A :class:`GenerateRecording` (``output``, ``summary``, ``samples``).
+
+    Raises:
+        GenerationModeError: beam search, assisted or prompt-lookup decoding.
+        RecorderUsageError: a bad sample list or option.
+        ReferenceNotFoundError: teacher forcing past the reference's last step.
+        TraceExistsError: a trace exists at ``trace`` (pass ``recorder_options={"mode": "overwrite"}``).
+    """
+    _check_mode(model, generate_kwargs)  # before the trace is created
+    opts = dict(recorder_options or {})
+    opts["tags"] = {"transformers.generate": _simple(generate_kwargs), **dict(opts.get("tags") or {})}
+    with GenerateRecorder(trace, model, tokenizer=tokenizer, prefix=prefix, **opts) as rec:
+        output = rec.generate(*args, samples=samples, **generate_kwargs)
+    return GenerateRecording(output, rec.close(), rec.last_samples)

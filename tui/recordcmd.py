@@ -1,0 +1,165 @@
+"""``trace record -o OUT [options] script.py [args ...]`` (or ``-m module [args ...]``): record an
+unmodified script with :func:`recorders.script.run_script`.
+
+``tui/cli.py`` registers the command with :func:`add_parser` and maps the :class:`RecordOutcome`
+to the exit code: the script's own failure counts as a mismatch (exit 1) until ``exit_code``
+maps ``exit_status`` (then the script's status is the command's); TraceErrors exit 2 and
+Ctrl-C 130 (the trace is closed first). The script's stdout is its own; the progress line,
+the summary and the script's traceback go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.text import Text
+
+from tracefmt.errors import TraceUsageError
+
+HELP = "record an unmodified PyTorch / ONNX Runtime script, step by step"
+DESCRIPTION = """\
+Run a Python script (or -m module) in-process, unmodified, and record it into a trace.
+
+Global torch module hooks and patched ONNX Runtime sessions are installed when the script imports
+torch / onnxruntime. Modules matching --modules (names as named_modules() gives them, relative to
+the outermost module called; that module is named by its class) and ONNX values matching it are
+recorded under --tensors. Each call of the module (or tuple element, e.g. GRULM.0, or ONNX session
+output) matching --logits is a step: its last position's argmax is the decision. The sample id is
+0, or $STEPTRACE_SAMPLE when the script sets it (os.environ[...] = "utt2") before its steps.
+
+--teacher REF cannot change the script's control flow: it replaces the logits the script receives
+by a copy whose decided position is -inf except at the reference's token (forced=true in the trace,
+with the run's own argmax), so a greedy or sampling script follows the reference's tokens.
+
+Ctrl-C, sys.exit and the script's exceptions leave a valid, closed trace; the script's traceback is
+shown and its exit status is reported.
+"""
+EPILOG = """\
+examples:
+  trace record -o ref.trace --logits head --modules '*' decode.py --steps 32
+  trace record -o cand.trace --logits logits --modules '*' --teacher ref.trace decode_onnx.py
+  trace record -o run.trace --logits lm_head -m mypkg.generate --prompt "hello"
+  trace diff ref.trace cand.trace
+docs: docs/recorders_hf_script.md
+"""
+
+
+@dataclass
+class RecordOutcome:
+    """What ``trace record`` did: the script's exit status (``mismatch`` when it failed)."""
+
+    mismatch: bool
+    exit_status: int
+    steps: int
+    path: str
+
+
+def _globs(values: list[str] | None) -> list[str]:
+    """Repeatable, comma-separated globs -> one list."""
+    return [g.strip() for v in values or [] for g in v.split(",") if g.strip()]
+
+
+def _command(args: argparse.Namespace, target: list[str]) -> list[str]:
+    """The command line as the user would type it, for the trace's metadata."""
+    cmd = ["trace", "record", "-o", str(args.output)]
+    cmd += [f"--modules={g}" for g in args.modules or []] + [f"--logits={g}" for g in args.logits or []]
+    cmd += ["--tensors", args.tensors] + (["--teacher", args.teacher] if args.teacher else [])
+    return cmd + (["-m"] if args.module is not None else []) + target
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``record`` with all its options on ``subparsers``; returns the new parser."""
+    p = subparsers.add_parser("record", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              usage="trace record -o OUT [options] (script.py | -m module) [args ...]")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="trace directory to create")
+    p.add_argument("--modules", action="append", metavar="GLOB",
+                   help="record torch modules / ONNX values matching GLOB (repeatable, or comma-separated)")
+    p.add_argument("--logits", action="append", metavar="GLOB",
+                   help="module, output element (NAME.0, NAME.logits) or ONNX output whose last position is "
+                        "decided at each call; each call is a step (repeatable)")
+    p.add_argument("--tensors", choices=["stats", "full", "none"], default="stats",
+                   help="capture of --modules matches: statistics and digest (default), values too, or nothing")
+    p.add_argument("--teacher", metavar="REF", help="reference trace whose tokens the logits are forced to")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing trace at OUT")
+    p.add_argument("--sample", default="0", metavar="ID", help="sample id unless the script sets $STEPTRACE_SAMPLE")
+    p.add_argument("-k", type=int, default=8, help="top-k candidates kept per decision (default 8)")
+    p.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE",
+                   help="run a module as `python -m MODULE [args ...]` does (the rest of the line is its)")
+    p.add_argument("target", nargs=argparse.REMAINDER, metavar="script.py [args ...]",
+                   help="the script and its arguments (after -m: the module's arguments)")
+    return p
+
+
+class _Line:
+    """The progress line: steps recorded and time, redrawn by rich.live on its own thread."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.steps = 0
+        self.t0 = time.monotonic()
+
+    def update(self, steps: int) -> None:
+        self.steps = steps
+
+    def __rich__(self) -> Text:
+        return Text(f"● recording {self.label}: {self.steps:,} steps, {time.monotonic() - self.t0:,.0f} s", style="dim")
+
+
+def run(args: argparse.Namespace) -> RecordOutcome:
+    """Run ``trace record``: the script runs with its own stdout; notes go to stderr.
+
+    Raises:
+        TraceError: a usage error (no script, an existing trace, a missing reference, a
+            --logits glob that decided nothing) or a recording failure (exit 2).
+        KeyboardInterrupt: after Ctrl-C, once the trace is closed (exit 130).
+    """
+    from recorders.script import run_script
+
+    target = list(args.module if args.module is not None else args.target)
+    if target[:1] == ["--"]:
+        target = target[1:]
+    if not target:
+        raise TraceUsageError("give the script to record (trace record -o OUT script.py [args ...]) or -m MODULE")
+    name, script_args = target[0], target[1:]
+    label = f"-m {name}" if args.module is not None else name
+    err = Console(stderr=True, highlight=False)
+    line = _Line(label)
+    live = None
+    if err.is_terminal:
+        from rich.live import Live
+
+        live = Live(line, console=err, refresh_per_second=4, transient=True,
+                    redirect_stdout=sys.stdout.isatty(), redirect_stderr=True)
+        live.start()
+    try:
+        result = run_script(name, script_args, trace=args.output, module=args.module is not None,
+                            modules=_globs(args.modules), logits=_globs(args.logits), tensors=args.tensors,
+                            teacher=args.teacher, overwrite=args.overwrite, sample=args.sample, k=args.k,
+                            command=_command(args, target), progress=line.update)
+    finally:
+        if live is not None:
+            live.stop()
+    if result.traceback:
+        sys.stderr.write(result.traceback if result.traceback.endswith("\n") else result.traceback + "\n")
+    for note in result.notes:
+        err.print(Text.assemble(("note: ", "yellow"), note))
+    s = result.summary
+    err.print(f"recorded {result.steps:,} steps ({s.decisions:,} decisions, {s.tensors:,} tensors, "
+              f"{s.file_bytes / 1e6:,.1f} MB) into {args.output}")
+    if result.interrupted:
+        raise KeyboardInterrupt
+    if result.status:
+        err.print(Text(f"{label} exited with status {result.status}", style="red"))
+    elif result.steps == 0 and _globs(args.logits):
+        seen = ", ".join(result.names[:12]) or "(no module or session was called)"
+        raise TraceUsageError(f"--logits {', '.join(result.unmatched_logits)} matched no module, output element or "
+                              f"session output, so no step was recorded; names seen: {seen}")
+    elif result.unmatched_logits:
+        err.print(Text.assemble(("note: ", "yellow"), f"--logits {', '.join(result.unmatched_logits)} decided nothing"))
+    return RecordOutcome(mismatch=result.status != 0, exit_status=result.status, steps=result.steps,
+                         path=str(args.output))
