@@ -201,7 +201,6 @@ class TraceWriter:
         self._compact_level = compact_level
         self._encoder = Encoder(encoding, zstd_level)  # used by the one encoder thread only
         self._encoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steptrace-encoder")
-        self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steptrace-digest")
         self._fsync = fsync
         self._closed = False
         self._summary: WriteSummary | None = None
@@ -637,9 +636,8 @@ class TraceWriter:
             # that carries the schema), so a reader finds a value without reading every batch.
             for enc, fut in val:  # payloads are compressed on the encoder thread; in order
                 self._files["values"].write(values_batch([(enc, fut.result())]))
-            if ten:  # digests are computed on the digest thread; collect them
-                rows = [r[:9] + (r[9].result() if isinstance(r[9], Future) else r[9],) + r[10:] for r in ten]
-                self._files["tensors"].write(tensors_batch(rows))
+            if ten:
+                self._files["tensors"].write(tensors_batch(ten))
             if dec:
                 self._files["decisions"].write(decisions_batch(dec))
             dec, ten, val = [], [], []
@@ -657,7 +655,6 @@ class TraceWriter:
             if kind == "close":
                 self._guard(flush)
                 self._encoding.shutdown()
-                self._hashing.shutdown()
                 return
             if kind == "flush":
                 self._guard(flush)
@@ -714,11 +711,10 @@ class TraceWriter:
         if kind == "t":
             _, sample, step, name, call, order, source, dt, a, keep, stats, pooled = item
             buf = memoryview(a).cast("B") if a.size else memoryview(b"")
-            # The digest and the compression run on their own threads while this one computes
-            # the stats (SHA-256, zstd and numpy reductions all release the GIL); the queue's
-            # bytes are given back when both are done with the array.
-            dig = self._hashing.submit(digest, buf)
-            jobs = [dig]
+            # Compression runs on the encoder thread while this one computes the stats and the
+            # digest (zstd, SHA-256 and numpy reductions release the GIL; a third thread measured
+            # slower on two cores); the queue's bytes are given back when both are done.
+            jobs: list[Future] = []
             ref = None
             if keep:
                 pending = self._encoding.submit(self._encoder.encode, buf, a.dtype.itemsize)
@@ -730,6 +726,7 @@ class TraceWriter:
             try:
                 if stats is None:
                     stats = compute_stats(a, dt)
+                dig = digest(buf)
             finally:
                 stats_done()
             self._counts["tensor_bytes"] += a.nbytes
