@@ -246,6 +246,8 @@ class Recorder(StepBook):
             else:
                 self._unchecked.append((st.seq, st.key.sample, st.key.index, name, data))
         if mode == "full" and ring is not None:
+            if isinstance(data, np.ndarray):  # held past this call: own a copy (to_host may view)
+                row.data = data.copy()
             ring.hold(row)
         else:
             self._emit(row, mode == "full")
@@ -254,7 +256,7 @@ class Recorder(StepBook):
         if isinstance(row.data, np.ndarray):
             with self._lock:
                 self.writer.add_tensor(row.sample, row.step, row.name, row.data, values=values, source=row.source,
-                                       call=row.call, order=row.order, dtype=row.dtype, copy=False)
+                                       call=row.call, order=row.order, dtype=row.dtype)
         else:
             if self._finisher is None:
                 self._finisher = Finisher(self.writer, self._lock)
