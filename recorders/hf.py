@@ -213,11 +213,13 @@ class GenerateRecorder(Recorder):
         proc, crit = self.processors(samples=samples, head=head)
         kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), proc])
         kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), crit])
+        finished = False
         try:
             out = self.model.generate(*args, **kwargs)
-        except BaseException:
-            proc.discard()  # the pending step's token was never appended
-            raise
+            finished = True
+        finally:
+            if not finished:
+                proc.discard()  # generate failed: the pending step's token was never appended
         proc.finish()
         self.last_samples = list(proc.samples or [])
         return out
