@@ -336,8 +336,8 @@ def _general(A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, a_ids: np.ndarray
     la_b, ra_b = logit_of(a_ids, a_log, bt, A.chosen[ia], A.chosen_logit[ia], A.chosen_rank[ia])
     lb_a, rb_a = logit_of(b_ids, b_log, at, B.chosen[ib], B.chosen_logit[ib], B.chosen_rank[ib])
     a_top, b_top = a_log[0], b_log[0]
-    a_gap, b_gap = a_top - la_b, b_top - lb_a
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"):  # -inf - -inf (masked logits) is NaN: not a near tie
+        a_gap, b_gap = a_top - la_b, b_top - lb_a
         near = (~same) & (ra_b >= 0) & (rb_a >= 0) & (a_gap <= eps) & (b_gap <= eps)
     # logits of ids present in both top-k lists
     b_on_a, has = match(a_ids, b_ids, b_log)
