@@ -1,8 +1,7 @@
 """Exporting a trace to Parquet, and scanning tensor rows together with their value bytes.
 
-:class:`TensorScan` reads each part's tensors file once and fetches every value payload by
-its ``value_ref`` directly (SPEC.md §5.4), in batches bounded in rows and bytes; calling
-:meth:`TraceReader.tensor` per row would scan the whole tensors table for every tensor.
+:class:`TensorScan` walks the tensor rows once, in batches bounded in rows and bytes, and reads
+each row's values by its ``value_ref`` (SPEC.md §5.4) through the reader.
 """
 
 from __future__ import annotations
@@ -15,12 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import TraceCorruptError, TraceExistsError, TraceUsageError, TraceWriteError
-from .ipcfile import ArrowData, read_arrow, unify
+from .errors import TraceExistsError, TraceUsageError, TraceWriteError
 from .metadata import write_json_atomic
-from .payload import decode_values, digest
-from .reader import PartInfo, TraceReader
-from .schema import PARTS_DIR, TENSORS, data_file
+from .reader import TraceReader
+from .schema import TENSORS
 
 #: Columns of a tensor row as :class:`TensorScan` yields them (SPEC.md §4.1 without value_ref).
 TENSOR_COLUMNS = [f.name for f in TENSORS if f.name != "value_ref"]
@@ -42,7 +39,8 @@ def _canonical_bytes(arr: np.ndarray) -> memoryview:
 
 
 class TensorScan:
-    """Every tensor row of a trace with the canonical bytes of its values, part by part.
+    """Every tensor row of a trace with the canonical bytes of its values, part by part, in
+    batches bounded in rows and bytes (values are read through :meth:`TraceReader.tensor_at`).
 
     Args:
         reader: the trace.
@@ -53,24 +51,10 @@ class TensorScan:
 
     def __init__(self, reader: TraceReader) -> None:
         self._reader = reader
-        self._parts: list[tuple[PartInfo, pa.Table]] = []
-        for part in reader.parts:
-            data = self._read(part, "tensors")
-            table = unify(data.table(), "tensors").sort_by(
-                [("sample", "ascending"), ("step", "ascending"), ("order", "ascending")]
-            )
-            self._parts.append((part, table))
-        self.num_rows = sum(t.num_rows for _, t in self._parts)
-
-    def _read(self, part: PartInfo, kind: str) -> ArrowData:
-        path = self._reader.path / PARTS_DIR / data_file(part.id, kind)
-        data = read_arrow(path, kind, allow_partial=not part.complete)
-        if part.complete and kind in part.counts and data.num_rows != part.counts[kind]:
-            raise TraceCorruptError(
-                f"part {part.id}: {kind} file holds {data.num_rows} rows but the part was closed with "
-                f"{part.counts[kind]}; the trace is damaged"
-            )
-        return data
+        self._table = reader._table("tensors").sort_by(
+            [("_part", "ascending"), ("sample", "ascending"), ("step", "ascending"), ("order", "ascending")]
+        )
+        self.num_rows = self._table.num_rows
 
     def batches(
         self, *, max_rows: int = 1024, max_bytes: int = 64 << 20
@@ -92,49 +76,33 @@ class TensorScan:
         """
         if max_rows < 1 or max_bytes < 1:
             raise TraceUsageError("max_rows and max_bytes must be positive")
-        for part, table in self._parts:
-            values: ArrowData | None = None
-            bounds = np.zeros(1, dtype=np.int64)
-            for offset in range(0, table.num_rows, max_rows):
-                chunk = table.slice(offset, max_rows)
-                refs = chunk["value_ref"].to_pylist()
-                if values is None and any(r is not None for r in refs):
-                    values = self._read(part, "values")
-                    bounds = np.cumsum([0] + [b.num_rows for b in values.batches])
-                rows = chunk.select(TENSOR_COLUMNS)
-                keys = rows.select(["sample", "step", "name", "dtype", "shape", "digest"]).to_pylist()
-                data: list[memoryview | None] = []
-                start = used = 0
-                for i, ref in enumerate(refs):
-                    d = None if ref is None else self._payload(part, values, bounds, ref, keys[i])
-                    data.append(d)
-                    used += 0 if d is None else d.nbytes
-                    if used >= max_bytes:
-                        yield rows.slice(start, i + 1 - start), data
-                        data, start, used = [], i + 1, 0
-                if start < len(refs):
-                    yield rows.slice(start), data
+        if any(self._table["value_ref"].is_valid().to_pylist()):
+            self._reader._load("values")  # sets each part's recovered value count
+        for offset in range(0, self.num_rows, max_rows):
+            chunk = self._table.slice(offset, max_rows)
+            rows = chunk.select(TENSOR_COLUMNS)
+            meta = chunk.select(["_part", "value_ref", "sample", "step", "name", "dtype", "shape", "digest"]).to_pylist()
+            data: list[memoryview | None] = []
+            start = used = 0
+            for i, row in enumerate(meta):
+                d = None if row["value_ref"] is None else self._payload(row)
+                data.append(d)
+                used += 0 if d is None else d.nbytes
+                if used >= max_bytes:
+                    yield rows.slice(start, i + 1 - start), data
+                    data, start, used = [], i + 1, 0
+            if start < len(meta):
+                yield rows.slice(start), data
 
-    def _payload(
-        self, part: PartInfo, values: ArrowData | None, bounds: np.ndarray, ref: int, row: dict
-    ) -> memoryview | None:
-        where = f"tensor {row['name']!r} at sample {row['sample']!r} step {row['step']}"
-        if values is None or not 0 <= ref < bounds[-1]:
-            if part.complete:
-                raise TraceCorruptError(f"part {part.id}: {where} points to missing value {ref}; the trace is damaged")
+    def _payload(self, row: dict) -> memoryview | None:
+        part = self._reader.parts[row["_part"]]
+        if not part.complete and row["value_ref"] >= part.recovered.get("values", 0):
             return None  # interrupted recording: its values were never flushed
-        i = int(np.searchsorted(bounds, ref, side="right") - 1)
-        batch = values.batches[i]
-        j = ref - int(bounds[i])
-        payload = batch.column("data")[j].as_buffer()
-        arr = decode_values(
-            memoryview(payload), batch.column("encoding")[j].as_py(), row["dtype"], tuple(row["shape"]),
-            max_bytes=self._reader.max_tensor_bytes,
+        arr = self._reader.tensor_at(
+            row["_part"], row["value_ref"], dtype=row["dtype"], shape=row["shape"], digest=row["digest"],
+            raw_bits=True, where=f"tensor {row['name']!r} at sample {row['sample']!r} step {row['step']}",
         )
-        out = _canonical_bytes(arr)
-        if row["digest"] is not None and digest(out) != row["digest"]:
-            raise TraceCorruptError(f"{where}: values do not match their digest; the trace is damaged")
-        return out
+        return _canonical_bytes(arr)
 
 
 def export_parquet(

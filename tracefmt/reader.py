@@ -11,7 +11,7 @@ import fnmatch
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ from .errors import (
 )
 from .ipcfile import ArrowData, read_arrow, unify
 from .metadata import TraceMetadata, read_manifest
-from .payload import DEFAULT_MAX_TENSOR_BYTES, decode_values, digest
+from .payload import DEFAULT_MAX_TENSOR_BYTES, decode_values
+from .payload import digest as tracefmt_digest
 from .schema import KINDS, PARTS_DIR, data_file
 
 _PART_SUFFIX = ".json"
@@ -354,14 +355,47 @@ class TraceReader:
                 f"tensor {name!r} at sample {sample!r} step {step} was recorded as statistics only; "
                 "record it with values (capture 'full') to read its values"
             )
-        part = row["_part"]
-        enc, data = self._value_payload(part, row["value_ref"])
-        arr = decode_values(data, enc, row["dtype"], tuple(row["shape"]), max_bytes=self.max_tensor_bytes)
-        if verify and row["digest"] is not None and digest(memoryview(arr).cast("B") if arr.size else b"") != row["digest"]:
-            raise TraceCorruptError(
-                f"tensor {name!r} at sample {sample!r} step {step}: values do not match their digest; the trace is damaged"
-            )
-        if row["dtype"] == "bfloat16" and not raw_bits:
+        return self.tensor_at(
+            row["_part"], row["value_ref"], dtype=row["dtype"], shape=row["shape"], digest=row["digest"],
+            raw_bits=raw_bits, verify=verify, where=f"tensor {name!r} at sample {sample!r} step {step}",
+        )
+
+    def tensor_at(
+        self,
+        part: int,
+        value_ref: int,
+        *,
+        dtype: str,
+        shape: Sequence[int],
+        digest: bytes | None = None,
+        raw_bits: bool = False,
+        verify: bool = True,
+        where: str = "tensor",
+        max_bytes: int | None = None,
+    ) -> np.ndarray:
+        """Return the values stored at ``value_ref`` of part number ``part`` (an index into
+        :attr:`parts`), for callers that already hold the tensor rows (exports, viewers).
+
+        Args:
+            part, value_ref: where the values are.
+            dtype, shape, digest: from the tensor row (the digest is checked when given).
+            raw_bits: for bfloat16, return the uint16 bit patterns instead of exact float32.
+            verify: check the values against ``digest``.
+            where: names the tensor in error messages.
+            max_bytes: refuse a tensor larger than this (default: the reader's ``max_tensor_bytes``).
+
+        Returns:
+            A read-only numpy array.
+
+        Raises:
+            TraceCorruptError: the value is missing or damaged, or does not match its digest.
+        """
+        enc, data = self._value_payload(part, value_ref)
+        limit = self.max_tensor_bytes if max_bytes is None else max_bytes
+        arr = decode_values(data, enc, dtype, tuple(shape), max_bytes=limit)
+        if verify and digest is not None and tracefmt_digest(memoryview(arr).cast("B") if arr.size else b"") != digest:
+            raise TraceCorruptError(f"{where}: values do not match their digest; the trace is damaged")
+        if dtype == "bfloat16" and not raw_bits:
             return widen_bfloat16(arr)
         return arr
 

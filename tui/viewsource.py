@@ -16,11 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tracefmt import TraceReader, digest
-from tracefmt.dtypes import widen_bfloat16
+from tracefmt import TraceReader
 from tracefmt.errors import TraceCorruptError, ValuesNotRecordedError
-from tracefmt.payload import decode_values
-from tracefmt.schema import PARTS_DIR, data_file
 
 from .viewindex import BatchCache, DecisionIndex, PartFile, Runs, TensorIndex, codes, open_files
 from .viewvalues import Decision, TensorStat
@@ -72,7 +69,6 @@ class TraceSource:
         self.index: DecisionIndex | None = None
         self._tindex: TensorIndex | None = None
         self._tfiles: list[PartFile | None] | None = None
-        self._vfiles: dict[int, tuple[PartFile, np.ndarray]] = {}
         self._files: list[PartFile | None] = []
         self._vocab: list[str | None] | None = None
         self._lock = threading.Lock()
@@ -326,22 +322,6 @@ class TraceSource:
         """
         if t.value_ref is None:
             raise ValuesNotRecordedError(f"tensor {t.name!r} was recorded as statistics only")
-        with self._lock:
-            if t.part not in self._vfiles:
-                part = self.reader.parts[t.part]
-                f = PartFile(self.reader.path / PARTS_DIR / data_file(part.id, "values"), "values", part.complete)
-                rows = [f.read(i, ("encoding",)).num_rows for i in range(f.num_batches)]
-                self._vfiles[t.part] = (f, np.cumsum([0] + rows))
-            f, bounds = self._vfiles[t.part]
-        ref = t.value_ref
-        if not 0 <= ref < bounds[-1]:
-            raise TraceCorruptError(f"tensor {t.name!r}: value_ref {ref} points past the {bounds[-1]} stored values")
-        i = int(np.searchsorted(bounds, ref, side="right") - 1)
-        batch = f.read(i, ("encoding", "data"))
-        j = ref - int(bounds[i])
-        enc = batch.column(0)[j].as_py()
-        data = batch.column(1)[j].as_buffer()
-        arr = decode_values(memoryview(data), enc, t.dtype, t.shape, max_bytes=PREVIEW_MAX_BYTES)
-        if t.digest is not None and digest(memoryview(arr).cast("B") if arr.size else b"") != t.digest:
-            raise TraceCorruptError(f"tensor {t.name!r}: values do not match their digest; the trace is damaged")
-        return widen_bfloat16(arr) if t.dtype == "bfloat16" else arr
+        with self._lock:  # the reader loads its values files lazily; workers share it
+            return self.reader.tensor_at(t.part, t.value_ref, dtype=t.dtype, shape=t.shape, digest=t.digest,
+                                         where=f"tensor {t.name!r}", max_bytes=PREVIEW_MAX_BYTES)
