@@ -367,16 +367,7 @@ class TorchRecorder(Recorder):
         """
         if not isinstance(value, torch.Tensor):
             return super().to_host(value, dtype)
-        dt = _spec_dtype(value)
-        if self._device_stats or (self._device_stats is None and value.device.type != "cpu"):
-            return TorchCopy(value, dt), dt
-        # A view, not a clone: the writer copies it into a recycled buffer before add_tensor
-        # returns (fresh memory from clone() is ~15x slower to fill), and rows the ring buffer
-        # holds are copied by Recorder.record.
-        c = value.detach()
-        if dt == "bfloat16":
-            return c.view(torch.int16).numpy().view(np.uint16), dt
-        return c.numpy(), dt
+        return tensor_to_host(value, device_stats=self._device_stats)
 
     def _transplant(self, name: str, call: int, out: Any) -> Any:
         if isinstance(out, torch.Tensor):
@@ -483,8 +474,12 @@ def install_global_hooks(pre: Any, post: Any) -> Any:
 
 
 def tensor_to_host(t: torch.Tensor, *, device_stats: bool | None = None) -> tuple[np.ndarray | HostCopy, str]:
-    """Host data of a tensor, as :meth:`TorchRecorder.to_host` makes it (CPU: a clone viewed as
-    numpy, bfloat16 as uint16 bits; other devices, or ``device_stats=True``: a :class:`TorchCopy`).
+    """Host data of a tensor for :meth:`Recorder.record` (CPU: a numpy view, bfloat16 as uint16
+    bits; other devices, or ``device_stats=True``: a :class:`TorchCopy`).
+
+    The CPU view is valid until the model reuses the tensor's memory: ``Recorder.record`` copies it
+    before returning (the writer copies into a recycled buffer, fresh memory from ``clone()`` is
+    ~15x slower to fill; rows the ring buffer holds get their own copy).
 
     Args:
         t: the tensor.
@@ -499,7 +494,7 @@ def tensor_to_host(t: torch.Tensor, *, device_stats: bool | None = None) -> tupl
     dt = _spec_dtype(t)
     if device_stats or (device_stats is None and t.device.type != "cpu"):
         return TorchCopy(t, dt), dt
-    c = t.detach().clone(memory_format=torch.contiguous_format)
+    c = t.detach()
     if dt == "bfloat16":
         return c.view(torch.int16).numpy().view(np.uint16), dt
     return c.numpy(), dt
