@@ -69,7 +69,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from differ import DecisionTolerance, DiffOptions, Policy, diff
+from differ import DiffOptions, Policy, diff
+from examples.parity import tolerance
 from recorders.capture import Recorder
 from recorders.onnxruntime import OrtRecorder, quantize_dynamic_copy
 from recorders.torch import TorchRecorder
@@ -258,16 +259,6 @@ def disagreements(report) -> int:
     t = report.candidates[0].steps_table
     a, b = t.column("a_token").to_numpy(zero_copy_only=False), t.column("b_token").to_numpy(zero_copy_only=False)
     return int((a != b).sum())
-
-
-def tolerance(atol: float | None = None, rtol: float | None = None) -> Policy:
-    """The diff's tolerance policy: the built-in defaults (None), or ``atol``/``rtol`` applied to
-    every tensor and to the logits of every decision head (``|a - b| <= atol + rtol * |a|``)."""
-    if atol is None and rtol is None:
-        return Policy()
-    keys = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
-    policy = Policy(decisions=DecisionTolerance(logit_atol=atol, logit_rtol=rtol), source="command line")
-    return policy.with_overrides(tensor=keys)
 
 
 def verdict_line(label: str, report) -> str:

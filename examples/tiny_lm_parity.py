@@ -42,7 +42,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from differ import DecisionTolerance, DiffOptions, Policy, diff
+from differ import DiffOptions, Policy, diff
+from examples.parity import tolerance
 from examples.tiny_lm import ortlm
 from examples.tiny_lm.decode_torch import greedy
 from examples.tiny_lm.model import load_from_onnx
@@ -126,16 +127,6 @@ def run(out: Path, prompts: list[str], steps: int, *, teacher_forcing: bool = Fa
     record_ort(traces["ort_int8"], int8, prompts, steps, **_options("ort_int8", traces, teacher_forcing))
     options = DiffOptions(policy=policy or Policy())
     return {label: diff(str(traces[a]), [str(traces[b])], options) for label, a, b in PAIRS}
-
-
-def tolerance(atol: float | None = None, rtol: float | None = None) -> Policy:
-    """The diff's tolerance policy: the built-in defaults (None), or ``atol``/``rtol`` applied to
-    every tensor and to the logits of every decision head (``|a - b| <= atol + rtol * |a|``)."""
-    if atol is None and rtol is None:
-        return Policy()
-    keys = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
-    policy = Policy(decisions=DecisionTolerance(logit_atol=atol, logit_rtol=rtol), source="command line")
-    return policy.with_overrides(tensor=keys)
 
 
 def verdict_line(label: str, report) -> str:
