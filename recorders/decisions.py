@@ -160,11 +160,4 @@ def write_decision(
         TraceUsageError: malformed values (the writer names the argument).
         TraceWriteError: the writer's background thread failed earlier.
     """
-    d = decision
-    in_top = bool((d.topk_ids == d.chosen).any())
-    writer.add_decision(
-        sample, step, head=head, chosen=d.chosen, argmax=d.argmax, topk_ids=d.topk_ids,
-        topk_logits=d.topk_logits, margin=d.margin, logsumexp=d.logsumexp, forced=forced,
-        chosen_logit=None if in_top else d.chosen_logit, chosen_rank=None if in_top else d.chosen_rank,
-        watched=d.watched or None, **keys,
-    )
+    writer.add_decided(sample, step, decision, head=head, forced=forced, **keys)

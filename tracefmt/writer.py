@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from .batches import decisions_batch, tensors_batch, values_batch
 from .checks import I32, I64, check_key, opt_float, opt_i32, opt_int, opt_str
-from .decisions import decide
+from .decisions import Decision, decide
 from .dtypes import DTYPES, canonical, dtype_name
 from .errors import TraceError, TraceUsageError, TraceWriteError
 from .ipcfile import ArrowAppender, compact
@@ -424,6 +424,26 @@ class TraceWriter:
         self._queue.put(("D", pa.RecordBatch.from_arrays(arrays, schema=DECISIONS)))
         return n
 
+    def add_decided(self, sample: str, step: int, decision: Decision, *, head: str = "token", **keys: Any) -> None:
+        """Record a :class:`tracefmt.decisions.Decision` (derived from logits here or by a recorder).
+
+        ``chosen_logit`` and ``chosen_rank`` are written only when ``chosen`` is outside the top-k
+        (SPEC.md §3.1 lets readers derive them otherwise).
+
+        Args:
+            sample, step, head: as for :meth:`add_decision`.
+            decision: the derived decision.
+            **keys: forced, piece, frame, chunk, position, emission, time_us.
+        """
+        d = decision
+        in_top = bool((np.asarray(d.topk_ids) == d.chosen).any())
+        self.add_decision(
+            sample, step, head=head, chosen=d.chosen, argmax=d.argmax, topk_ids=d.topk_ids,
+            topk_logits=d.topk_logits, margin=d.margin, logsumexp=d.logsumexp,
+            chosen_logit=None if in_top else d.chosen_logit, chosen_rank=None if in_top else d.chosen_rank,
+            watched=d.watched or None, **keys,
+        )
+
     def add_logits(
         self,
         sample: str,
@@ -455,13 +475,7 @@ class TraceWriter:
         if watched is None:
             watched = list(self.metadata.watched.values()) if head == self.metadata.vocab_head else []
         d = decide(np.asarray(logits), k=k, chosen=chosen, watched=watched)
-        in_top = d.chosen in d.topk_ids
-        self.add_decision(
-            sample, step, head=head, chosen=d.chosen, argmax=d.argmax, topk_ids=d.topk_ids,
-            topk_logits=d.topk_logits, margin=d.margin, logsumexp=d.logsumexp,
-            chosen_logit=None if in_top else d.chosen_logit, chosen_rank=None if in_top else d.chosen_rank,
-            watched=d.watched or None, **keys,
-        )
+        self.add_decided(sample, step, d, head=head, **keys)
         if keep_logits:
             self.add_tensor(sample, step, f"logits:{head}", np.asarray(logits), source="decision")
         return d.chosen
