@@ -89,7 +89,7 @@ def load_side(reader: TraceReader, samples: list[str], heads: list[str], watched
         keep: only these samples (None: all).
     """
     # chosen_logit / chosen_rank are derived here from the dense top-k (cheaper than the reader's)
-    t = reader.decisions(sample=keep, derive=False) if keep is not None else reader.decisions(derive=False)
+    t = reader.decisions(sample=keep, derive=False)
     head_codes = codes(t["head"], heads)
     if (head_codes < 0).any():
         t = t.filter(pa.array(head_codes >= 0))

@@ -20,15 +20,6 @@ VERDICTS = ("identical", "equivalent", "drift", "flip", "divergent", "missing")
 IDENTICAL, EQUIVALENT, DRIFT, FLIP, DIVERGENT, MISSING = range(6)
 
 
-def verdict_code(name: str) -> int:
-    """Return the rank of a verdict name (``"drift"`` -> 2).
-
-    Raises:
-        ValueError: not a verdict name.
-    """
-    return VERDICTS.index(name)
-
-
 @dataclass
 class StepStatus:
     """Per aligned row: tensor status of its step and the resulting verdict.

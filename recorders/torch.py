@@ -432,11 +432,6 @@ def torch_defaults(model: Any | None = None) -> dict[str, str | None]:
     return out
 
 
-def is_module(x: object) -> bool:
-    """Return whether ``x`` is a ``torch.nn.Module``."""
-    return isinstance(x, torch.nn.Module)
-
-
 def install_global_hooks(pre: Any, post: Any) -> Any:
     """Call ``pre(module)`` before and ``post(module, output)`` after every module call anywhere
     (``torch.nn.modules.module.register_module_forward_pre_hook`` / ``..._forward_hook``).

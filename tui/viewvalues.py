@@ -54,11 +54,6 @@ class Decision:
         except ValueError:
             return None
 
-    def gap_to(self, token: int) -> float | None:
-        """Logit of the best token minus that of ``token`` (None when ``token`` is beyond the top-k)."""
-        r = self.rank_of(token)
-        return None if r is None else self.topk_logits[0] - self.topk_logits[r]
-
 
 @dataclass(frozen=True)
 class StepRow:
