@@ -6,6 +6,7 @@ Order: larger logit first; equal logits by smaller id; NaN after every number (e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -77,13 +78,19 @@ def decide(
     """
     if np.ndim(logits) != 1:
         raise TraceUsageError(f"logits must be 1-d, got shape {np.shape(logits)}; pass the last position only")
-    x = np.asarray(logits, dtype=np.float64)
+    x = np.asarray(logits)
     v = x.size
     if v < 2:
         raise TraceUsageError(f"logits hold {v} entries; a decision needs at least 2")
     if k < 2:
         raise TraceUsageError(f"k={k}: SPEC.md needs at least the top 2 candidates")
     k = min(k, v)
+    watched = [int(t) for t in watched]
+    if x.dtype in (np.float32, np.float64):
+        am = int(x.argmax())  # numpy's argmax stops at the first NaN: no NaN anywhere if x[am] is a number
+        if x[am] == x[am]:
+            return _decide_numbers(x, k, am, chosen, watched)
+    x = x.astype(np.float64)
     nan = np.isnan(x)
     key = np.where(nan, -np.inf, x)
     kth = np.partition(key, v - k)[v - k]
@@ -111,3 +118,58 @@ def decide(
             {"id": int(t), "logit": float(np.float32(x[t])), "rank": rank_of(x, nan, int(t))} for t in watched
         ],
     )
+
+
+def _decide_numbers(x: np.ndarray, k: int, am: int, chosen: int | None, watched: list[int]) -> Decision:
+    """:func:`decide` for float32/float64 logits holding no NaN (the common case), on the array
+    as it is: ordering float32 values needs no float64 copy, and ``am`` (the first maximum) is
+    the argmax with rank 0. Gives exactly what the general path gives."""
+    v = x.size
+    kth = np.partition(x, v - k)[v - k]
+    cand = np.flatnonzero(x >= kth)
+    top = cand[np.argsort(-x[cand], kind="stable")[:k]]  # cand ascends: ties stay by smaller id
+    topk_logits = x[top].astype(np.float32)
+    if chosen is None:
+        chosen = am
+    for t in (chosen, *watched):
+        if not 0 <= int(t) < v:
+            raise TraceUsageError(f"token id {t} is outside the logits (vocabulary of {v})")
+    m = float(x[am])
+    if math.isfinite(m):
+        e = np.subtract(x, m, dtype=np.float64)
+        lse = m + float(np.log(np.exp(e, out=e).sum()))
+    else:
+        lse = m
+    chosen = int(chosen)
+    return Decision(
+        chosen=chosen,
+        argmax=am,
+        topk_ids=top.astype(np.int32),
+        topk_logits=topk_logits,
+        margin=float(np.float32(float(topk_logits[0]) - float(topk_logits[1]))),
+        logsumexp=lse,
+        chosen_logit=float(np.float32(x[chosen])),
+        chosen_rank=0 if chosen == am else _rank_number(x, chosen),
+        watched=[{"id": t, "logit": float(np.float32(x[t])), "rank": _rank_number(x, t)} for t in watched],
+    )
+
+
+def _rank_number(x: np.ndarray, token: int) -> int:
+    """:func:`rank_of` in logits holding no NaN."""
+    val = x[token]
+    return int(np.count_nonzero(x > val) + np.count_nonzero(x[:token] == val))
+
+
+def first_max(logits: np.ndarray) -> int | None:
+    """Return the argmax of 1-d logits by SPEC.md §3.2's order (the first of equal maxima) when
+    that needs no sort: logits of a numeric dtype holding no NaN. None otherwise (use
+    :func:`decide`, whose order puts NaN last).
+
+    Args:
+        logits: 1-d numpy array.
+    """
+    x = logits
+    if x.ndim != 1 or x.size == 0 or x.dtype.kind not in "fiub":
+        return None
+    am = int(x.argmax())  # numpy's argmax stops at the first NaN
+    return am if x.dtype.kind != "f" or x[am] == x[am] else None
