@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 from tracefmt import TraceReader, TraceWriter, compute_stats, digest
 from tracefmt.decisions import decide
 from tracefmt.dtypes import DTYPES, canonical
+from tracefmt.errors import TraceUsageError, UnsupportedDtypeError
 from tracefmt.payload import shuffle_bytes, unshuffle_bytes
 
 NUMPY_DTYPES = [n for n in DTYPES if n != "bfloat16"]
@@ -262,6 +264,129 @@ def test_add_decisions_refuses_bad_tables(tmp_path, bad, match):
 
     row = {"sample": ["s"], "step": [0], "chosen": [1], "topk_ids": [[1, 2]], "topk_logits": [[1.0, 0.5]]}
     row.update(bad)
-    with TraceWriter(tmp_path / "t") as w:
-        with pytest.raises(TraceUsageError, match=match):
-            w.add_decisions(row)
+    with TraceWriter(tmp_path / "t") as w, pytest.raises(TraceUsageError, match=match):
+        w.add_decisions(row)
+
+
+# ---------------------------------------------------------------------- batched statistics
+@SETTINGS
+@given(items=st.lists(tensors(), min_size=1, max_size=12))
+def test_stats_of_many_small_tensors_match_one_at_a_time(items):
+    """compute_stats_many (the writer's path for a batch of small tensors) agrees with
+    compute_stats: counts, min and max exactly, the sums to the last bits SPEC.md §4.4 allows."""
+    from tracefmt.payload import compute_stats_many
+
+    arrays = [canonical(np.asarray(a), name) for name, a in items]
+    names = [name for name, _ in items]
+    for a, name, got in zip(arrays, names, compute_stats_many(arrays, names)):
+        want = compute_stats(a, name)
+        assert (got.numel, got.nan_count, got.inf_count) == (want.numel, want.nan_count, want.inf_count)
+        assert (got.min, got.max, got.abs_max) == (want.min, want.max, want.abs_max)
+        for field in ("mean", "l2", "std"):
+            g, w = getattr(got, field), getattr(want, field)
+            assert (g is None) == (w is None), field
+            if w is not None:
+                scale = max(want.abs_max or 0.0, 1e-300)
+                assert math.isclose(g, w, rel_tol=1e-9, abs_tol=1e-6 * scale), (field, g, w)
+
+
+def test_writer_batches_small_tensors_and_reads_back_their_stats(tmp_path):
+    """Rows handed over together (hold) get their statistics in one batch; NaN and huge values
+    in the batch still take the exact path."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(int(n)).astype(np.float32) for n in rng.integers(1, 300, 40)]
+    arrays[3][1] = np.nan
+    arrays[5][0] = np.inf
+    arrays.append(np.array([1e200, -3e199]))
+    arrays.append(np.array([], np.float32))
+    with TraceWriter(tmp_path / "t.trace") as w:
+        w.hold()
+        for i, a in enumerate(arrays):
+            w.add_tensor("s", 0, f"t{i}", a, values=False)
+    t = TraceReader(tmp_path / "t.trace").tensors().to_pylist()
+    assert len(t) == len(arrays)
+    for row in t:
+        want = compute_stats(arrays[int(row["name"][1:])], row["dtype"])
+        assert (row["nan_count"], row["inf_count"], row["min"], row["max"]) == (
+            want.nan_count, want.inf_count, want.min, want.max)
+        if want.l2 is not None:
+            assert math.isclose(row["l2"], want.l2, rel_tol=1e-9)
+
+
+# ---------------------------------------------------------------------- decisions from logits
+def _decision_rows(path):
+    cols = ["sample", "step", "head", "chosen", "argmax", "forced", "topk_ids", "topk_logits", "margin",
+            "logsumexp", "chosen_logit", "chosen_rank", "watched", "piece", "frame"]
+    return repr(TraceReader(path).decisions(columns=cols, derive=False).to_pylist())  # repr: nan == nan
+
+
+def test_add_logits_writes_what_add_decided_writes(tmp_path):
+    """add_logits finds the chosen token on the caller's thread and derives the rest on the
+    writer's: the rows equal those of decide() + add_decided(), NaN logits included."""
+    rng = np.random.default_rng(1)
+    cases = []
+    for i in range(60):
+        x = rng.standard_normal(int(rng.integers(2, 50))).astype(rng.choice([np.float32, np.float64]))
+        if i % 7 == 0:
+            x[rng.integers(0, x.size)] = np.nan
+        if i % 5 == 0:
+            x[:3] = 1.0  # ties
+        chosen = int(rng.integers(0, x.size)) if i % 3 == 0 else None
+        cases.append((x, chosen, [int(rng.integers(0, x.size))] if i % 2 else []))
+    with TraceWriter(tmp_path / "a.trace") as a, TraceWriter(tmp_path / "b.trace") as b:
+        a.hold()
+        for i, (x, chosen, watched) in enumerate(cases):
+            got = a.add_logits("s", i, x, k=4, chosen=chosen, watched=watched, forced=chosen is not None,
+                               piece=f"p{i}", frame=i)
+            d = decide(x, k=4, chosen=chosen, watched=watched)
+            assert got == d.chosen
+            b.add_decided("s", i, d, forced=chosen is not None, piece=f"p{i}", frame=i)
+    assert _decision_rows(tmp_path / "a.trace") == _decision_rows(tmp_path / "b.trace")
+
+
+def test_add_logits_refuses_bad_arguments_at_once(tmp_path):
+    with TraceWriter(tmp_path / "t.trace") as w:
+        x = np.arange(10, dtype=np.float32)
+        with pytest.raises(TraceUsageError, match="outside the logits"):
+            w.add_logits("s", 0, x, chosen=10)
+        with pytest.raises(TraceUsageError, match="outside the logits"):
+            w.add_logits("s", 0, x, watched=[-1])
+        with pytest.raises(TraceUsageError, match="1-d"):
+            w.add_logits("s", 0, x.reshape(2, 5))
+        with pytest.raises(TraceUsageError, match="unknown decision field"):
+            w.add_logits("s", 0, x, colour="red")
+        with pytest.raises(TraceUsageError, match="k="):
+            w.add_logits("s", 0, x, k=1)
+        assert w.add_logits("s", 0, x) == 9
+    assert TraceReader(tmp_path / "t.trace").decisions().num_rows == 1
+
+
+def test_held_rows_reach_the_disk_while_the_caller_hangs(tmp_path):
+    """The writer's thread takes rows held longer than flush_ms / 2 itself: a run that stops
+    calling (hangs) mid-step still gets its last rows flushed."""
+    with TraceWriter(tmp_path / "t.trace", flush_ms=100) as w:
+        w.hold()
+        w.add_logits("s", 0, np.array([0.0, 2.0, 1.0]))
+        w.add_tensor("s", 0, "x", np.ones(4, np.float32))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            r = TraceReader(tmp_path / "t.trace")
+            if r.decisions().num_rows == 1 and r.tensors().num_rows == 1:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("held rows were not flushed while the caller waited")
+
+
+def test_add_tensor_row_copies_and_checks_the_dtype(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4).T  # not C-contiguous
+    big = np.arange(1 << 15, dtype=np.float32)  # pooled copy
+    with TraceWriter(tmp_path / "t.trace") as w:
+        w.add_tensor_row("s", 0, "a", 0, 0, "X", "float32", a, True)
+        w.add_tensor_row("s", 0, "big", 0, 1, None, "float32", big, True)
+        a[0, 0] = big[0] = -1  # the writer copied both before returning
+        with pytest.raises(UnsupportedDtypeError, match="cannot hold"):
+            w.add_tensor_row("s", 0, "c", 0, 2, None, "float64", a, False)
+    r = TraceReader(tmp_path / "t.trace")
+    np.testing.assert_array_equal(r.tensor("s", 0, "a"), np.arange(12, dtype=np.float32).reshape(3, 4).T)
+    assert r.tensor("s", 0, "big")[0] == 0

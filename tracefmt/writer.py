@@ -26,13 +26,13 @@ import pyarrow.compute as pc
 
 from .batches import decisions_batch, tensors_batch, values_batch
 from .checks import I32, I64, check_key, opt_float, opt_i32, opt_int, opt_str
-from .decisions import Decision, decide
-from .dtypes import DTYPES, canonical, dtype_name
-from .errors import TraceError, TraceUsageError, TraceWriteError
+from .decisions import Decision, decide, first_max
+from .dtypes import DTYPES, canonical, container, dtype_name
+from .errors import TraceError, TraceUsageError, TraceWriteError, UnsupportedDtypeError
 from .ipcfile import ArrowAppender, compact
 from .layout import create_or_join, part_id
 from .metadata import TraceMetadata, utc_now, write_json_atomic
-from .payload import ENCODINGS, Encoder, TensorStats, compute_stats, digest
+from .payload import ENCODINGS, SMALL_ELEMENTS, Encoder, TensorStats, compute_stats, compute_stats_many, digest
 from .schema import DECISIONS, PARTS_DIR, data_file, part_file
 
 _MODES = ("create", "append", "overwrite")
@@ -80,6 +80,11 @@ class _Budget:
         self.used = 0
         self.stalled = 0.0
         self._cv = threading.Condition()
+
+    def force(self, n: int) -> None:
+        """Take ``n`` bytes without waiting."""
+        with self._cv:
+            self.used += n
 
     def take(self, n: int, alive: threading.Thread) -> None:
         with self._cv:
@@ -142,10 +147,58 @@ def _close_forgotten_writers() -> None:
             pass  # already reported to the caller on its own calls; nothing more to do at exit
 
 
+def _stats_of_small(items: list) -> None:
+    """Fill in the statistics of the small tensor rows ("t" items without stats) of ``items``,
+    in place, with :func:`tracefmt.payload.compute_stats_many`."""
+    small = [i for i, it in enumerate(items) if it[0] == "t" and it[10] is None and it[8].size <= SMALL_ELEMENTS]
+    if len(small) < 2:
+        return
+    stats = compute_stats_many([items[i][8] for i in small], [items[i][7] for i in small])
+    for i, st in zip(small, stats):
+        it = items[i]
+        items[i] = (*it[:10], st, it[11])
+
+
+_ROW_KEYS = ("forced", "piece", "frame", "chunk", "position", "emission", "time_us")
+
+
+def _row_keys(keys: Mapping[str, Any]) -> tuple:
+    """Check the optional columns of a decision row given as keywords; return them in row order."""
+    unknown = keys.keys() - set(_ROW_KEYS)
+    if unknown:
+        raise TraceUsageError(f"unknown decision field(s) {', '.join(sorted(unknown))}; use {', '.join(_ROW_KEYS)}")
+    t = keys.get("time_us", NOW)
+    return (
+        bool(keys.get("forced", False)), opt_str("piece", keys.get("piece")), opt_i32("frame", keys.get("frame")),
+        opt_i32("chunk", keys.get("chunk")), opt_i32("position", keys.get("position")),
+        opt_i32("emission", keys.get("emission")),
+        time.time_ns() // 1000 if t is NOW else opt_int("time_us", t, I64),
+    )
+
+
+def _decision_row(sample: str, step: int, head: str, d: Decision, row_keys: tuple) -> tuple:
+    """The queued row of a Decision from :func:`tracefmt.decisions.decide` (whose fields have the
+    row's types already). ``chosen_logit``/``chosen_rank`` only when ``chosen`` is outside the
+    top-k (SPEC.md §3.1 lets readers derive them otherwise)."""
+    forced, piece, frame, chunk, position, emission, time_us = row_keys
+    in_top = d.chosen in d.topk_ids
+    return (
+        sample, step, head, d.chosen, d.argmax, forced, d.topk_ids, d.topk_logits, d.margin, d.logsumexp,
+        None if in_top else d.chosen_logit, None if in_top else d.chosen_rank, d.watched or None,
+        piece, frame, chunk, position, emission, time_us,
+    )
+
+
 class TraceWriter:
     """Writes one part of a trace. Use as a context manager; several processes may write
     parts of the same trace at once (``mode="append"``), each recording its own samples.
     The ``add_*`` methods may be called from several threads of one process.
+
+    Each ``add_*`` call hands its row to the background thread at once, which wakes that thread:
+    a GIL hand-off between the two threads that costs the caller ~10-30 us here, and stalls a
+    Python-bound caller while the background thread runs Python. A caller adding many rows per
+    step (a recorder hooking every module) calls :meth:`hold`: rows then travel in batches of
+    up to ``hold_rows`` rows, ``hold_bytes`` bytes or ``flush_ms / 2`` milliseconds.
 
     Args:
         path: the trace directory.
@@ -208,6 +261,12 @@ class TraceWriter:
         # (sample, step) -> [next order, {name: next call}], for the most recent steps
         self._steps: OrderedDict[tuple[str, int], list] = OrderedDict()
         self._lock = threading.Lock()  # add_* may be called from several threads
+        self._held: list[tuple] | None = None  # rows kept by hold() until hand_over()
+        self._held_bytes = 0
+        self._held_since = 0.0
+        self._hold_bytes = max(min(queue_bytes // 4, 8 << 20), 1)
+        self._hold_rows = 2048
+        self._hold_s = self._flush_s / 2
         self._counts = {"decisions": 0, "tensors": 0, "values": 0, "tensor_bytes": 0}
 
         create_or_join(self.path, mode=mode, metadata=self.metadata, part=self.part, vocab=vocab)
@@ -354,7 +413,7 @@ class TraceWriter:
             opt_i32("emission", emission),
             time.time_ns() // 1000 if time_us is NOW else opt_int("time_us", time_us, I64),
         )
-        self._queue.put(("d", row))
+        self._put(("d", row))
 
     def add_decisions(self, table: pa.Table | pa.RecordBatch | Mapping[str, Any]) -> int:
         """Record many decisions at once: a table (or dict of columns) with SPEC.md §3.1 columns.
@@ -421,7 +480,7 @@ class TraceWriter:
         if "time" not in cols:
             cols["time"] = pa.array(np.full(n, time.time_ns() // 1000, dtype=np.int64)).cast(DECISIONS.field("time").type)
         arrays = [cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in DECISIONS]
-        self._queue.put(("D", pa.RecordBatch.from_arrays(arrays, schema=DECISIONS)))
+        self._put(("D", pa.RecordBatch.from_arrays(arrays, schema=DECISIONS)))
         return n
 
     def add_decided(self, sample: str, step: int, decision: Decision, *, head: str = "token", **keys: Any) -> None:
@@ -436,6 +495,22 @@ class TraceWriter:
             **keys: forced, piece, frame, chunk, position, emission, time_us.
         """
         d = decision
+        ids, logits = d.topk_ids, d.topk_logits
+        if (type(ids) is np.ndarray and type(logits) is np.ndarray and ids.dtype == np.int32
+                and logits.dtype == np.float32 and ids.ndim == 1 and ids.shape == logits.shape and ids.size >= 2
+                and type(d.chosen) is int and type(d.argmax) is int and type(d.margin) is float
+                and type(d.logsumexp) is float and type(d.chosen_logit) is float and type(d.chosen_rank) is int
+                and all(type(w.get("id")) is int and type(w.get("logit")) is float and type(w.get("rank")) is int
+                        for w in d.watched)
+                and type(head) is str and head):
+            # A Decision from tracefmt.decisions.decide (the recorders' case): its fields have
+            # the row's types already, so the row is built without add_decision's checks.
+            self._check_open()
+            sample, step = check_key(sample, step)
+            for v in (d.chosen, d.argmax, d.chosen_rank, *(w["id"] for w in d.watched)):
+                opt_i32("token id", v)
+            self._put(("d", _decision_row(sample, step, head, d, _row_keys(keys))))
+            return
         in_top = bool((np.asarray(d.topk_ids) == d.chosen).any())
         self.add_decision(
             sample, step, head=head, chosen=d.chosen, argmax=d.argmax, topk_ids=d.topk_ids,
@@ -459,6 +534,10 @@ class TraceWriter:
     ) -> int:
         """Record a decision derived from a full logits vector (host numpy).
 
+        The caller's thread checks the arguments, finds the chosen token (the argmax, unless
+        given) and copies the logits; the top-k, margin, logsumexp and ranks are derived on the
+        writer's thread (logits holding NaN are decided here, as their order needs a full sort).
+
         Args:
             sample, step, head: as for :meth:`add_decision`.
             logits: 1-d logits of the position decided.
@@ -471,14 +550,38 @@ class TraceWriter:
 
         Returns:
             The chosen token id.
+
+        Raises:
+            TraceUsageError: malformed logits, ``k < 2``, an id outside the logits, or a bad
+                keyword.
+            TraceWriteError: the background writer failed earlier.
         """
+        self._check_open()
+        sample, step = check_key(sample, step)
+        if not isinstance(head, str) or not head:
+            raise TraceUsageError(f"head must be a non-empty string, got {head!r}")
+        x = np.asarray(logits)
         if watched is None:
             watched = list(self.metadata.watched.values()) if head == self.metadata.vocab_head else []
-        d = decide(np.asarray(logits), k=k, chosen=chosen, watched=watched)
-        self.add_decided(sample, step, d, head=head, **keys)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+            raise TraceUsageError(f"k={k!r}: SPEC.md needs at least the top 2 candidates")
+        row_keys = _row_keys(keys)
+        if chosen is None:
+            chosen = first_max(x) if x.ndim == 1 else None
+        if chosen is None or x.ndim != 1 or x.size < 2 or x.dtype.kind not in "fiub":
+            d = decide(x, k=k, chosen=chosen, watched=watched)  # raises on malformed logits
+            self._put(("d", _decision_row(sample, step, head, d, row_keys)))
+            chosen = d.chosen
+        else:
+            ids = [opt_i32("token id", t) for t in (chosen, *watched)]
+            for t in ids:
+                if not 0 <= t < x.size:
+                    raise TraceUsageError(f"token id {t} is outside the logits (vocabulary of {x.size})")
+            copy = np.array(x, copy=True)
+            self._put(("L", sample, step, head, copy, int(k), ids[0], ids[1:], row_keys), copy.nbytes)
         if keep_logits:
-            self.add_tensor(sample, step, f"logits:{head}", np.asarray(logits), source="decision")
-        return d.chosen
+            self.add_tensor(sample, step, f"logits:{head}", x, source="decision")
+        return int(chosen)
 
     def add_tensor(
         self,
@@ -529,8 +632,41 @@ class TraceWriter:
         order, call = self._order_call(sample, step, name, order, call)
         if stats is not None and not isinstance(stats, TensorStats):
             raise TraceUsageError("stats must be a tracefmt.TensorStats")
-        self._budget.take(a.nbytes, self._thread)
-        self._queue.put(("t", sample, step, name, call, order, source, dt, a, bool(values), stats, pooled))
+        self._put(("t", sample, step, name, call, order, source, dt, a, bool(values), stats, pooled), a.nbytes)
+
+    def add_tensor_row(
+        self, sample: str, step: int, name: str, call: int, order: int, source: str | None, dtype: str,
+        array: np.ndarray, values: bool,
+    ) -> None:
+        """:meth:`add_tensor` for callers that check their own arguments (recorders hooking every
+        module of a model, where each Python step of the hook counts): everything is positional
+        and only ``array``'s dtype is checked.
+
+        Args:
+            sample: a non-empty sample id.
+            step: a step in ``[0, 2**31)``.
+            name: a non-empty tensor name.
+            call, order: its call index and execution order within the step (int32).
+            source: where it came from, or None.
+            dtype: its SPEC.md dtype name.
+            array: a numpy array of ``dtype``'s little-endian container (bfloat16 as uint16
+                bits), any layout: copied before returning.
+            values: store the values too.
+
+        Raises:
+            UnsupportedDtypeError: ``array``'s dtype is not ``dtype``'s container.
+            TraceWriteError: the background writer failed earlier.
+        """
+        if self._error is not None or self._closed:
+            self._check_open()
+        if array.dtype != container(dtype):
+            raise UnsupportedDtypeError(f"tensor {name!r}: a {array.dtype} array cannot hold SPEC.md dtype {dtype!r}")
+        pooled = None
+        if array.nbytes < (64 << 10) or not array.flags.c_contiguous:
+            a = array.copy(order="C")
+        else:
+            a, pooled = self._pool.copy(array)
+        self._put(("t", sample, step, name, call, order, source, dtype, a, values, None, pooled), a.nbytes)
 
     def add_tensor_stats(
         self,
@@ -569,11 +705,74 @@ class TraceWriter:
         if any(s < 0 for s in shape_t):
             raise TraceUsageError(f"shape {list(shape_t)} has a negative dimension")
         order, call = self._order_call(sample, step, name, order, call)
-        self._queue.put(("s", sample, step, name, call, order, source, dtype, shape_t, stats, digest))
+        self._put(("s", sample, step, name, call, order, source, dtype, shape_t, stats, digest))
+
+    def hold(self) -> None:
+        """Keep the rows of later ``add_*`` calls (from any thread) and hand them to the
+        background thread in batches, until :meth:`hand_over`.
+
+        A batch goes when the held rows reach ``hold_rows`` rows or ``hold_bytes`` bytes or
+        when the oldest has waited ``flush_ms / 2`` (the background thread takes rows that
+        wait longer itself, so a run that hangs still gets them written); :meth:`flush` and
+        :meth:`close` hand them over too. A process killed while rows are held loses them, as
+        it loses rows not yet flushed.
+        """
+        with self._lock:
+            if self._held is None:
+                self._held = []
+                self._held_bytes = 0
+                self._held_since = time.monotonic()
+                self._queue.put(("wake",))  # the background thread now wakes up to take old rows
+
+    def hand_over(self) -> None:
+        """Hand the held rows to the background thread and stop holding."""
+        self._send_held(stop=True)
+
+    def _put(self, item: tuple, nbytes: int = 0) -> None:
+        """Queue ``item`` (taking ``nbytes`` of the queue's budget), or hold it (see :meth:`hold`)."""
+        if self._held is not None:
+            with self._lock:
+                held = self._held
+                if held is not None:
+                    held.append(item)
+                    self._held_bytes += nbytes
+                    if (self._held_bytes < self._hold_bytes and len(held) < self._hold_rows
+                            and time.monotonic() - self._held_since < self._hold_s):
+                        return
+            if held is not None:
+                self._send_held()
+                return
+        if nbytes:
+            self._budget.take(nbytes, self._thread)
+        self._queue.put(item)
+
+    def _send_held(self, *, stop: bool = False, force: bool = False) -> None:
+        """Queue the held rows as one item (``stop``: and stop holding); ``force``: take their
+        bytes of the budget without waiting (the background thread taking them itself)."""
+        with self._lock:
+            held, nbytes = self._held, self._held_bytes
+            if held is None or (not held and not stop):
+                return
+            self._held = None if stop else []
+            self._held_bytes = 0
+            self._held_since = time.monotonic()
+        if not held:
+            return
+        if force:
+            self._budget.force(nbytes)
+        elif nbytes:
+            self._budget.take(nbytes, self._thread)
+        self._queue.put(("many", held))
+
+    def _held_age(self) -> float | None:
+        """Seconds the oldest held row has waited; None when nothing is held."""
+        with self._lock:
+            return time.monotonic() - self._held_since if self._held else None
 
     def flush(self) -> None:
         """Write everything queued so far to disk; returns when it is there."""
         self._check_open()
+        self._send_held()
         done = threading.Event()
         self._queue.put(("flush", done))
         while not done.wait(0.1):
@@ -594,6 +793,7 @@ class TraceWriter:
             return self._summary
         if not self._closed:
             self._closed = True
+            self.hand_over()
             self._queue.put(("close",))
             self._thread.join()
             _open_writers.discard(self)
@@ -660,41 +860,54 @@ class TraceWriter:
 
         while True:
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if self._held is not None:  # wake up to take rows held too long (a caller that hangs)
+                timeout = self._hold_s if timeout is None else min(timeout, self._hold_s)
             try:
-                item = self._queue.get(timeout=timeout)
+                got = self._queue.get(timeout=timeout)
             except queue.Empty:
-                self._guard(flush)
+                age = self._held_age()
+                if age is not None and age >= self._hold_s:
+                    self._send_held(force=True)  # picked up by the next get()
+                elif deadline is not None and time.monotonic() >= deadline:
+                    self._guard(flush)
                 continue
-            kind = item[0]
-            if kind == "close":
-                self._guard(flush)
-                self._encoding.shutdown()
-                return
-            if kind == "flush":
-                self._guard(flush)
-                item[1].set()
-                continue
-            if kind == "D":  # a whole batch of decisions: written as it is
-                self._guard(flush)
-                self._guard(self._files["decisions"].write, item[1])
-                self._counts["decisions"] += item[1].num_rows
-                continue
-            steps_seen.add((item[1][0], item[1][1]) if kind == "d" else (item[1], item[2]))
-            if self._error is None:
-                self._guard(self._accept, item, dec, ten, val)  # gives a tensor's bytes back when done
-            elif kind == "t":
-                self._budget.give(item[8].nbytes)
-            if deadline is None:
-                deadline = time.monotonic() + self._flush_s
-            if len(steps_seen) > self._flush_steps:
-                self._guard(flush)
+            items = (got,)
+            if got[0] == "many":  # rows handed over by hand_over(): small tensors' stats in one go
+                items = got[1]
+                self._guard(_stats_of_small, items)
+            for item in items:
+                kind = item[0]
+                if kind == "close":
+                    self._guard(flush)
+                    self._encoding.shutdown()
+                    return
+                if kind == "flush":
+                    self._guard(flush)
+                    item[1].set()
+                    continue
+                if kind == "wake":
+                    continue
+                if kind == "D":  # a whole batch of decisions: written as it is
+                    self._guard(flush)
+                    self._guard(self._files["decisions"].write, item[1])
+                    self._counts["decisions"] += item[1].num_rows
+                    continue
+                steps_seen.add((item[1][0], item[1][1]) if kind == "d" else (item[1], item[2]))
+                if self._error is None:
+                    self._guard(self._accept, item, dec, ten, val)  # gives a tensor's bytes back when done
+                elif kind == "t":
+                    self._budget.give(item[8].nbytes)
+                if deadline is None:
+                    deadline = time.monotonic() + self._flush_s
+                if len(steps_seen) > self._flush_steps:
+                    self._guard(flush)
 
     def _guard(self, fn: Any, *args: Any) -> None:
         if self._error is not None:
             return
         try:
             fn(*args)
-        except (OSError, pa.ArrowException, ValueError, TypeError) as exc:  # reported on the next call
+        except (OSError, pa.ArrowException, ValueError, TypeError, TraceError) as exc:  # reported on the next call
             self._error = exc
 
     def _give_when_done(self, nbytes: int, jobs: list[Future], pooled: np.ndarray | None) -> Callable[[], None]:
@@ -721,6 +934,28 @@ class TraceWriter:
         if kind == "d":
             dec.append(item[1])
             self._counts["decisions"] += 1
+            return
+        if kind == "L":  # logits from add_logits: derive the decision here
+            _, sample, step, head, x, k, chosen, watched, row_keys = item
+            try:
+                dec.append(_decision_row(sample, step, head, decide(x, k=k, chosen=chosen, watched=watched), row_keys))
+            finally:
+                self._budget.give(x.nbytes)
+            self._counts["decisions"] += 1
+            return
+        if kind == "t" and not item[9]:  # statistics and digest only: no encoder job to wait for
+            _, sample, step, name, call, order, source, dt, a, _keep, stats, pooled = item
+            try:
+                if stats is None:
+                    stats = compute_stats(a, dt)
+                dig = digest(memoryview(a).cast("B") if a.size else b"")
+            finally:
+                self._budget.give(a.nbytes)
+                if pooled is not None:
+                    self._pool.give(pooled)
+            self._counts["tensor_bytes"] += a.nbytes
+            ten.append((sample, step, name, call, order, source, dt, a.shape, stats, dig, None))
+            self._counts["tensors"] += 1
             return
         if kind == "t":
             _, sample, step, name, call, order, source, dt, a, keep, stats, pooled = item
