@@ -37,9 +37,10 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 from tracefmt import TraceMetadata, TraceReader, TraceWriter, WriteSummary
+from tracefmt.decisions import first_max
 from tracefmt.errors import TraceWriteError
 
-from .decisions import Decision, decide, write_decision
+from .decisions import Decision, decide, host_logits, write_decision
 from .errors import RecorderUsageError, StepOrderError
 from .hostcopy import Finisher, HostCopy, has_nonfinite
 from .policy import CapturePolicy, PolicyLike
@@ -160,6 +161,9 @@ class Recorder(StepBook):
         self.metadata = _metadata(metadata, dict(defaults or {}), watched, tags)
         self._pieces = dict(enumerate(vocab)) if isinstance(vocab, Sequence) else dict(vocab or {})
         self.writer = TraceWriter(trace, metadata=self.metadata, vocab=vocab, mode=mode, **dict(writer_options or {}))
+        # rows travel to the writer's thread in batches: each wake-up of that thread costs the
+        # model's thread a GIL hand-off (TraceWriter.hold)
+        self.writer.hold()
         self.triggers: list[Trigger] = []
         self._watched_ids = list(self.metadata.watched.values())
         self._lock = threading.Lock()
@@ -305,6 +309,22 @@ class Recorder(StepBook):
             forced = True
         if watched is None:
             watched = self._watched_ids if head == self.metadata.vocab_head else ()
+        host = None if self._ring is not None else host_logits(logits)
+        if host is not None and host.ndim == 1:
+            # Host logits and no budget to trigger: only the chosen token is found here; the
+            # writer's thread derives the rest (top-k, logsumexp, ranks) from a copy.
+            if chosen is None:
+                chosen = first_max(host)
+            if chosen is not None:
+                if "piece" not in keys and self._pieces and head == self.metadata.vocab_head:
+                    keys["piece"] = self._pieces.get(int(chosen))
+                with self._lock:
+                    chosen = self.writer.add_logits(st.key.sample, st.key.index, host, head=head, k=self.k,
+                                                    chosen=chosen, watched=watched, forced=forced, **keys)
+                st.heads.add(head)
+                if self.policy.mode(f"logits:{head}") != "none":
+                    self.record(f"logits:{head}", logits, source="decision")
+                return chosen
         d = decide(logits, k=self.k, chosen=chosen, watched=watched)
         self.record_decision(d, head=head, forced=forced, **keys)
         if self.policy.mode(f"logits:{head}") != "none":

@@ -30,7 +30,7 @@ from tracefmt.decisions import Decision
 from tracefmt.decisions import decide as _decide_numpy
 from tracefmt.errors import TraceUsageError
 
-__all__ = ["Decision", "decide", "decide_rows", "is_torch_tensor", "write_decision"]
+__all__ = ["Decision", "decide", "decide_rows", "host_logits", "is_torch_tensor", "write_decision"]
 
 
 def is_torch_tensor(x: object) -> bool:
@@ -53,6 +53,18 @@ def _cpu_numpy(t: Any) -> np.ndarray:
     elif str(x.dtype) not in ("torch.float32", "torch.float64", "torch.float16"):
         x = x.double()
     return x.numpy()
+
+
+def host_logits(logits: Any) -> np.ndarray | None:
+    """Return host logits as a numpy array (a view where possible), or None for logits on a
+    device (decided there by :func:`recorders.torch.decide_tensor`).
+
+    Args:
+        logits: a numpy array, anything ``np.asarray`` accepts, or a torch tensor.
+    """
+    if is_torch_tensor(logits):
+        return _cpu_numpy(logits) if logits.device.type == "cpu" else None
+    return np.asarray(logits)
 
 
 def decide(

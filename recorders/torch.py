@@ -46,6 +46,9 @@ _DTYPES = {
 for _name in ("uint16", "uint32", "uint64"):
     if hasattr(torch, _name):
         _DTYPES[getattr(torch, _name)] = _name
+#: CPU dtypes the hooks' lean path records: torch dtype -> (SPEC.md name, torch dtype to view the
+#: bits as before ``.numpy()``, or None)
+_LEAN = {dt: (name, torch.int16 if dt == torch.bfloat16 else None) for dt, name in _DTYPES.items()}
 _PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
               torch.int8: "int8", torch.qint8: "int8"}
 
@@ -316,6 +319,9 @@ class TorchRecorder(Recorder):
         super().__init__(trace, policy=policy, defaults=defaults, tags=tags, **options)
         self.model = model
         self._device_stats = device_stats
+        # CPU tensors without a budget take the lean path (_record_cpu): the hooks run between
+        # the model's own ops, with its caches cold, so every Python step there counts
+        self._lean = self._ring is None and not device_stats
         self._handles: list[Any] = []
         tp = CapturePolicy(transplant)
         for name, mod in named.items():
@@ -329,15 +335,45 @@ class TorchRecorder(Recorder):
         self.begin_step()
 
     def _hook(self, name: str, source: str, mode: str, swap: bool) -> Any:
-        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
-            call = self.next_call(name)
-            if swap:
+        if swap:
+            def transplant_hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+                call = self.next_call(name)
                 output = self._transplant(name, call, output)
-            if mode != "none":
-                self._record_output(name, call, output, f"{source} [transplanted]" if swap else source, mode)
-            return output if swap else None
+                if mode != "none":
+                    self._record_output(name, call, output, f"{source} [transplanted]", mode)
+                return output
+
+            return transplant_hook
+        values = mode == "full"
+        tensor = torch.Tensor
+
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            st = self._step or self._current()
+            calls = st.calls
+            call = calls.get(name, 0)
+            calls[name] = call + 1
+            if self._lean and type(output) is tensor and output.is_cpu:
+                self._record_cpu(st, name, call, output, source, values)
+            else:
+                self._record_output(name, call, output, source, mode)
 
         return hook
+
+    def _record_cpu(self, st: Any, name: str, call: int, t: torch.Tensor, source: str, values: bool) -> None:
+        """Record a CPU tensor output: :meth:`Recorder.record`'s work in as few Python steps as
+        possible (the writer copies the numpy view before returning)."""
+        lean = _LEAN.get(t.dtype)
+        if lean is None or self._closed or t.layout != torch.strided:
+            self.record(name, t, call=call, source=source, mode="full" if values else "stats")
+            return
+        dt, bits = lean
+        if t.requires_grad:
+            t = t.detach()
+        a = t.numpy() if bits is None else t.view(bits).numpy().view(np.uint16)
+        order = st.order
+        st.order = order + 1
+        key = st.key
+        self.writer.add_tensor_row(key.sample, key.index, name, call, order, source, dt, a, values)
 
     def _record_output(self, name: str, call: int, out: Any, source: str, mode: str) -> None:
         if isinstance(out, torch.Tensor):

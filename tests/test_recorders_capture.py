@@ -195,3 +195,25 @@ def test_decide_numpy_delegates_and_write_decision_fills_chosen_outside_topk(tmp
     rows_ = TraceReader(tmp_path / "w.trace").decisions(derive=False).to_pylist()
     assert (rows_[0]["chosen_logit"], rows_[0]["chosen_rank"], rows_[0]["forced"]) == (1.0, 2, True)
     assert (rows_[1]["chosen_logit"], rows_[1]["chosen_rank"]) == (None, None)
+
+
+def test_decisions_derived_on_the_writer_thread_equal_those_derived_at_once(tmp_path):
+    """Without a budget, decide() finds only the token on the caller's thread (the writer
+    derives the rest); with one (its margin trigger needs the margin now) it derives all at
+    once. Both write the same rows, for numpy and CPU torch logits, NaN included."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    logits = [rng.standard_normal(50).astype(np.float32) for _ in range(12)]
+    logits[4][7] = np.nan
+    logits[5][:] = 0.0
+    out = {}
+    for name, budget in (("deferred", None), ("at_once", Budget(steps=2, margin_below=-1.0))):
+        with Recorder(tmp_path / f"{name}.trace", budget=budget, watched={"eos": 3}, k=5,
+                      vocab=[f"w{i}" for i in range(50)]) as rec:
+            for t, x in enumerate(logits):
+                with rec.step(index=t):
+                    rec.decide(torch.from_numpy(x) if t % 2 else x, chosen=9 if t == 6 else None, frame=t)
+        cols = ["step", "chosen", "argmax", "topk_ids", "topk_logits", "margin", "logsumexp", "chosen_logit",
+                "chosen_rank", "watched", "piece", "frame"]
+        out[name] = repr(TraceReader(tmp_path / f"{name}.trace").decisions(columns=cols).to_pylist())
+    assert out["deferred"] == out["at_once"]
