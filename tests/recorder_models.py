@@ -2,8 +2,10 @@
 
 - :class:`GRULM`: one decode step per call, ``(token, hidden) -> (logits, hidden)``; its GRU
   returns a tuple ``(output, h_n)``.
-- :class:`TransformerLM`: a pre-norm decoder-only transformer recomputing the whole sequence
-  per step (``tokens -> logits``), with named sub-modules ``blocks.N.attn.qkv`` etc.
+- :class:`TransformerLM`: a pre-norm decoder-only transformer, with named sub-modules
+  ``blocks.N.attn.qkv`` etc.; ``tokens -> logits`` recomputes the whole sequence, and
+  ``model(new_tokens, cache=[])`` decodes incrementally with a KV cache (the list holds one
+  ``{"k", "v"}`` dict per layer and grows in place).
 
 Both are deterministic for a seed; ``bias`` shifts one output logit to make a deliberately
 different model.
@@ -48,10 +50,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        # one new token attends to the whole cache; a prompt (t > 1) attends causally
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=cache is None or t > 1)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -74,8 +81,9 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d)
         self.mlp = MLP(d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + (self.attn(h) if cache is None else self.attn(h, cache))  # (a None argument upsets jit.trace)
         return x + self.mlp(self.ln2(x))
 
 
@@ -96,10 +104,17 @@ class TransformerLM(nn.Module):
             for tok, b in (bias or {}).items():
                 self.head.bias[tok] += b
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.emb(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
-        for block in self.blocks:
-            x = block(x)
+    def forward(self, tokens: torch.Tensor, cache: list[dict] | None = None) -> torch.Tensor:
+        """Logits of every position of ``tokens``; with ``cache`` (a list, empty at first),
+        ``tokens`` continue the cached sequence and the cache is extended in place."""
+        start = 0
+        if cache is not None:
+            if not cache:
+                cache.extend({} for _ in self.blocks)
+            start = cache[0]["k"].shape[2] if "k" in cache[0] else 0
+        x = self.emb(tokens) + self.pos(torch.arange(start, start + tokens.shape[1], device=tokens.device))
+        for i, block in enumerate(self.blocks):
+            x = block(x) if cache is None else block(x, cache[i])
         return self.head(self.ln_f(x))
 
 
