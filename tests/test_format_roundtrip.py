@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from tracefmt import TraceReader, TraceWriter, compute_stats, digest
 from tracefmt.decisions import decide
 from tracefmt.dtypes import DTYPES, canonical
-from tracefmt.errors import TraceUsageError, UnsupportedDtypeError
+from tracefmt.errors import TraceUsageError, TraceWriteError, UnsupportedDtypeError
 from tracefmt.payload import shuffle_bytes, unshuffle_bytes
 
 NUMPY_DTYPES = [n for n in DTYPES if n != "bfloat16"]
@@ -390,3 +390,37 @@ def test_add_tensor_row_copies_and_checks_the_dtype(tmp_path):
     r = TraceReader(tmp_path / "t.trace")
     np.testing.assert_array_equal(r.tensor("s", 0, "a"), np.arange(12, dtype=np.float32).reshape(3, 4).T)
     assert r.tensor("s", 0, "big")[0] == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), n=st.integers(1, 6), v=st.integers(2, 40), k=st.integers(2, 10),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_decide_many_equals_decide_row_by_row(data, n, v, k, dtype):
+    """The writer's batched derivation gives exactly what decide() gives, ties and NaN included."""
+    from tracefmt.decisions import decide_many
+
+    x = data.draw(hnp.arrays(dtype, (n, v), elements=st.one_of(
+        st.sampled_from([0.0, 1.0, -1.0, -np.inf, np.inf, np.nan]), st.floats(-50, 50, width=32))))
+    chosen = data.draw(st.lists(st.one_of(st.none(), st.integers(0, v - 1)), min_size=n, max_size=n))
+    watched = data.draw(st.lists(st.integers(0, v - 1), max_size=3))
+    got = decide_many(x, k=k, chosen=chosen, watched=watched)
+    assert [repr(d) for d in got] == [repr(decide(x[i], k=k, chosen=chosen[i], watched=watched)) for i in range(n)]
+
+
+def test_a_failure_on_the_writer_thread_is_reported_not_hung(tmp_path, monkeypatch):
+    """An unexpected exception on the background thread surfaces as TraceWriteError on the
+    caller's next call and at close, instead of leaving the caller waiting on a dead thread."""
+    import tracefmt.writer as writer_module
+
+    def broken(items):
+        raise RuntimeError("bug in the batch path")
+
+    monkeypatch.setattr(writer_module, "_stats_of_small", broken)
+    w = TraceWriter(tmp_path / "t.trace")
+    w.hold()
+    for i in range(3):
+        w.add_tensor("s", 0, f"x{i}", np.ones(4, np.float32))
+    with pytest.raises(TraceWriteError, match="bug in the batch path"):
+        w.flush()
+    with pytest.raises(TraceWriteError, match="bug in the batch path"):
+        w.close()

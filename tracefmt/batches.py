@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -33,11 +34,14 @@ def decisions_batch(rows: list[tuple]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, schema=DECISIONS)
 
 
+_STATS = ("numel", "min", "max", "mean", "std", "abs_max", "l2", "nan_count", "inf_count")
+_stats_of = operator.attrgetter(*_STATS)
+
+
 def tensors_batch(rows: list[tuple]) -> pa.RecordBatch:
     """Build a tensors record batch from processed tensor rows."""
     sample, step, name, call, order, source, dt, shape, stats, dig, ref = zip(*rows)
-    st = {c: [getattr(s, c) for s in stats] for c in ("numel", "min", "max", "mean", "std", "abs_max", "l2",
-                                                      "nan_count", "inf_count")}
+    st = dict(zip(_STATS, zip(*map(_stats_of, stats))))
     data = {
         "sample": sample, "step": step, "name": name, "call": call, "order": order, "source": source,
         "dtype": dt, "shape": [list(s) for s in shape], **st, "digest": dig, "value_ref": ref,

@@ -7,6 +7,7 @@ Order: larger logit first; equal logits by smaller id; NaN after every number (e
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -173,3 +174,87 @@ def first_max(logits: np.ndarray) -> int | None:
         return None
     am = int(x.argmax())  # numpy's argmax stops at the first NaN
     return am if x.dtype.kind != "f" or x[am] == x[am] else None
+
+
+def decide_many(
+    logits: np.ndarray,
+    *,
+    k: int,
+    chosen: list[int | None],
+    watched: list[int],
+) -> list[Decision]:
+    """:func:`decide` of every row of a 2-d array, with the same results, in a few numpy calls
+    over the whole array (a writer deriving the decisions of many steps at once spends its time
+    in numpy, which releases the GIL, instead of in Python, which the model's thread waits for).
+
+    Rows holding NaN, and rows whose k-th largest logit is tied with logits outside the top k,
+    are handed to :func:`decide` (their order needs a full sort).
+
+    Args:
+        logits: ``(rows, vocabulary)`` array.
+        k: top candidates kept (at least 2).
+        chosen: per row, the id used (None: the argmax).
+        watched: ids watched in every row.
+
+    Returns:
+        One :class:`Decision` per row.
+    """
+    x = np.asarray(logits)
+    n, v = x.shape
+    k = min(k, v)
+    out: list[Decision | None] = [None] * n
+    if n and x.dtype in (np.float32, np.float64) and k >= 2:
+        am = x.argmax(axis=1)
+        m = x[np.arange(n), am]
+        kth = np.partition(x, v - k, axis=1)[:, v - k]
+        above = x >= kth[:, None]
+        exact = np.flatnonzero(~np.isnan(m) & (np.count_nonzero(above, axis=1) == k))  # no NaN, no tie at the k-th
+        if exact.size:
+            _decide_exact(x, exact, above, am, m, k, chosen, watched, out)
+    return [d if d is not None else decide(x[i], k=k, chosen=chosen[i], watched=watched) for i, d in enumerate(out)]
+
+
+_scratch = threading.local()
+
+
+def _decide_exact(x: np.ndarray, rows: np.ndarray, above: np.ndarray, am: np.ndarray, m: np.ndarray, k: int,
+                  chosen: list[int | None], watched: list[int], out: list) -> None:
+    """:func:`decide_many` for ``rows``, whose top k are exactly the logits ``above`` the k-th."""
+    n, v = rows.size, x.shape[1]
+    xs = x[rows] if rows.size < x.shape[0] else x
+    if rows.size < x.shape[0]:
+        above, am, m = above[rows], am[rows], m[rows]
+    cand = np.nonzero(above)[1].reshape(n, k)  # ids ascending in each row
+    vals = np.take_along_axis(xs, cand, 1)
+    top = np.take_along_axis(cand, np.argsort(-vals, axis=1, kind="stable"), 1)  # ties stay by smaller id
+    topk_logits = np.take_along_axis(xs, top, 1).astype(np.float32)
+    own = np.array([a if chosen[r] is None else chosen[r] for r, a in zip(rows.tolist(), am.tolist())], np.int64)
+    ids = np.column_stack([own, np.tile(np.asarray(watched, np.int64), (n, 1))]) if watched else own[:, None]
+    tv = np.take_along_axis(xs, ids, 1)
+    ranks = np.zeros(ids.shape, np.int64)
+    col = np.arange(v)
+    for j in range(ids.shape[1]):
+        need = np.flatnonzero(ids[:, j] != am)  # the argmax (the first maximum) ranks 0
+        if need.size:
+            t, xn = tv[need, j : j + 1], xs[need]
+            ranks[need, j] = (np.count_nonzero(xn > t, axis=1)
+                              + np.count_nonzero((xn == t) & (col < ids[need, j : j + 1]), axis=1))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        finite = np.isfinite(m)
+        buf = getattr(_scratch, "e", None)
+        if buf is None or buf.size < xs.size:
+            buf = _scratch.e = np.empty(max(xs.size, 1 << 16), np.float64)  # fresh memory is slow to touch
+        e = buf[: xs.size].reshape(xs.shape)
+        np.subtract(xs, np.where(finite, m, 0.0)[:, None], out=e, dtype=np.float64)
+        np.exp(e, out=e)
+        lse = np.where(finite, m + np.log(e.sum(axis=1)), m)
+        margins = (topk_logits[:, 0].astype(np.float64) - topk_logits[:, 1]).astype(np.float32)
+    for j, r in enumerate(rows.tolist()):
+        rk, tl = ranks[j].tolist(), tv[j].tolist()
+        out[r] = Decision(
+            chosen=int(own[j]), argmax=int(am[j]), topk_ids=top[j].astype(np.int32), topk_logits=topk_logits[j],
+            margin=float(margins[j]), logsumexp=float(lse[j]), chosen_logit=float(np.float32(tl[0])),
+            chosen_rank=rk[0],
+            watched=[{"id": w, "logit": float(np.float32(lg)), "rank": r_}
+                     for w, lg, r_ in zip(watched, tl[1:], rk[1:])],
+        )

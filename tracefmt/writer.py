@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .batches import decisions_batch, tensors_batch, values_batch
-from .checks import I32, I64, check_key, opt_float, opt_i32, opt_int, opt_str
-from .decisions import Decision, decide, first_max
+from .checks import _I32_MAX, I32, I64, check_key, opt_float, opt_i32, opt_int, opt_str
+from .decisions import Decision, decide, decide_many, first_max
 from .dtypes import DTYPES, canonical, container, dtype_name
 from .errors import TraceError, TraceUsageError, TraceWriteError, UnsupportedDtypeError
 from .ipcfile import ArrowAppender, compact
 from .layout import create_or_join, part_id
 from .metadata import TraceMetadata, utc_now, write_json_atomic
-from .payload import ENCODINGS, SMALL_ELEMENTS, Encoder, TensorStats, compute_stats, compute_stats_many, digest
+from .payload import (
+    DIGEST_BYTES,
+    ENCODINGS,
+    SMALL_ELEMENTS,
+    Encoder,
+    TensorStats,
+    compute_stats,
+    compute_stats_many,
+    digest,
+)
 from .schema import DECISIONS, PARTS_DIR, data_file, part_file
 
 _MODES = ("create", "append", "overwrite")
@@ -157,6 +167,27 @@ def _stats_of_small(items: list) -> None:
     for i, st in zip(small, stats):
         it = items[i]
         items[i] = (*it[:10], st, it[11])
+
+
+def _decisions_of_logits(items: list) -> list[int]:
+    """Derive the decisions of the logits rows ("L" items) of ``items`` in as few numpy calls as
+    possible (:func:`tracefmt.decisions.decide_many` per group of equal shape, dtype, k and
+    watched ids); each becomes a "d" item, in place. Returns the logits' byte counts, for the
+    caller to give back to the queue's budget."""
+    groups: dict[tuple, list[int]] = {}
+    for i, it in enumerate(items):
+        if it[0] == "L":
+            x = it[4]
+            groups.setdefault((x.shape, x.dtype.str, it[5], tuple(it[7])), []).append(i)
+    freed = []
+    for (_shape, _dt, k, watched), idx in groups.items():
+        xs = [items[i][4] for i in idx]
+        decisions = decide_many(np.stack(xs), k=k, chosen=[items[i][6] for i in idx], watched=list(watched))
+        for i, d in zip(idx, decisions):
+            _, sample, step, head, x, _k, _c, _w, row_keys = items[i]
+            items[i] = ("d", _decision_row(sample, step, head, d, row_keys))
+            freed.append(x.nbytes)
+    return freed
 
 
 _ROW_KEYS = ("forced", "piece", "frame", "chunk", "position", "emission", "time_us")
@@ -556,16 +587,24 @@ class TraceWriter:
                 keyword.
             TraceWriteError: the background writer failed earlier.
         """
-        self._check_open()
-        sample, step = check_key(sample, step)
-        if not isinstance(head, str) or not head:
+        if self._error is not None or self._closed:
+            self._check_open()
+        if type(sample) is not str or type(step) is not int or not sample or not 0 <= step <= _I32_MAX:
+            sample, step = check_key(sample, step)
+        if type(head) is not str or not head:
             raise TraceUsageError(f"head must be a non-empty string, got {head!r}")
-        x = np.asarray(logits)
+        x = logits if type(logits) is np.ndarray else np.asarray(logits)
         if watched is None:
             watched = list(self.metadata.watched.values()) if head == self.metadata.vocab_head else []
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+        if type(k) is not int or k < 2:
             raise TraceUsageError(f"k={k!r}: SPEC.md needs at least the top 2 candidates")
-        row_keys = _row_keys(keys)
+        if not keys.keys() - {"forced", "piece"}:  # a recorder's call: the common keys only
+            piece = keys.get("piece")
+            if piece is not None and type(piece) is not str:
+                raise TraceUsageError(f"piece must be a string or None, got {piece!r}")
+            row_keys = (bool(keys.get("forced", False)), piece, None, None, None, None, time.time_ns() // 1000)
+        else:
+            row_keys = _row_keys(keys)
         if chosen is None:
             chosen = first_max(x) if x.ndim == 1 else None
         if chosen is None or x.ndim != 1 or x.size < 2 or x.dtype.kind not in "fiub":
@@ -573,12 +612,13 @@ class TraceWriter:
             self._put(("d", _decision_row(sample, step, head, d, row_keys)))
             chosen = d.chosen
         else:
-            ids = [opt_i32("token id", t) for t in (chosen, *watched)]
+            ids = [t if type(t) is int else opt_i32("token id", t) for t in (chosen, *watched)]
+            v = x.size
             for t in ids:
-                if not 0 <= t < x.size:
-                    raise TraceUsageError(f"token id {t} is outside the logits (vocabulary of {x.size})")
-            copy = np.array(x, copy=True)
-            self._put(("L", sample, step, head, copy, int(k), ids[0], ids[1:], row_keys), copy.nbytes)
+                if t is None or not 0 <= t < v:
+                    raise TraceUsageError(f"token id {t} is outside the logits (vocabulary of {v})")
+            copy = x.copy()
+            self._put(("L", sample, step, head, copy, k, ids[0], ids[1:], row_keys), copy.nbytes)
         if keep_logits:
             self.add_tensor(sample, step, f"logits:{head}", x, source="decision")
         return int(chosen)
@@ -636,7 +676,7 @@ class TraceWriter:
 
     def add_tensor_row(
         self, sample: str, step: int, name: str, call: int, order: int, source: str | None, dtype: str,
-        array: np.ndarray, values: bool,
+        array: np.ndarray, values: bool, *, copy: bool = True,
     ) -> None:
         """:meth:`add_tensor` for callers that check their own arguments (recorders hooking every
         module of a model, where each Python step of the hook counts): everything is positional
@@ -652,6 +692,7 @@ class TraceWriter:
             array: a numpy array of ``dtype``'s little-endian container (bfloat16 as uint16
                 bits), any layout: copied before returning.
             values: store the values too.
+            copy: False: ``array`` is C-contiguous and nobody changes it later (kept as it is).
 
         Raises:
             UnsupportedDtypeError: ``array``'s dtype is not ``dtype``'s container.
@@ -662,7 +703,9 @@ class TraceWriter:
         if array.dtype != container(dtype):
             raise UnsupportedDtypeError(f"tensor {name!r}: a {array.dtype} array cannot hold SPEC.md dtype {dtype!r}")
         pooled = None
-        if array.nbytes < (64 << 10) or not array.flags.c_contiguous:
+        if not copy and array.flags.c_contiguous:
+            a = array
+        elif array.nbytes < (64 << 10) or not array.flags.c_contiguous:
             a = array.copy(order="C")
         else:
             a, pooled = self._pool.copy(array)
@@ -838,6 +881,28 @@ class TraceWriter:
 
     # ------------------------------------------------------------------ background side
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # noqa: BLE001 (a bug here must not leave callers waiting on a dead thread)
+            self._error = self._error or exc
+            self._drain_after_error()
+
+    def _drain_after_error(self) -> None:
+        """After a failure: take items until close, giving their bytes back (nothing is written)."""
+        while True:
+            got = self._queue.get()
+            for item in got[1] if got[0] == "many" else (got,):
+                if item[0] == "close":
+                    self._encoding.shutdown()
+                    return
+                if item[0] == "flush":
+                    item[1].set()
+                elif item[0] == "t":
+                    self._budget.give(item[8].nbytes)
+                elif item[0] == "L":
+                    self._budget.give(item[4].nbytes)
+
+    def _loop(self) -> None:
         dec: list[tuple] = []
         ten: list[tuple] = []
         val: list[tuple[str, bytes]] = []
@@ -872,11 +937,33 @@ class TraceWriter:
                     self._guard(flush)
                 continue
             items = (got,)
+            freed = n_fast = 0
             if got[0] == "many":  # rows handed over by hand_over(): small tensors' stats in one go
                 items = got[1]
                 self._guard(_stats_of_small, items)
+                if self._error is None:
+                    try:
+                        for nbytes in _decisions_of_logits(items):
+                            self._budget.give(nbytes)
+                    except (ValueError, TypeError, TraceError) as exc:
+                        self._error = exc
             for item in items:
                 kind = item[0]
+                if kind == "t" and item[10] is not None and not item[9] and self._error is None:
+                    # statistics known, no values (small tensors handed over together): only
+                    # the digest is left; a few Python steps per row, the budget given back
+                    # per batch (each step here is a step the model's thread may wait for)
+                    _, sample, step, name, call, order, source, dt, a, _v, stats, pooled = item
+                    ten.append((sample, step, name, call, order, source, dt, a.shape, stats,
+                                sha256(a).digest()[:DIGEST_BYTES], None))
+                    steps_seen.add((sample, step))
+                    freed += a.nbytes
+                    n_fast += 1
+                    if pooled is not None:
+                        self._pool.give(pooled)
+                    if len(steps_seen) > self._flush_steps:
+                        self._guard(flush)
+                    continue
                 if kind == "close":
                     self._guard(flush)
                     self._encoding.shutdown()
@@ -901,6 +988,12 @@ class TraceWriter:
                     deadline = time.monotonic() + self._flush_s
                 if len(steps_seen) > self._flush_steps:
                     self._guard(flush)
+            if n_fast:
+                self._budget.give(freed)
+                self._counts["tensors"] += n_fast
+                self._counts["tensor_bytes"] += freed
+                if deadline is None:
+                    deadline = time.monotonic() + self._flush_s
 
     def _guard(self, fn: Any, *args: Any) -> None:
         if self._error is not None:
