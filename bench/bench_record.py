@@ -12,10 +12,9 @@ step with
     stats       forward hooks on every module: statistics + digest of each output (and of the
                 logits), plus the decision;
     full        the same with the values of every output (zstd level 1);
-    floor       not a recorder: forward hooks that only copy each output into recycled buffers,
-                and a thread that computes each copy's statistics and digest. It is the least
-                any recorder of every module's output must do on a CPU, so ``stats`` cannot go
-                below it.
+    floor       not a recorder: forward hooks that only copy each output (into recycled
+                buffers): the least a recorder of every module's output does on the model's
+                thread, before any statistic, digest, row or file. ``stats`` adds those to it.
 
 Workloads (the pre-norm decoder-only transformer LM of tests/recorder_models.py, d=256, 4
 layers, vocabulary 4096, 45 modules; prompt of 32 tokens, untimed):
@@ -46,12 +45,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -62,24 +59,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from recorder_models import TransformerLM
 
 from recorders.torch import TorchRecorder
-from tracefmt.payload import compute_stats, digest
 
 CONFIGS = ("none", "decisions", "stats", "full", "floor")
 TARGETS = {"decisions": 0.03, "stats": 0.30}
 
 
 class Floor:
-    """Forward hooks that copy every module output into recycled buffers, and a thread that
-    computes the copies' statistics and digests: the least work a recorder of every module's
-    output does (no Python bookkeeping, no rows, no files)."""
+    """Forward hooks that only copy every module output (into recycled buffers) and drop the
+    copies at the end of the step: the least a recorder of every module's output does on the
+    model's thread, before any statistic, digest, row or file."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._free: dict[int, list[np.ndarray]] = {}
-        self._step: list[tuple[np.ndarray, np.ndarray]] = []
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._step: list[np.ndarray] = []
         self._handles = [m.register_forward_hook(self._hook) for n, m in model.named_modules() if n]
-        self._thread = threading.Thread(target=self._work, daemon=True)
-        self._thread.start()
 
     def _hook(self, _m: torch.nn.Module, _a: object, out: object) -> None:
         if isinstance(out, torch.Tensor):
@@ -87,26 +80,17 @@ class Floor:
             size = 1 << max((a.nbytes - 1).bit_length(), 6)
             free = self._free.get(size)
             buf = free.pop() if free else np.empty(size, np.uint8)
-            copy = buf[: a.nbytes].view(a.dtype).reshape(a.shape)
-            np.copyto(copy, a)
-            self._step.append((copy, buf))
+            np.copyto(buf[: a.nbytes].view(a.dtype).reshape(a.shape), a)
+            self._step.append(buf)
 
     def end_step(self) -> None:
-        self._queue.put(self._step)
+        for buf in self._step:
+            self._free.setdefault(buf.nbytes, []).append(buf)
         self._step = []
-
-    def _work(self) -> None:
-        while (items := self._queue.get()) is not None:
-            for copy, buf in items:
-                compute_stats(copy, "float32")
-                digest(memoryview(copy).cast("B"))
-                self._free.setdefault(buf.nbytes, []).append(buf)
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
-        self._queue.put(None)
-        self._thread.join()
 
 
 def decode(model: TransformerLM, prompt: list[int], steps: int, workload: str, config: str, out: Path) -> dict:
@@ -177,7 +161,7 @@ def bench(workload: str, args: argparse.Namespace, out: Path) -> list[str]:
         if c == "full":
             verdict = f"stall 0: {'PASS' if med['stall'] == 0 else 'MISS'}"
         if c == "floor":
-            verdict = "(least work possible; not a recorder)"
+            verdict = "(hooks that only copy: not a recorder)"
         lines.append(f"{c:<10} {med['ms']:8.3f} {ratio:6.3f} {over:9.1%} {med['cpu_ms']:7.3f} {med['proc_ms']:8.3f} "
                      f"{med['stall']:8.3f} {med['close']:8.3f}  {verdict}")
     return lines

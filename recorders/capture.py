@@ -166,6 +166,7 @@ class Recorder(StepBook):
         self.writer.hold()
         self.triggers: list[Trigger] = []
         self._watched_ids = list(self.metadata.watched.values())
+        self._logits_modes: dict[str, str] = {}
         self._lock = threading.Lock()
         self._ring = Ring(budget, self._emit) if budget is not None else None
         self._unchecked: deque[tuple[int, str, int, str, HostCopy]] = deque()
@@ -316,20 +317,27 @@ class Recorder(StepBook):
             if chosen is None:
                 chosen = first_max(host)
             if chosen is not None:
-                if "piece" not in keys and self._pieces and head == self.metadata.vocab_head:
+                if self._pieces and "piece" not in keys and head == self.metadata.vocab_head:
                     keys["piece"] = self._pieces.get(int(chosen))
-                with self._lock:
-                    chosen = self.writer.add_logits(st.key.sample, st.key.index, host, head=head, k=self.k,
-                                                    chosen=chosen, watched=watched, forced=forced, **keys)
+                key = st.key
+                chosen = self.writer.add_logits(key.sample, key.index, host, head=head, k=self.k, chosen=chosen,
+                                                watched=watched, forced=forced, **keys)
                 st.heads.add(head)
-                if self.policy.mode(f"logits:{head}") != "none":
+                if self._logits_mode(head) != "none":
                     self.record(f"logits:{head}", logits, source="decision")
                 return chosen
         d = decide(logits, k=self.k, chosen=chosen, watched=watched)
         self.record_decision(d, head=head, forced=forced, **keys)
-        if self.policy.mode(f"logits:{head}") != "none":
+        if self._logits_mode(head) != "none":
             self.record(f"logits:{head}", logits, source="decision")
         return d.chosen
+
+    def _logits_mode(self, head: str) -> str:
+        """The policy's mode for ``logits:<head>`` (cached: asked at every decision)."""
+        mode = self._logits_modes.get(head)
+        if mode is None:
+            mode = self._logits_modes[head] = self.policy.mode(f"logits:{head}")
+        return mode
 
     def record_decision(self, decision: Decision, *, head: str = "token", forced: bool = False, **keys: Any) -> None:
         """Write a decision computed elsewhere (e.g. by :func:`recorders.decisions.decide_rows`).
@@ -406,9 +414,21 @@ class Recorder(StepBook):
         return self.reference.tensor(key.sample, key.index, name, call=call)
 
     # ------------------------------------------------------------------ lifecycle
+    def _finish_deferred(self) -> None:
+        """Finish the records a framework's hooks left for later (:class:`TorchRecorder` keeps
+        small outputs' bookkeeping for the end of the step). Called before anything else is
+        recorded, when a step ends, and at close, so execution order and call indices hold."""
+
+    def end_step(self) -> None:
+        """Close the open step, if any (later records open the next step automatically)."""
+        if not self._closed:
+            self._finish_deferred()
+        super().end_step()
+
     def _check(self) -> None:
         if self._closed:
             raise RecorderUsageError("this recorder is closed")
+        self._finish_deferred()
         if self._finisher is not None and self._finisher.error is not None:
             raise TraceWriteError(f"recording a device tensor failed: {self._finisher.error}") from self._finisher.error
 
@@ -426,9 +446,11 @@ class Recorder(StepBook):
         """
         if self._summary is not None:
             return self._summary
-        self._closed = True
-        self._step = None
+        closing, self._closed = not self._closed, True
         try:
+            if closing:
+                self._finish_deferred()
+            self._step = None
             if self._ring is not None:
                 self._poll_nonfinite(wait=True)
                 self._ring.drain()

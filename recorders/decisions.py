@@ -42,16 +42,28 @@ def is_torch_tensor(x: object) -> bool:
     Returns:
         True for ``torch.Tensor`` instances (and subclasses such as ``nn.Parameter``).
     """
-    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+    t = type(x)
+    known = _TORCH_TYPES.get(t)
+    if known is None:
+        known = _TORCH_TYPES[t] = t.__module__.startswith("torch") and hasattr(x, "detach")
+    return known
+
+
+_TORCH_TYPES: dict[type, bool] = {}
+_CONVERT: dict[Any, str] = {}  # torch dtype -> "" (view as it is), "float" or "double"
 
 
 def _cpu_numpy(t: Any) -> np.ndarray:
     """A numpy view of CPU torch logits (bfloat16 widened to float32, integers to float64: exactly)."""
-    x = t.detach()
-    if str(x.dtype) == "torch.bfloat16":
-        x = x.float()  # exact, NaN payloads kept (as the device path does)
-    elif str(x.dtype) not in ("torch.float32", "torch.float64", "torch.float16"):
-        x = x.double()
+    x = t.detach() if t.requires_grad else t
+    how = _CONVERT.get(x.dtype)
+    if how is None:
+        name = str(x.dtype)
+        how = _CONVERT[x.dtype] = ("float" if name == "torch.bfloat16"  # exact, NaN payloads kept (as on a device)
+                                   else "" if name in ("torch.float32", "torch.float64", "torch.float16")
+                                   else "double")
+    if how:
+        x = x.float() if how == "float" else x.double()
     return x.numpy()
 
 
@@ -62,8 +74,10 @@ def host_logits(logits: Any) -> np.ndarray | None:
     Args:
         logits: a numpy array, anything ``np.asarray`` accepts, or a torch tensor.
     """
+    if type(logits) is np.ndarray:
+        return logits
     if is_torch_tensor(logits):
-        return _cpu_numpy(logits) if logits.device.type == "cpu" else None
+        return _cpu_numpy(logits) if logits.is_cpu else None
     return np.asarray(logits)
 
 

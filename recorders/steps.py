@@ -9,8 +9,6 @@ which keeps SPEC.md's keys unique.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -55,6 +53,26 @@ def check_sample(sample: object) -> str:
     if not isinstance(sample, str) or not sample:
         raise RecorderUsageError(f"sample must be a non-empty string, got {sample!r}")
     return sample
+
+
+class StepScope:
+    """``with book.step(...)``: opens the step on entry, ends it on exit if it is still open.
+    (A class, not a generator: it runs once per decode step, between the model's calls.)"""
+
+    __slots__ = ("_book", "_index", "_sample", "_step")
+
+    def __init__(self, book: StepBook, sample: str | None, index: int | None) -> None:
+        self._book, self._sample, self._index = book, sample, index
+        self._step: Step | None = None
+
+    def __enter__(self) -> StepKey:
+        key = self._book.begin_step(sample=self._sample, index=self._index)
+        self._step = self._book._step
+        return key
+
+    def __exit__(self, *exc: object) -> None:
+        if self._book._step is not None and self._book._step is self._step:
+            self._book.end_step()
 
 
 class StepBook:
@@ -128,23 +146,17 @@ class StepBook:
         """Close the open step, if any (later records open the next step automatically)."""
         self._step = None
 
-    @contextmanager
-    def step(self, *, sample: str | None = None, index: int | None = None) -> Iterator[StepKey]:
+    def step(self, *, sample: str | None = None, index: int | None = None) -> StepScope:
         """Context manager around one explicit step: ``with rec.step(sample="utt1", index=3):``.
 
         Args:
             sample: as for :meth:`begin_step`.
             index: as for :meth:`begin_step`.
 
-        Yields:
-            The step's key.
+        Returns:
+            The context manager; ``with`` gives the step's key.
         """
-        key = self.begin_step(sample=sample, index=index)
-        try:
-            yield key
-        finally:
-            if self._step is not None and self._step.key == key:
-                self.end_step()
+        return StepScope(self, sample, index)
 
     def next_call(self, name: str) -> int:
         """Count one call of ``name`` in the open step (opening one if needed).

@@ -49,6 +49,9 @@ for _name in ("uint16", "uint32", "uint64"):
 #: CPU dtypes the hooks' lean path records: torch dtype -> (SPEC.md name, torch dtype to view the
 #: bits as before ``.numpy()``, or None)
 _LEAN = {dt: (name, torch.int16 if dt == torch.bfloat16 else None) for dt, name in _DTYPES.items()}
+#: CPU outputs up to this size are copied in the hook and handed to the writer at the end of the
+#: step (bigger ones go at once, into the writer's recycled buffers)
+_SMALL_BYTES = 64 << 10
 _PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
               torch.int8: "int8", torch.qint8: "int8"}
 
@@ -322,6 +325,9 @@ class TorchRecorder(Recorder):
         # CPU tensors without a budget take the lean path (_record_cpu): the hooks run between
         # the model's own ops, with its caches cold, so every Python step there counts
         self._lean = self._ring is None and not device_stats
+        # small CPU outputs of the open step: (step, name, source, values, contiguous clone),
+        # counted and handed to the writer by _finish_deferred in one loop
+        self._pending: list[tuple] = []
         self._handles: list[Any] = []
         tp = CapturePolicy(transplant)
         for name, mod in named.items():
@@ -337,6 +343,7 @@ class TorchRecorder(Recorder):
     def _hook(self, name: str, source: str, mode: str, swap: bool) -> Any:
         if swap:
             def transplant_hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+                self._finish_deferred()
                 call = self.next_call(name)
                 output = self._transplant(name, call, output)
                 if mode != "none":
@@ -345,19 +352,44 @@ class TorchRecorder(Recorder):
 
             return transplant_hook
         values = mode == "full"
-        tensor = torch.Tensor
+        tensor, strided = torch.Tensor, torch.strided
 
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
             st = self._step or self._current()
+            if self._lean and type(output) is tensor and output.is_cpu and not self._closed:
+                if output.nbytes <= _SMALL_BYTES and output.dtype in _LEAN and output.layout == strided:
+                    # The hook runs between the model's ops, with cold caches: it copies and
+                    # nothing more; _finish_deferred checks and counts at the end of the step.
+                    self._pending.append((st, name, source, values,
+                                          (output.detach() if output.requires_grad else output).clone()))
+                    return
+                self._finish_deferred()
+                calls = st.calls
+                call = calls.get(name, 0)
+                calls[name] = call + 1
+                self._record_cpu(st, name, call, output, source, values)
+            else:
+                self._finish_deferred()
+                self._record_output(name, self.next_call(name), output, source, mode)
+
+        return hook
+
+    def _finish_deferred(self) -> None:
+        """Count and hand to the writer the small outputs the hooks copied (in hook order)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        writer = self.writer
+        for st, name, source, values, c in pending:
             calls = st.calls
             call = calls.get(name, 0)
             calls[name] = call + 1
-            if self._lean and type(output) is tensor and output.is_cpu:
-                self._record_cpu(st, name, call, output, source, values)
-            else:
-                self._record_output(name, call, output, source, mode)
-
-        return hook
+            order = st.order
+            st.order = order + 1
+            dt, bits = _LEAN[c.dtype]
+            a = c.numpy() if bits is None else c.view(bits).numpy().view(np.uint16)
+            writer.add_tensor_row(st.key.sample, st.key.index, name, call, order, source, dt, a, values, copy=False)
 
     def _record_cpu(self, st: Any, name: str, call: int, t: torch.Tensor, source: str, values: bool) -> None:
         """Record a CPU tensor output: :meth:`Recorder.record`'s work in as few Python steps as

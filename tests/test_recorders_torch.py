@@ -89,6 +89,43 @@ def test_hooks_record_in_execution_order_with_calls_and_dict_outputs(tmp_path):
     assert not model.lin._forward_hooks and not model.out._forward_hooks, "hooks are removed at close"
 
 
+class Mixed(nn.Module):
+    """A small output changed in place after its module returns (as ReLU(inplace=True) does),
+    then a large output (>= 64 KB, recorded at once), then the small module again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.small = nn.Linear(4, 4)
+        self.big = nn.Linear(4, 8192)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.small(x)
+        self.seen = y.clone()
+        y.relu_()  # in place, after the hook ran
+        z = self.big(y)
+        return self.small(z[:, :4])
+
+
+def test_hook_copies_are_taken_before_in_place_changes_and_keep_execution_order(tmp_path):
+    """Small outputs are copied in the hook and counted at the end of the step, large ones go at
+    once: values are those the modules returned, and order/call follow execution, explicit
+    records and decisions included."""
+    model = Mixed()
+    with TorchRecorder(tmp_path / "t.trace", model, modules="full") as rec, torch.no_grad():
+        for t in range(2):
+            with rec.step(index=t):
+                out = model(torch.randn(2, 4))
+                rec.record("extra", np.arange(3.0))
+                rec.decide(out[0])
+    r = TraceReader(tmp_path / "t.trace")
+    assert rows(r.tensors(step=1), "name", "call", "order") == [
+        ("small", 0, 0), ("big", 0, 1), ("small", 1, 2), ("extra", 0, 3), ("logits:token", 0, 4)]
+    np.testing.assert_array_equal(r.tensor("0", 1, "small", call=0), model.seen.numpy())  # not the ReLU'd one
+    np.testing.assert_array_equal(r.tensor("0", 1, "small", call=1), out.numpy())
+    assert r.decisions()["step"].to_pylist() == [0, 1]
+
+
 def test_tuple_outputs_and_automatic_steps(tmp_path):
     model = GRULM()
     path = tmp_path / "gru.trace"
