@@ -56,6 +56,14 @@ _scratch = threading.local()
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
+def _scratch64(n: int) -> np.ndarray:
+    """A per-thread float64 buffer of ``n <= _CHUNK`` elements (fresh memory is slow to touch)."""
+    buf = getattr(_scratch, "f64", None)
+    if buf is None:
+        buf = _scratch.f64 = np.empty(_CHUNK, np.float64)
+    return buf[:n]
+
+
 def _widened(c: np.ndarray, name: str) -> np.ndarray:
     """Return chunk ``c`` as numbers numpy reduces natively (float16/bfloat16 widened exactly to
     float32 in a reused per-thread buffer: fresh memory is slow to touch)."""
@@ -97,7 +105,12 @@ def compute_stats(a: np.ndarray, name: str) -> TensorStats:
     with np.errstate(invalid="ignore", over="ignore"):  # +inf + -inf, overflow: handled below
         for start in range(0, n, _CHUNK):
             c = _widened(flat[start : start + _CHUNK], name)
-            s = float(np.add.reduce(c, dtype=np.float64))
+            # Σx and Σx² from a float64 copy of the chunk in a reused buffer: x² of a float32
+            # is exact in float64, and two vectorised passes over a cached chunk cost less
+            # than a casting reduction plus einsum (no BLAS: its threads thrash on a busy machine)
+            w = _scratch64(c.size)
+            np.copyto(w, c, casting="unsafe")
+            s = float(np.add.reduce(w))
             if is_float and not math.isfinite(s):
                 bad = ~np.isfinite(c)
                 nans = int(np.count_nonzero(np.isnan(c)))
@@ -106,13 +119,13 @@ def compute_stats(a: np.ndarray, name: str) -> TensorStats:
                 c = c[~bad]
                 if not c.size:
                     continue
-                s = float(np.add.reduce(c, dtype=np.float64))
+                w = w[: c.size]
+                np.copyto(w, c, casting="unsafe")
+                s = float(np.add.reduce(w))
             lo = min(lo, float(c.min()))
             hi = max(hi, float(c.max()))
             total += s
-            # einsum accumulates in float64 without a float64 copy and without BLAS (whose
-            # threads thrash on a busy machine: 30x slower here under load)
-            sumsq += float(np.einsum("i,i->", c, c, dtype=np.float64))
+            sumsq += float(np.add.reduce(np.multiply(w, w, out=w)))
             count += int(c.size)
     if count == 0:
         return TensorStats(n, None, None, None, None, None, None, nan_count, inf_count)

@@ -180,13 +180,15 @@ def _decisions_of_logits(items: list) -> list[int]:
             x = it[4]
             groups.setdefault((x.shape, x.dtype.str, it[5], tuple(it[7])), []).append(i)
     freed = []
-    for (_shape, _dt, k, watched), idx in groups.items():
-        xs = [items[i][4] for i in idx]
-        decisions = decide_many(np.stack(xs), k=k, chosen=[items[i][6] for i in idx], watched=list(watched))
-        for i, d in zip(idx, decisions):
-            _, sample, step, head, x, _k, _c, _w, row_keys = items[i]
-            items[i] = ("d", _decision_row(sample, step, head, d, row_keys))
-            freed.append(x.nbytes)
+    for (_shape, _dt, k, watched), group in groups.items():
+        for at in range(0, len(group), 32):  # 32 rows at a time: the float64 scratch stays in cache
+            idx = group[at : at + 32]
+            xs = np.stack([items[i][4] for i in idx])
+            decisions = decide_many(xs, k=k, chosen=[items[i][6] for i in idx], watched=list(watched))
+            for i, d in zip(idx, decisions):
+                _, sample, step, head, x, _k, _c, _w, row_keys = items[i]
+                items[i] = ("d", _decision_row(sample, step, head, d, row_keys))
+                freed.append(x.nbytes)
     return freed
 
 
