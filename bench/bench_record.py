@@ -27,7 +27,8 @@ layers, vocabulary 4096, 45 modules; prompt of 32 tokens, untimed):
 
 Configurations run interleaved (their order rotates at each repeat) and each ratio is taken
 against the ``none`` run of the same repeat, then the median over repeats is reported, so a
-noisy machine shifts them alike. ``ms/step`` is the median wall time per step; ``cpu ms`` the
+noisy machine shifts them alike; ``spread`` is half the interquartile range of the paired
+overheads (how far one run may be off). ``ms/step`` is the median wall time per step; ``cpu ms`` the
 model thread's own CPU time per step (model, hooks and copies); ``proc ms`` the whole
 process's CPU time per step, writer threads and ``close()`` included (the total cost of
 recording); ``stall s`` is ``WriteSummary.stall_seconds``, the time the model thread waited
@@ -148,13 +149,15 @@ def bench(workload: str, args: argparse.Namespace, out: Path) -> list[str]:
         for config in order:
             runs[config].append(decode(model, prompt, steps, workload, config, out))
     lines = [f"{workload}: {steps} steps per run; load {os.getloadavg()[0]:.1f}",
-             (f"{'config':<10} {'ms/step':>8} {'ratio':>6} {'overhead':>9} {'cpu ms':>7} {'proc ms':>8} "
-              f"{'stall s':>8} {'close s':>8}  target")]
+             (f"{'config':<10} {'ms/step':>8} {'ratio':>6} {'overhead':>9} {'spread':>7} {'cpu ms':>7} "
+              f"{'proc ms':>8} {'stall s':>8} {'close s':>8}  target")]
     for c in CONFIGS:
         rs = runs[c]
         ratios = [base["ms"] / r["ms"] for base, r in zip(runs["none"], rs)]
         ratio = statistics.median(ratios)
         over = 1 / ratio - 1
+        overs = sorted(1 / x - 1 for x in ratios)
+        spread = (overs[(3 * len(overs)) // 4] - overs[len(overs) // 4]) / 2  # half the interquartile range
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         target = TARGETS.get(c)
         verdict = "" if target is None else f"<= {target:.0%}: {'PASS' if over <= target else 'MISS'}"
@@ -162,7 +165,7 @@ def bench(workload: str, args: argparse.Namespace, out: Path) -> list[str]:
             verdict = f"stall 0: {'PASS' if med['stall'] == 0 else 'MISS'}"
         if c == "floor":
             verdict = "(hooks that only copy: not a recorder)"
-        lines.append(f"{c:<10} {med['ms']:8.3f} {ratio:6.3f} {over:9.1%} {med['cpu_ms']:7.3f} {med['proc_ms']:8.3f} "
+        lines.append(f"{c:<10} {med['ms']:8.3f} {ratio:6.3f} {over:9.1%} {spread:7.1%} {med['cpu_ms']:7.3f} {med['proc_ms']:8.3f} "
                      f"{med['stall']:8.3f} {med['close']:8.3f}  {verdict}")
     return lines
 
