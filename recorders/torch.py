@@ -325,8 +325,8 @@ class TorchRecorder(Recorder):
         # CPU tensors without a budget take the lean path (_record_cpu): the hooks run between
         # the model's own ops, with its caches cold, so every Python step there counts
         self._lean = self._ring is None and not device_stats
-        # small CPU outputs of the open step: (step, name, source, values, contiguous clone),
-        # counted and handed to the writer by _finish_deferred in one loop
+        # small CPU outputs of the open step: (step, name, source, values, clone), counted and
+        # handed to the writer by _finish_deferred in one loop
         self._pending: list[tuple] = []
         self._handles: list[Any] = []
         tp = CapturePolicy(transplant)
@@ -380,32 +380,28 @@ class TorchRecorder(Recorder):
         if not pending:
             return
         self._pending = []
-        writer = self.writer
         for st, name, source, values, c in pending:
             calls = st.calls
             call = calls.get(name, 0)
             calls[name] = call + 1
-            order = st.order
-            st.order = order + 1
-            dt, bits = _LEAN[c.dtype]
-            a = c.numpy() if bits is None else c.view(bits).numpy().view(np.uint16)
-            writer.add_tensor_row(st.key.sample, st.key.index, name, call, order, source, dt, a, values, copy=False)
+            self._row(st, name, call, c, source, values, copy=False)  # the clone is ours already
 
     def _record_cpu(self, st: Any, name: str, call: int, t: torch.Tensor, source: str, values: bool) -> None:
         """Record a CPU tensor output: :meth:`Recorder.record`'s work in as few Python steps as
         possible (the writer copies the numpy view before returning)."""
-        lean = _LEAN.get(t.dtype)
-        if lean is None or self._closed or t.layout != torch.strided:
+        if t.dtype not in _LEAN or self._closed or t.layout != torch.strided:
             self.record(name, t, call=call, source=source, mode="full" if values else "stats")
             return
-        dt, bits = lean
-        if t.requires_grad:
-            t = t.detach()
+        self._row(st, name, call, t.detach() if t.requires_grad else t, source, values, copy=True)
+
+    def _row(self, st: Any, name: str, call: int, t: torch.Tensor, source: str, values: bool, *, copy: bool) -> None:
+        """Hand the writer the row of CPU tensor ``t`` (a dtype of ``_LEAN``) at the next order."""
+        dt, bits = _LEAN[t.dtype]
         a = t.numpy() if bits is None else t.view(bits).numpy().view(np.uint16)
         order = st.order
         st.order = order + 1
         key = st.key
-        self.writer.add_tensor_row(key.sample, key.index, name, call, order, source, dt, a, values)
+        self.writer.add_tensor_row(key.sample, key.index, name, call, order, source, dt, a, values, copy=copy)
 
     def _record_output(self, name: str, call: int, out: Any, source: str, mode: str) -> None:
         if isinstance(out, torch.Tensor):

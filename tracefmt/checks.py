@@ -13,14 +13,14 @@ I64 = np.iinfo(np.int64)
 # Plain ints: ``np.iinfo.min``/``max`` are properties computed at each access (~0.3 us each),
 # and these checks run for every row a recorder writes.
 _BOUNDS = {id(I32): (int(I32.min), int(I32.max), 32), id(I64): (int(I64.min), int(I64.max), 64)}
-_I32_MAX = int(I32.max)
+I32_MAX = int(I32.max)
 
 
 def check_key(sample: Any, step: Any) -> tuple[str, int]:
     """Return (sample, step) checked: a non-empty string and an int32 step >= 0."""
     if not isinstance(sample, str) or not sample:
         raise TraceUsageError(f"sample must be a non-empty string, got {sample!r}")
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= _I32_MAX:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= I32_MAX:
         raise TraceUsageError(f"step must be an integer in [0, 2**31), got {step!r}")
     return sample, int(step)
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .batches import decisions_batch, tensors_batch, values_batch
-from .checks import _I32_MAX, I32, I64, check_key, opt_float, opt_i32, opt_int, opt_str
+from .checks import I32, I32_MAX, I64, check_key, opt_float, opt_i32, opt_int, opt_str
 from .decisions import Decision, decide, decide_many, first_max
 from .dtypes import DTYPES, canonical, container, dtype_name
 from .errors import TraceError, TraceUsageError, TraceWriteError, UnsupportedDtypeError
@@ -231,7 +231,7 @@ class TraceWriter:
     a GIL hand-off between the two threads that costs the caller ~10-30 us here, and stalls a
     Python-bound caller while the background thread runs Python. A caller adding many rows per
     step (a recorder hooking every module) calls :meth:`hold`: rows then travel in batches of
-    up to ``hold_rows`` rows, ``hold_bytes`` bytes or ``flush_ms / 2`` milliseconds.
+    up to 2048 rows, a quarter of ``queue_bytes`` (8 MB at most) or ``flush_ms / 2``.
 
     Args:
         path: the trace directory.
@@ -591,7 +591,7 @@ class TraceWriter:
         """
         if self._error is not None or self._closed:
             self._check_open()
-        if type(sample) is not str or type(step) is not int or not sample or not 0 <= step <= _I32_MAX:
+        if type(sample) is not str or type(step) is not int or not sample or not 0 <= step <= I32_MAX:
             sample, step = check_key(sample, step)
         if type(head) is not str or not head:
             raise TraceUsageError(f"head must be a non-empty string, got {head!r}")
@@ -756,8 +756,8 @@ class TraceWriter:
         """Keep the rows of later ``add_*`` calls (from any thread) and hand them to the
         background thread in batches, until :meth:`hand_over`.
 
-        A batch goes when the held rows reach ``hold_rows`` rows or ``hold_bytes`` bytes or
-        when the oldest has waited ``flush_ms / 2`` (the background thread takes rows that
+        A batch goes when the held rows reach 2048 rows or a quarter of ``queue_bytes`` (8 MB
+        at most), or when the oldest has waited ``flush_ms / 2`` (the background thread takes rows that
         wait longer itself, so a run that hangs still gets them written); :meth:`flush` and
         :meth:`close` hand them over too. A process killed while rows are held loses them, as
         it loses rows not yet flushed.
