@@ -424,3 +424,32 @@ def test_a_failure_on_the_writer_thread_is_reported_not_hung(tmp_path, monkeypat
         w.flush()
     with pytest.raises(TraceWriteError, match="bug in the batch path"):
         w.close()
+
+
+def test_held_rows_from_several_threads_under_a_small_queue_all_arrive(tmp_path):
+    """hold() with rows added from two threads while the queue's budget is far smaller than
+    what is added: the callers wait for room (stall), nothing is lost, nothing deadlocks."""
+    import threading
+
+    big = np.arange(1 << 16, dtype=np.float32)  # 256 KB: pooled copies
+    with TraceWriter(tmp_path / "t.trace", queue_bytes=1 << 20) as w:
+        w.hold()
+
+        def add(sample):
+            for i in range(40):
+                w.add_tensor(sample, i, "big", big + i, values=i % 2 == 0)
+                w.add_tensor(sample, i, "small", np.full(3, i, np.int64), values=False)
+                w.add_logits(sample, i, np.array([0.0, float(i), 1.0]))
+
+        threads = [threading.Thread(target=add, args=(s,)) for s in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        summary = w.close()
+    assert (summary.tensors, summary.values, summary.decisions) == (160, 40, 80)
+    r = TraceReader(tmp_path / "t.trace")
+    np.testing.assert_array_equal(r.tensor("b", 38, "big"), big + 38)
+    rows = [t for t in r.tensors().to_pylist() if t["sample"] == "a" and t["name"] == "small"]
+    assert [(t["step"], t["min"], t["max"]) for t in rows] == [(i, float(i), float(i)) for i in range(40)]
+    assert r.decisions(sample="a")["chosen"].to_pylist() == [2] + [1] * 39
