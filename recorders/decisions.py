@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tracefmt import TraceWriter
-from tracefmt.decisions import Decision
+from tracefmt.decisions import Decision, decide_many
 from tracefmt.decisions import decide as _decide_numpy
 from tracefmt.errors import TraceUsageError
 
@@ -104,18 +104,17 @@ def decide(
         TraceUsageError: logits are not 1-d or hold fewer than 2 entries, ``k < 2``, or an id
             is outside the logits.
     """
-    if is_torch_tensor(logits):
-        if logits.dim() != 1:
-            raise TraceUsageError(
-                f"logits must be 1-d, got shape {tuple(logits.shape)}; pass the last position only "
-                "(logits[0, -1]) or use decide_rows for a batch"
-            )
-        if logits.device.type != "cpu":
-            from .torch import decide_tensor
+    if is_torch_tensor(logits) and logits.dim() != 1:
+        raise TraceUsageError(
+            f"logits must be 1-d, got shape {tuple(logits.shape)}; pass the last position only "
+            "(logits[0, -1]) or use decide_rows for a batch"
+        )
+    host = host_logits(logits)
+    if host is None:
+        from .torch import decide_tensor
 
-            return decide_tensor(logits, k=k, chosen=[chosen], watched=list(watched))[0]
-        logits = _cpu_numpy(logits)
-    return _decide_numpy(np.asarray(logits), k=k, chosen=chosen, watched=list(watched))
+        return decide_tensor(logits, k=k, chosen=[chosen], watched=list(watched))[0]
+    return _decide_numpy(host, k=k, chosen=chosen, watched=list(watched))
 
 
 def decide_rows(
@@ -147,14 +146,14 @@ def decide_rows(
         raise TraceUsageError(f"chosen holds {len(chosen)} ids for {shape[0]} rows of logits")
     rows_chosen = list(chosen) if chosen is not None else [None] * shape[0]
     watched = list(watched)
-    if is_torch_tensor(logits):
-        if logits.device.type != "cpu":
-            from .torch import decide_tensor
+    host = host_logits(logits)
+    if host is None:
+        from .torch import decide_tensor
 
-            return decide_tensor(logits, k=k, chosen=rows_chosen, watched=watched)
-        logits = _cpu_numpy(logits)
-    arr = np.asarray(logits)
-    return [_decide_numpy(arr[i], k=k, chosen=c, watched=watched) for i, c in enumerate(rows_chosen)]
+        return decide_tensor(logits, k=k, chosen=rows_chosen, watched=watched)
+    if k < 2:
+        raise TraceUsageError(f"k={k}: SPEC.md needs at least the top 2 candidates")
+    return decide_many(host, k=k, chosen=rows_chosen, watched=watched)
 
 
 def write_decision(

@@ -88,8 +88,8 @@ def decide(
     k = min(k, v)
     watched = [int(t) for t in watched]
     if x.dtype in (np.float32, np.float64):
-        am = int(x.argmax())  # numpy's argmax stops at the first NaN: no NaN anywhere if x[am] is a number
-        if x[am] == x[am]:
+        am = first_max(x)
+        if am is not None:
             return _decide_numbers(x, k, am, chosen, watched)
     x = x.astype(np.float64)
     nan = np.isnan(x)
@@ -201,6 +201,9 @@ def decide_many(
     """
     x = np.asarray(logits)
     n, v = x.shape
+    for t in [c for c in chosen if c is not None] + list(watched):
+        if not 0 <= int(t) < v:
+            raise TraceUsageError(f"token id {t} is outside the logits (vocabulary of {v})")
     k = min(k, v)
     out: list[Decision | None] = [None] * n
     if n and x.dtype in (np.float32, np.float64) and k >= 2:

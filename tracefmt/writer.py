@@ -169,17 +169,17 @@ def _stats_of_small(items: list) -> None:
         items[i] = (*it[:10], st, it[11])
 
 
-def _decisions_of_logits(items: list) -> list[int]:
+def _decisions_of_logits(items: list) -> int:
     """Derive the decisions of the logits rows ("L" items) of ``items`` in as few numpy calls as
     possible (:func:`tracefmt.decisions.decide_many` per group of equal shape, dtype, k and
-    watched ids); each becomes a "d" item, in place. Returns the logits' byte counts, for the
-    caller to give back to the queue's budget."""
+    watched ids); each becomes a "d" item, in place. Returns the logits' bytes, for the caller
+    to give back to the queue's budget."""
     groups: dict[tuple, list[int]] = {}
     for i, it in enumerate(items):
         if it[0] == "L":
             x = it[4]
             groups.setdefault((x.shape, x.dtype.str, it[5], tuple(it[7])), []).append(i)
-    freed = []
+    freed = 0
     for (_shape, _dt, k, watched), group in groups.items():
         for at in range(0, len(group), 32):  # 32 rows at a time: the float64 scratch stays in cache
             idx = group[at : at + 32]
@@ -188,7 +188,7 @@ def _decisions_of_logits(items: list) -> list[int]:
             for i, d in zip(idx, decisions):
                 _, sample, step, head, x, _k, _c, _w, row_keys = items[i]
                 items[i] = ("d", _decision_row(sample, step, head, d, row_keys))
-                freed.append(x.nbytes)
+                freed += x.nbytes
     return freed
 
 
@@ -197,6 +197,11 @@ _ROW_KEYS = ("forced", "piece", "frame", "chunk", "position", "emission", "time_
 
 def _row_keys(keys: Mapping[str, Any]) -> tuple:
     """Check the optional columns of a decision row given as keywords; return them in row order."""
+    if not keys.keys() - {"forced", "piece"}:  # a recorder's call: the common keys only
+        piece = keys.get("piece")
+        if piece is not None and type(piece) is not str:
+            raise TraceUsageError(f"piece must be a string or None, got {piece!r}")
+        return bool(keys.get("forced", False)), piece, None, None, None, None, time.time_ns() // 1000
     unknown = keys.keys() - set(_ROW_KEYS)
     if unknown:
         raise TraceUsageError(f"unknown decision field(s) {', '.join(sorted(unknown))}; use {', '.join(_ROW_KEYS)}")
@@ -600,13 +605,7 @@ class TraceWriter:
             watched = list(self.metadata.watched.values()) if head == self.metadata.vocab_head else []
         if type(k) is not int or k < 2:
             raise TraceUsageError(f"k={k!r}: SPEC.md needs at least the top 2 candidates")
-        if not keys.keys() - {"forced", "piece"}:  # a recorder's call: the common keys only
-            piece = keys.get("piece")
-            if piece is not None and type(piece) is not str:
-                raise TraceUsageError(f"piece must be a string or None, got {piece!r}")
-            row_keys = (bool(keys.get("forced", False)), piece, None, None, None, None, time.time_ns() // 1000)
-        else:
-            row_keys = _row_keys(keys)
+        row_keys = _row_keys(keys)
         if chosen is None:
             chosen = first_max(x) if x.ndim == 1 else None
         if chosen is None or x.ndim != 1 or x.size < 2 or x.dtype.kind not in "fiub":
@@ -945,8 +944,8 @@ class TraceWriter:
                 self._guard(_stats_of_small, items)
                 if self._error is None:
                     try:
-                        for nbytes in _decisions_of_logits(items):
-                            self._budget.give(nbytes)
+                        if logits_bytes := _decisions_of_logits(items):
+                            self._budget.give(logits_bytes)
                     except (ValueError, TypeError, TraceError) as exc:
                         self._error = exc
             for item in items:
