@@ -31,10 +31,7 @@ SIZE = (120, 32)
 
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("view")
-    a, b = vf.pair(d)
-    ca, cb = vf.corpus(d)
-    return {"a": a, "b": b, "ca": ca, "cb": cb, "dir": d}
+    return vf.traces(tmp_path_factory.mktemp("view"))
 
 
 def _step(app: ViewApp) -> int:

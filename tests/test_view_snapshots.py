@@ -22,10 +22,7 @@ SIZE = (150, 42)
 
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("snap")
-    a, b = vf.pair(d)
-    ca, cb = vf.corpus(d)
-    return {"a": a, "b": b, "ca": ca, "cb": cb}
+    return vf.traces(tmp_path_factory.mktemp("snap"))
 
 
 def test_snapshot_one_trace(snap_compare, traces):

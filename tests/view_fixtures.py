@@ -134,6 +134,13 @@ def corpus(tmp: Path) -> tuple[Path, Path]:
             write_run(tmp / "cand-corpus.trace", "cand", CORPUS))
 
 
+def traces(tmp: Path) -> dict[str, Path]:
+    """The pair (``a``, ``b``) and the corpus (``ca``, ``cb``) written under ``tmp`` (``dir``)."""
+    a, b = pair(tmp)
+    ca, cb = corpus(tmp)
+    return {"a": a, "b": b, "ca": ca, "cb": cb, "dir": tmp}
+
+
 def interrupted(tmp: Path, steps: int = 12) -> Path:
     """A trace whose writer 'died': the part status stays ``open`` after a flush.
 
