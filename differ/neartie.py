@@ -9,8 +9,9 @@ this order (docs/differ.md §4 gives the justification):
 
 1. ``grid``: both gaps are within ε, 4 ulps of the coarser side's computation grid at the
    logits' magnitude — rounding alone can swap them;
-2. ``coin_toss``: both gaps are within 0.1 % of the step's logit scale (max |top logit|, at
-   least 1) — a swap of two tokens that close is a coin toss whatever the dtype;
+2. ``coin_toss``: both gaps are within 0.5 % of the step's logit scale (max |top logit| of
+   both sides, at least 1) and below the noise cap — a swap of two tokens that close is a coin
+   toss whatever the dtype;
 3. ``noise``: the shift is within the **pair's noise** — the 90th percentile, over every
    comparable step of the pair where both runs chose the same token (all samples, per head), of
    how far a shared top-k id's logit moved relative to the chosen token's — and within the
@@ -121,7 +122,8 @@ def judge_near_ties(dd: DecisionDiff, rows: np.ndarray, head: np.ndarray, heads:
         if noise_h is not None and noise_h.value is not None:
             explained = shift <= min(noise_h.value, tol.noise_cap)
         # the first rule that holds is reported: grid, then coin toss, then noise
-        for code, ok in ((NOISE, explained), (COIN_TOSS, worst <= tol.coin_toss * dd.scale[idx]),
+        coin = worst <= np.minimum(tol.coin_toss * dd.scale[idx], tol.noise_cap)
+        for code, ok in ((NOISE, explained), (COIN_TOSS, coin),
                          (GRID, worst <= dd.epsilon[idx])):
             rule[m & ok] = code
     dd.rule[idx] = rule

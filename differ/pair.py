@@ -453,7 +453,7 @@ def _first_divergence(i: int, sample: str, al: Alignment, dd: DecisionDiff, st: 
             rule=RULES[int(dd.rule[i])] or None, shift=_opt(dd.a_gap[i] + dd.b_gap[i]),
             noise=hn.value if hn else None, noise_percentile=tol.noise_percentile, noise_steps=hn.steps if hn else 0,
             noise_cap=tol.noise_cap, grid=grid, grid_epsilon=_opt(dd.epsilon[i]),
-            coin_toss=_opt(tol.coin_toss * dd.scale[i]), a_gap_ulps=a_u, b_gap_ulps=b_u)
+            coin_toss=_opt(min(tol.coin_toss * dd.scale[i], tol.noise_cap)), a_gap_ulps=a_u, b_gap_ulps=b_u)
     culprit = _culprit(td, int(st.t_first[i])) if st.t_fail[i] else None
     if culprit is None and td is not None and a_step is not None:
         culprit = _culprit(td, lookback(int(al.sample[i]), a_step))

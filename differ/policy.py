@@ -39,8 +39,9 @@ PRECISION_GRID = {
 
 #: Default near-tie threshold in units in the last place of the logits' dtype.
 DEFAULT_EPSILON_ULPS = 4.0
-#: A swap whose two gaps are both within this fraction of the step's logit scale is a coin toss.
-DEFAULT_COIN_TOSS = 1e-3
+#: A swap whose two gaps are both within this fraction of the step's logit scale is a coin toss
+#: (0.5 %: about one bfloat16 ulp relative to the logits' magnitude).
+DEFAULT_COIN_TOSS = 5e-3
 #: The pair's logit noise is this percentile of the per-step noise on agreeing steps.
 DEFAULT_NOISE_PERCENTILE = 90.0
 #: No shift beyond this many logits (nats) is explained by noise, however noisy the pair.

@@ -115,7 +115,7 @@ class NearTieEvidence:
         noise_cap: the largest shift noise may explain.
         grid: the computation grid (coarser side) of the logits.
         grid_epsilon: 4 ulps of that grid at the logits' magnitude (or the fixed ``--epsilon``).
-        coin_toss: the coin-toss threshold at this step (0.1 % of the logit scale).
+        coin_toss: the coin-toss threshold at this step (0.5 % of the logit scale, at most the cap).
         a_gap_ulps, b_gap_ulps: both gaps in ulps of the grid at the logits' magnitude.
     """
 

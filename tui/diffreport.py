@@ -73,7 +73,7 @@ def _evidence(fd: FirstDivergence, ev: NearTieEvidence) -> list[Text]:
              f"cap {ev.noise_cap:g})" if ev.noise is not None
              else f"pair's noise unmeasured ({ev.noise_steps:,} agreeing steps)")
     why = {"grid": f"both gaps within the {ev.grid} grid's ε {_num(ev.grid_epsilon)}",
-           "coin_toss": f"both gaps within 0.1 % of the logit scale ({_num(ev.coin_toss)}): a coin toss",
+           "coin_toss": f"both gaps within 0.5 % of the logit scale ({_num(ev.coin_toss)}): a coin toss",
            "noise": "the shift is within the noise this pair shows where it agrees",
            "epsilon": f"both gaps within --epsilon {_num(ev.grid_epsilon)}"}.get(ev.rule or "")
     verdict = (Text.assemble(("  near tie: ", "bold"), why) if why else
