@@ -18,6 +18,7 @@ from .align import A_ONLY, B_ONLY, BOTH, Alignment, align_keys, align_resync, al
 from .decisions import DecisionDiff, Side, compare_decisions, load_side
 from .errors import IncompatibleTracesError
 from .mapping import NameMapping, guess_mapping
+from .metrics import BASIS_STATS
 from .policy import Policy, coarser, grid_dtype
 from .neartie import RULES, ulps
 from .report import (
@@ -43,7 +44,7 @@ from .summary import (
     tensor_summary,
     watched_summary,
 )
-from .tensors import Progress, TensorDiff, compare_tensors, step_signature, to_table
+from .tensors import BASES, Progress, TensorDiff, compare_tensors, step_signature, to_table
 from .verdict import DRIFT, FLIP, VERDICTS, StepStatus, judge_rows, tensor_status
 
 #: When fewer candidate tensor names than this fraction exist in the reference, guess a mapping.
@@ -209,8 +210,10 @@ def compare_pair(ref: _Reference, side_a: Side, rb: TraceReader, opts: DiffOptio
             if bothrows.any() else np.zeros((3, 0), np.int64)
         bo = al.gap == B_ONLY
         bonly = np.unique(np.stack([al.sample[bo], al.b_step[bo]]), axis=1) if bo.any() else np.zeros((2, 0), np.int64)
+        cross = grid if ref.info.grid != info_b.grid else None  # runs computed at different precisions
         td = compare_tensors(ref.reader, rb, samples, (pairs[0], pairs[1], pairs[2]), (bonly[0], bonly[1]),
-                             opts.policy, mapping, use_values=opts.values, jobs=opts.jobs, progress=progress)
+                             opts.policy, mapping, use_values=opts.values, jobs=opts.jobs, progress=progress,
+                             cross_grid=cross)
         tf, tfirst, texact, tcount = tensor_status(al, td.cols["sample"], td.cols["a_step"], td.cols["order"],
                                                    td.cols["within"], td.cols["bitexact"])
     else:
@@ -457,6 +460,8 @@ def _first_divergence(i: int, sample: str, al: Alignment, dd: DecisionDiff, st: 
     culprit = _culprit(td, int(st.t_first[i])) if st.t_fail[i] else None
     if culprit is None and td is not None and a_step is not None:
         culprit = _culprit(td, lookback(int(al.sample[i]), a_step))
+    confirm = _confirm(td, int(al.sample[i]), culprit.step if culprit else a_step,
+                       culprit.order if culprit else None)
     return FirstDivergence(
         sample=sample, step=int(step), a_step=a_step, b_step=b_step, head=heads[al.head[i]] if heads else None,
         kind=kind, detail=detail, a_token=a_tok, b_token=b_tok,
@@ -465,5 +470,24 @@ def _first_divergence(i: int, sample: str, al: Alignment, dd: DecisionDiff, st: 
         a_rank_of_b=_opt(dd.a_rank_of_b[i]) if gap == BOTH and a_tok != b_tok else None,
         b_rank_of_a=_opt(dd.b_rank_of_a[i]) if gap == BOTH and a_tok != b_tok else None,
         a_gap=_opt(dd.a_gap[i]), b_gap=_opt(dd.b_gap[i]), epsilon=_opt(dd.epsilon[i]),
-        culprit=culprit, watched=watched, evidence=evidence,
+        culprit=culprit, watched=watched, evidence=evidence, confirm_with_values=confirm,
     )
+
+
+#: At most this many tensors are named for a values re-recording.
+CONFIRM_MAX = 8
+
+
+def _confirm(td: TensorDiff | None, sample: int, step: int | None, order: int | None) -> list[str]:
+    """Tensors judged from statistics alone at ``step`` up to the culprit (execution ``order``),
+    the nearest ``CONFIRM_MAX`` of them: their metrics are lower bounds, so one of them may be the
+    real first culprit. Recording their values settles it."""
+    if td is None or step is None or not td.rows:
+        return []
+    c = td.cols
+    m = (c["sample"] == sample) & (c["a_step"] == step) & (c["basis"] == BASES.index(BASIS_STATS))
+    if order is not None:
+        m &= c["order"] <= order
+    idx = np.flatnonzero(m)
+    idx = idx[np.argsort(c["order"][idx], kind="stable")]
+    return list(dict.fromkeys(td.names[int(c["name"][j])] for j in idx))[-CONFIRM_MAX:]  # nearest the culprit

@@ -171,6 +171,7 @@ class FirstDivergence:
     culprit: Culprit | None
     watched: list[WatchedToken] = field(default_factory=list)
     evidence: NearTieEvidence | None = None  # what decided flip vs divergent (different tokens only)
+    confirm_with_values: list[str] = field(default_factory=list)  # stats-only tensors to re-record with values
 
     def __str__(self) -> str:
         head = f"/{self.head}" if self.head else ""

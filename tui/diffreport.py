@@ -63,6 +63,11 @@ def _divergence(fd: FirstDivergence) -> list[Text | Table]:
     elif fd.kind != "missing":
         out.append(Text("  culprit: no tensor beyond tolerance at this step or before it"
                         " (none recorded, or all within tolerance)", style="dim"))
+    if fd.confirm_with_values:
+        names = fd.confirm_with_values
+        mods = " ".join(f"--modules '{n}'" for n in names[:3]) + (" ..." if len(names) > 3 else "")
+        out.append(Text(f"  judged from statistics only (lower bounds; a culprit before it may hide): record "
+                        f"values to confirm — {', '.join(names)} (trace record --tensors full {mods})", style="dim"))
     return out
 
 
