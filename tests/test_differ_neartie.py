@@ -153,20 +153,53 @@ def test_recording_logits_tensors_never_changes_the_verdict(tmp_path: Path) -> N
 
 
 def test_logits_dtype_declared_by_a_jsonl_producer_sets_the_grid(tmp_path: Path) -> None:
+    """A runtime dumps its logits as JSON numbers (imported as float64): the grid is float32
+    unless the producer declares the dtype the logits were computed in (SPEC.md §2, §6)."""
+    import json
+
+    from tracefmt import import_jsonl
+
     rng = np.random.default_rng(5)
     x = _logits(rng, 0.5)  # top logit 1.5: coin toss below 0.0075, a bf16 ulp 1/128
-    steps = [_swap(x, 1, 2, 0.012, 0.012)]
-    a, b = _pair(tmp_path, steps)
-    _, fd = _first(a, b)
-    assert fd.kind == "divergent" and fd.evidence.grid == "float32"  # no evidence of a coarser grid
-    for p in (a, b):  # the same logits, declared as computed in bfloat16 (SPEC.md §2)
-        import json
+    ref, cand = _swap(x, 1, 2, 0.012, 0.012)
+    kinds = {}
+    for declared in (None, "bfloat16"):
+        paths = []
+        for name, logits in (("ref", ref), ("cand", cand)):
+            src = tmp_path / f"{name}-{declared}.jsonl"
+            meta = {"kind": "meta", "runtime": "tensorrt", **({"logits_dtype": declared} if declared else {})}
+            line = {"kind": "decision", "sample": "s", "step": 0, "logits": logits.tolist()}
+            src.write_text(json.dumps(meta) + "\n" + json.dumps(line) + "\n")
+            dst = tmp_path / f"{name}-{declared}.trace"
+            import_jsonl(src, dst, keep_logits=True)  # the float64 logits tensor is no evidence of float64
+            paths.append(dst)
+        _, fd = _first(*paths)
+        kinds[declared] = (fd.kind, fd.evidence.grid, fd.evidence.rule)
+    assert kinds[None] == ("divergent", "float32", None)
+    assert kinds["bfloat16"] == ("flip", "bfloat16", "grid")
 
-        doc = json.loads((p / "steptrace.json").read_text())
-        doc["logits_dtype"] = "bfloat16"
-        (p / "steptrace.json").write_text(json.dumps(doc))
-    _, fd = _first(a, b)
-    assert fd.kind == "flip" and fd.evidence.grid == "bfloat16" and fd.evidence.rule == "grid"
+
+def test_cli_open_loop_and_ctc_options(tmp_path: Path) -> None:
+    import json
+
+    from tui.cli import main
+
+    rng = np.random.default_rng(8)
+    steps = []
+    for t in range(12):
+        x = _logits(rng)
+        b = x.copy()
+        if t in (2, 7):
+            b[int(np.argsort(-x)[3])] = x.max() + 2.0
+        steps.append((x, b))
+    a, b = _pair(tmp_path, steps, head="frame")
+    out = tmp_path / "r.json"
+    assert main(["diff", str(a), str(b), "--open-loop", "frame", "--json", str(out)]) == 1
+    doc = json.loads(out.read_text())
+    assert doc["per_sample"][0]["mismatches"] == 2 and doc["per_sample"][0]["after"] == 0
+    assert doc["first_divergence"]["evidence"]["rule"] is None
+    assert doc["candidates"][0]["decisions"]["gap_noise"]["frame"]["steps"] == 10
+    assert main(["diff", str(a), str(b), "--ctc", "blank", "--json", str(out)]) == 2
 
 
 def test_open_loop_head_is_compared_to_the_end(tmp_path: Path) -> None:
