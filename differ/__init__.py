@@ -27,6 +27,7 @@ from .report import (
     TraceInfo,
     WatchedToken,
 )
+from .reportjson import load_report, report_from_json
 from .verdict import VERDICTS
 
 __all__ = [
@@ -59,5 +60,7 @@ __all__ = [
     "guess_mapping",
     "load_mapping",
     "load_policy",
+    "load_report",
     "parse_policy",
+    "report_from_json",
 ]

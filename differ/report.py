@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -378,6 +379,17 @@ class DiffReport:
             "policy": _j(self.policy),
             "seconds": round(self.seconds, 3),
         }
+
+    @classmethod
+    def load(cls, path: str | Path) -> DiffReport:
+        """Read a report saved by ``trace diff --json FILE`` (see :func:`differ.reportjson.load_report`).
+
+        Raises:
+            DiffFormatError: the file cannot be read or is not a diff report.
+        """
+        from .reportjson import load_report
+
+        return load_report(path)
 
     def dumps(self) -> str:
         """Return the JSON report as text (sorted keys inside objects are not reordered)."""

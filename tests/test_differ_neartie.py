@@ -269,3 +269,25 @@ def test_culprit_is_looked_for_at_the_step_that_fed_the_divergence(tmp_path: Pat
     assert fd.step == 6 and fd.kind == "divergent"
     assert fd.culprit is not None and fd.culprit.name == "encoder.conv1" and fd.culprit.step == 0
     assert pair.per_sample[0].culprit == "encoder.conv1"
+
+
+def test_saved_report_loads_back_into_report_values(tmp_path: Path) -> None:
+    import json
+
+    from differ import DiffReport
+    from differ.errors import DiffFormatError
+
+    rng = np.random.default_rng(9)
+    steps = [(x, x + rng.uniform(-0.01, 0.01, V)) for x in (_logits(rng) for _ in range(12))]
+    steps.append(_swap(_logits(rng), 1, 2, 0.3, 0.4))
+    a, b = _pair(tmp_path, steps)
+    rep = diff(a, [b])
+    saved = tmp_path / "r.json"
+    saved.write_text(rep.dumps())
+    back = DiffReport.load(saved)
+    assert back.to_json() == json.loads(rep.dumps())
+    fd = back.worst.first_divergence
+    assert fd.evidence.shift == pytest.approx(0.7, abs=1e-5) and fd.kind == "divergent"
+    (tmp_path / "bad.json").write_text(json.dumps({"schema": "other"}))
+    with pytest.raises(DiffFormatError, match="not a steptrace diff report"):
+        DiffReport.load(tmp_path / "bad.json")
