@@ -39,13 +39,11 @@ the reference's token and 0 elsewhere. The script's control flow is otherwise un
 
 from __future__ import annotations
 
-import fnmatch
-import math
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,14 +56,15 @@ from .decisions import is_torch_tensor
 from .errors import RecorderUsageError
 from .outputs import decided_index, element_at, elements, peak_numpy, replace_element
 from .policy import CapturePolicy
+from .scores import SCORES, log_probabilities, looks_like_probabilities
+from .scriptnames import any_match
+from .scriptsessions import SessionHooks, _Session
 
 __all__ = ["SAMPLE_ENV", "SCORES", "ScriptRecorder", "SampleIdsExhaustedError"]
 
 #: The environment variable a script sets to name the sample of the steps that follow.
 SAMPLE_ENV = "STEPTRACE_SAMPLE"
 _SELF = ()  # logits path: the module output itself (or its first tensor)
-#: What the decided vectors hold: logits, probabilities or log-probabilities.
-SCORES = ("logits", "prob", "logprob")
 
 
 class SampleIdsExhaustedError(RecorderUsageError):
@@ -93,18 +92,7 @@ class _Mod:
     starts_sample: bool = False
 
 
-@dataclass
-class _Session:
-    prefix: str
-    inputs: list[str]
-    outputs: list[str]
-    order: dict[str, tuple[int, str]]
-    logits: str | None
-    defaults: dict[str, Any] = field(default_factory=dict)
-    starts_sample: bool = False
-
-
-class ScriptRecorder:
+class ScriptRecorder(SessionHooks):
     """Records a running script's torch module calls and ONNX Runtime runs into one trace.
 
     :mod:`recorders.script` connects :meth:`torch_pre`/:meth:`torch_post` to global module
@@ -198,7 +186,7 @@ class ScriptRecorder:
             self.notes.append(message)
 
     def _is_logits(self, name: str, rel: str = "") -> bool:
-        return _any_match(self.logits, name, rel)
+        return any_match(self.logits, name, rel)
 
     def _mode(self, name: str, rel: str) -> str:
         """The capture mode of a name: of its full name, else of the name after its root's label."""
@@ -290,8 +278,8 @@ class ScriptRecorder:
                        "row of the batch only; record batches with the API (recorders.hf, TorchRecorder.decide)")
         row = t[decided_index(shape)]
         if self.scores == "prob":
-            row = _log(row)
-        elif self.scores == "logits" and name not in self._logits_hit and _looks_like_probabilities(row):
+            row = log_probabilities(row)
+        elif self.scores == "logits" and name not in self._logits_hit and looks_like_probabilities(row):
             self._note(f"prob:{name}", f"{name} looks like probabilities (every value in [0, 1], summing to 1): "
                        "its margins and top-k are of probabilities, not logits; pass --scores prob to decide "
                        "log-probabilities")
@@ -328,7 +316,7 @@ class ScriptRecorder:
                 continue
             name = f"{label}.{path}" if path else label
             logits = _SELF if self._is_logits(name, path) else None
-            starts = _any_match(self.sample_per, name, path)
+            starts = any_match(self.sample_per, name, path)
             self._mods[mod] = _Mod(name, path, type(mod).__name__, self._mode(name, path), logits, starts)
             self._seen(name, path)
 
@@ -405,91 +393,12 @@ class ScriptRecorder:
             return None
         return replace_element(output, path, self._forced(t, token))
 
-    # ------------------------------------------------------------------ ONNX Runtime
-    def _session(self, session: Any) -> _Session:
-        info = self._sessions.get(session)
-        if info is None:
-            from .onnxruntime import session_defaults, session_topology
-
-            defaults = session_defaults(session)
-            stem = os.path.splitext(os.path.basename(defaults.get("model") or "session"))[0]
-            label = self._label(stem)
-            prefix = f"{label}."
-            inputs = [i.name for i in session.get_inputs()]
-            outputs = [o.name for o in session.get_outputs()]
-            order = session_topology(session)
-            logits = next((o for o in outputs if self._is_logits(prefix + o, o)), None)
-            info = _Session(prefix, inputs, outputs, order, logits, defaults,
-                            starts_sample=_any_match(self.sample_per, label, ""))
-            self._sessions[session] = info
-            self._seen(label, "")
-            for value in dict.fromkeys([*inputs, *sorted(order, key=lambda v: order[v][0]), *outputs]):
-                self._seen(prefix + value, value)
-        return info
-
-    def _value_mode(self, info: _Session, name: str) -> str:
-        return self._mode(info.prefix + name, name)
-
-    def ort_run(self, session: Any, output_names: Sequence[str] | None, feed: Mapping[str, Any],
-                run: Callable[[list[str]], list[Any]]) -> list[Any]:
-        """One ``InferenceSession.run``: run it (with the logits and recorded outputs added),
-        record inputs and outputs, decide the logits output, end the step.
-
-        Args:
-            session: the session.
-            output_names: the outputs the script asked for (None: all).
-            feed: the script's input feed.
-            run: runs the session for a list of output names.
-
-        Returns:
-            The outputs the script asked for (the logits forced under teacher forcing).
-
-        Raises:
-            TraceError: recording failed, or teacher forcing ran past the reference.
-        """
-        info = self._session(session)
-        if info.starts_sample:
-            with self._writing():
-                self._start_sample(info.prefix[:-1])
-        if self._before_first_sample(info.prefix[:-1]):
-            return run(list(info.outputs if output_names is None else output_names))
-        wanted = list(info.outputs if output_names is None else output_names)
-        extra = [n for n in info.outputs if n not in wanted
-                 and (n == info.logits or self._value_mode(info, n) != "none")]
-        fetch = wanted + extra
-        out = dict(zip(fetch, run(fetch)))
-        recorded = [n for n in info.inputs if self._value_mode(info, n) != "none"]
-        outs = sorted((n for n in out if self._value_mode(info, n) != "none"),
-                      key=lambda n: info.order.get(n, (len(info.order), ""))[0])
-        if recorded or outs or info.logits is not None:
-            with self._writing():
-                rec = self._recorder(lambda: info.defaults)
-                if info.logits is not None and self._decided:
-                    self._end_step()
-                self._open_step(rec)
-                for name, value, source in ([(n, feed.get(n), "graph input") for n in recorded]
-                                            + [(n, out[n], info.order.get(n, (0, None))[1]) for n in outs]):
-                    arr = value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else value
-                    arr = np.asarray(arr)
-                    if arr.dtype.kind in "OUSVc":
-                        self._note(f"dtype:{name}", f"{info.prefix}{name} not recorded: {arr.dtype} values")
-                        continue
-                    self._record(rec, info.prefix + name, arr, None, source, self._value_mode(info, name))
-                if info.logits is not None:
-                    arr = np.asarray(out[info.logits])
-                    token = self._decide(rec, info.prefix + info.logits, arr)
-                    if rec.teacher_forcing:
-                        out[info.logits] = self._forced(arr, token)
-        if self._depth == 0 and self._decided:
-            self._end_step()
-        return [out[n] for n in wanted]
-
     # ------------------------------------------------------------------ end
     def unmatched(self) -> tuple[list[str], list[str], list[str]]:
         """Return the ``logits`` globs that decided nothing, the ``modules`` globs that
         recorded nothing and the ``sample_per`` globs that started no sample."""
         def missed(globs: Sequence[str], hit: set[str]) -> list[str]:
-            return [g for g in globs if not any(_any_match([g], n, self.relative.get(n, "")) for n in hit)]
+            return [g for g in globs if not any(any_match([g], n, self.relative.get(n, "")) for n in hit)]
 
         return (missed(self.logits, self._logits_hit), missed([g for g, _ in self.policy.rules], self._recorded),
                 missed(self.sample_per, self._sample_hit))
@@ -516,32 +425,3 @@ class ScriptRecorder:
             if self.reference is not None:
                 self.reference.close()
 
-
-def _any_match(globs: Sequence[str], name: str, rel: str) -> bool:
-    """Whether a glob matches ``name`` or, when given, ``rel`` (the name after its root's label)."""
-    return any(fnmatch.fnmatchcase(name, g) or (rel and fnmatch.fnmatchcase(rel, g)) for g in globs)
-
-
-def _host_row(row: Any) -> np.ndarray:
-    if is_torch_tensor(row):
-        row = row.detach().float().cpu().numpy()
-    return np.asarray(row, dtype=np.float64)
-
-
-def _looks_like_probabilities(row: Any) -> bool:
-    """Whether a decided vector of two or more values lies in [0, 1] and sums to 1 (to 1e-3)."""
-    a = _host_row(row)
-    if a.size < 2 or not np.isfinite(a).all():
-        return False
-    return bool(a.min() >= 0.0 and a.max() <= 1.0 and math.isclose(float(a.sum()), 1.0, abs_tol=1e-3))
-
-
-def _log(row: Any) -> Any:
-    """Natural log of probabilities (0 -> -inf), a torch tensor's on its own device in float32
-    or wider, an array's in float64 for float64 input (float32 otherwise)."""
-    if is_torch_tensor(row):
-        row = row.detach()
-        return (row if row.is_floating_point() and row.element_size() >= 4 else row.float()).log()
-    a = np.asarray(row)
-    with np.errstate(divide="ignore"):
-        return np.log(a if a.dtype == np.float64 else a.astype(np.float32))
