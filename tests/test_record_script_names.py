@@ -246,3 +246,77 @@ def test_teacher_forcing_probabilities_gives_the_script_a_distribution(asr, tmp_
     assert record("-o", str(tmp_path / "f.trace"), "--logits", "softmax_out", "--scores", "prob", "--teacher",
                   str(tmp_path / "ref.trace"), str(asr), "--bias", "9", "--sample-probs") == 0
     assert [int(x) for x in capsys.readouterr().out.split()] == ref
+
+
+# ---------------------------------------------------------------------- ONNX Runtime sessions
+ORT_ASR = textwrap.dedent('''
+    """Encode each utterance with enc.onnx, decode it with dec.onnx: knows nothing of steptrace."""
+    import sys
+
+    import numpy as np
+    import onnxruntime as ort
+
+    folder, utterances, warm = sys.argv[1], int(sys.argv[2]), len(sys.argv) > 3
+    opts = ["CPUExecutionProvider"]
+    dec = ort.InferenceSession(f"{folder}/dec.onnx", providers=opts)
+    enc = ort.InferenceSession(f"{folder}/enc.onnx", providers=opts)
+    if warm:
+        dec.run(None, {"h": np.zeros((1, 16), np.float32)})
+    rng = np.random.default_rng(0)
+    for u in range(utterances):
+        (h,) = enc.run(None, {"frames": rng.standard_normal((1, 8), dtype=np.float32)})
+        for _ in range(3):
+            logits, h = dec.run(None, {"h": h})
+            print(int(logits[0].argmax()), flush=True)
+''')
+
+
+@pytest.fixture(scope="module")
+def onnx_asr(tmp_path_factory) -> Path:
+    import warnings
+
+    import torch
+    from torch import nn
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 16)
+
+        def forward(self, frames):
+            return torch.tanh(self.proj(frames))
+
+    class Dec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 24)
+
+        def forward(self, h):
+            h = torch.tanh(self.cell(h))
+            return self.head(h) * 4.0, h
+
+    d = tmp_path_factory.mktemp("onnx_asr")
+    torch.manual_seed(0)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Enc().eval(), (torch.zeros(1, 8),), str(d / "enc.onnx"), dynamo=False,
+                          input_names=["frames"], output_names=["h"], opset_version=17)
+        torch.onnx.export(Dec().eval(), (torch.zeros(1, 16),), str(d / "dec.onnx"), dynamo=False,
+                          input_names=["h"], output_names=["logits", "h_out"], opset_version=17)
+    (d / "ort_asr.py").write_text(ORT_ASR)
+    return d
+
+
+def test_onnx_values_are_prefixed_by_their_model_and_sample_per_takes_a_model(onnx_asr, tmp_path, capsys):
+    script, folder = str(onnx_asr / "ort_asr.py"), str(onnx_asr)
+    assert record("-o", str(tmp_path / "a.trace"), "--modules", "*", "--logits", "logits", "--sample-per", "enc",
+                  script, folder, "2") == 0
+    assert record("-o", str(tmp_path / "b.trace"), "--modules", "*", "--logits", "dec.logits", "--sample-per", "enc",
+                  script, folder, "2", "warm") == 0  # the decoder runs first here
+    assert set(names(tmp_path / "a.trace")) == set(names(tmp_path / "b.trace")) == {
+        "enc.frames", "enc.h", "dec.h", "dec.logits", "dec.h_out", "logits:token"}
+    for trace in ("a.trace", "b.trace"):
+        assert [(r["sample"], r["step"]) for r in decisions(tmp_path / trace)] == [
+            (s, t) for s in "01" for t in range(3)]
+    assert "1 of dec" in " ".join(capsys.readouterr().err.split())  # the warm-up run, not recorded
