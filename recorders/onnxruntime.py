@@ -193,8 +193,9 @@ def expose_intermediates(
                 names.append(value)
                 continue
             if value in fixed:
-                skipped[value] = ("constant: a Constant node's output" if node.op_type == "Constant" else
-                                  f"constant: {node.op_type} of initializers or constants") + " (constants=True exposes it)"
+                what = ("a Constant node's output" if node.op_type == "Constant"
+                        else f"{node.op_type} of initializers or constants")
+                skipped[value] = f"constant: {what} (constants=True exposes it)"
                 continue
             vi = types.get(value)
             kind = vi.type.WhichOneof("value") if vi is not None else None

@@ -302,5 +302,6 @@ def test_module_mode_and_usage_errors(scripts, tmp_path, capsys, monkeypatch):
 def test_record_help(trace_cli):
     res = trace_cli("record", "--help")
     assert res.returncode == 0
-    for word in ("--logits", "--modules", "--tensors", "--teacher", "-m MODULE", "STEPTRACE_SAMPLE", "Ctrl-C"):
+    for word in ("--logits", "--modules", "--tensors", "--teacher", "-m MODULE", "STEPTRACE_SAMPLE", "Ctrl-C",
+                 "--sample-per", "--sample-from", "--scores", "ROOT.path"):
         assert word in res.stdout

@@ -113,8 +113,9 @@ def test_names_are_root_prefixed_whatever_the_call_order(asr, tmp_path, capsys):
     assert record("-o", str(b), "--modules", "*", "--logits", "head", str(asr), "--utterances", "1",
                   "--warmup-decoder") == 0
     assert sorted(names(a)) == sorted(names(b))
-    assert {"Encoder", "Encoder.proj", "Encoder.layers.0", "Encoder.layers.1", "Decoder.emb", "Decoder.rnn.0", "Decoder.rnn.1", "Decoder.head",
-            "Decoder.softmax_out", "Decoder.0", "Decoder.1", "logits:token"} == set(names(a))
+    assert {"Encoder", "Encoder.proj", "Encoder.layers.0", "Encoder.layers.1", "Decoder.emb", "Decoder.rnn.0",
+            "Decoder.rnn.1", "Decoder.head", "Decoder.softmax_out", "Decoder.0", "Decoder.1",
+            "logits:token"} == set(names(a))
     # --modules 'Encoder.*' selects the encoder's modules in either order
     for order in ([], ["--warmup-decoder"]):
         out = tmp_path / f"enc{len(order)}.trace"
@@ -207,6 +208,11 @@ def test_sample_ids_from_a_file_line_up_between_reference_and_candidate(asr, tmp
     assert main(["diff", str(tmp_path / "ref.trace"), str(tmp_path / "cand.trace")]) == EXIT_MISMATCH
     out = capsys.readouterr().out
     assert "utt-a" in out and "ended early" not in out
+    ref_tokens = [r["chosen"] for r in decisions(tmp_path / "ref.trace")]
+    assert record("-o", str(tmp_path / "forced.trace"), *common, "--teacher", str(tmp_path / "ref.trace"), str(asr),
+                  "--warmup-decoder", "--bias", "9") == 0  # each sample forced by the reference's same-id sample
+    assert [r["chosen"] for r in decisions(tmp_path / "forced.trace")] == ref_tokens
+    capsys.readouterr()
     # more encoder calls than ids: exit 2, the trace kept and closed
     assert record("-o", str(tmp_path / "more.trace"), *common, str(asr), "--utterances", "4") == EXIT_ERROR
     assert "called a 4th time but only 3 sample id(s)" in capsys.readouterr().err
@@ -216,7 +222,8 @@ def test_sample_ids_from_a_file_line_up_between_reference_and_candidate(asr, tmp
 def test_sample_options_that_cannot_work_exit_2(asr, tmp_path, capsys):
     ids = tmp_path / "ids.txt"
     ids.write_text("a\n")
-    assert record("-o", str(tmp_path / "x.trace"), "--logits", "head", "--sample-from", str(ids), str(asr)) == EXIT_ERROR
+    code = record("-o", str(tmp_path / "x.trace"), "--logits", "head", "--sample-from", str(ids), str(asr))
+    assert code == EXIT_ERROR
     assert "give --sample-per too" in capsys.readouterr().err
     assert record("-o", str(tmp_path / "y.trace"), "--logits", "head", "--sample-per", "Encodr", str(asr)) == EXIT_ERROR
     assert "--sample-per Encodr matched no module or ONNX model" in capsys.readouterr().err
