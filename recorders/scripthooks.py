@@ -19,8 +19,9 @@ Steps. Tensors recorded with no step open open the next step of the current samp
 with ``sample_per`` globs, each call of a matching module (or run of a matching session) ends
 the current sample and starts the next one, whose id is ``ids[n]`` (``sample_ids``) or ``n``
 for the *n*-th call (0-based), so two runs of one corpus get the same ids in the same order;
-else the ``STEPTRACE_SAMPLE`` environment variable when the script sets it, else the default
-sample.
+calls before the first one (warm-up) are not recorded, and are counted in a note. Without
+``sample_per``: the ``STEPTRACE_SAMPLE`` environment variable when the script sets it, else the
+default sample.
 A call of a module, or a run of a session, whose output matches a ``logits`` glob records a
 decision on its last position (``t[0, ..., 0, -1, :]``; the first row of a batch) and ends the
 step once the outermost module call returns (another logits call before that also ends it).
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,8 +145,8 @@ class ScriptRecorder(SessionHooks):
         if sample_ids is not None and not sample_per:
             raise RecorderUsageError("sample ids need a module whose calls start the samples (--sample-per MODULE)")
         if sample_ids is not None and len(set(sample_ids)) != len(sample_ids):
-            dup = sorted({x for x in sample_ids if list(sample_ids).count(x) > 1})
-            raise RecorderUsageError(f"sample ids must be distinct; repeated: {', '.join(dup[:8])}")
+            dup = sorted(x for x, n in Counter(sample_ids).items() if n > 1)
+            raise RecorderUsageError(f"sample ids must be distinct; repeated: {', '.join(map(str, dup[:8]))}")
         self.sample_per = list(sample_per)
         self.sample_ids = None if sample_ids is None else [str(x) for x in sample_ids]
         self.scores = scores

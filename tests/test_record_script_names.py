@@ -227,6 +227,10 @@ def test_sample_options_that_cannot_work_exit_2(asr, tmp_path, capsys):
     assert "give --sample-per too" in capsys.readouterr().err
     assert record("-o", str(tmp_path / "y.trace"), "--logits", "head", "--sample-per", "Encodr", str(asr)) == EXIT_ERROR
     assert "--sample-per Encodr matched no module or ONNX model" in capsys.readouterr().err
+    ids.write_text("a\nb\na\n")
+    assert record("-o", str(tmp_path / "z.trace"), "--logits", "head", "--sample-per", "Encoder", "--sample-from",
+                  str(ids), str(asr)) == EXIT_ERROR
+    assert "sample ids must be distinct; repeated: a" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- probabilities
