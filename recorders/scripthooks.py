@@ -402,7 +402,8 @@ class ScriptRecorder(SessionHooks):
         def missed(globs: Sequence[str], hit: set[str]) -> list[str]:
             return [g for g in globs if not any(any_match([g], n, self.relative.get(n, "")) for n in hit)]
 
-        return (missed(self.logits, self._logits_hit), missed([g for g, _ in self.policy.rules], self._recorded),
+        recorded = self._recorded | ({"logits:token"} if self._logits_hit else set())  # the decided vector
+        return (missed(self.logits, self._logits_hit), missed([g for g, _ in self.policy.rules], recorded),
                 missed(self.sample_per, self._sample_hit))
 
     def close(self) -> WriteSummary:

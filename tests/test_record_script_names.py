@@ -158,6 +158,11 @@ def test_a_modules_glob_matching_nothing_exits_2(asr, tmp_path, capsys):
     assert len(decisions(tmp_path / "x.trace")) == 12  # the trace is kept
 
 
+def test_the_decided_vector_counts_as_a_modules_match(asr, tmp_path, capsys):
+    assert record("-o", str(tmp_path / "x.trace"), "--modules", "logits:*", "--logits", "head", str(asr)) == 0
+    assert names(tmp_path / "x.trace") == ["logits:token"]
+
+
 def test_a_partly_matching_logits_list_still_names_the_glob_that_missed(asr, tmp_path, capsys):
     assert record("-o", str(tmp_path / "x.trace"), "--logits", "head,lm_head", str(asr)) == EXIT_ERROR
     assert "--logits lm_head matched no" in capsys.readouterr().err
