@@ -369,7 +369,83 @@ def compare_tensors(
             row_tol = [replace(tols[tol_idx[i]], atol=float(atol[i])) if scaled[i] else tols[tol_idx[i]]
                        for i in need.tolist()]
             _values_pass(ra, rb, samples, names, A, B, ia, ib, need, cols, row_tol, dig_ok, jobs, progress)
+    cols["positions"] = np.zeros(n, np.int64)
+    if use_values:
+        _compare_positions(ra, rb, samples, names, A, B, ia, ib, np.flatnonzero(~shape_ok & ~skip), cols,
+                           lambda i: replace(tols[tol_idx[i]], atol=float(atol[i])) if scaled[i] else tols[tol_idx[i]])
     return TensorDiff(cols, names, unmatched_a, unmatched_b)
+
+
+def _shape_rows(col: pa.ChunkedArray, rows: np.ndarray, rank: int) -> np.ndarray:
+    """The shapes of ``rows`` of a shape column, as an ``(rows, rank)`` int64 matrix (every
+    row must have that rank)."""
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(combined(col).take(pa.array(rows, pa.int64())))
+    return flat.to_numpy(zero_copy_only=False).astype(np.int64).reshape(rows.size, rank)
+
+
+def _compare_positions(ra: TraceReader, rb: TraceReader, samples: list[str], names: list[str], A: _TSide, B: _TSide,
+                       ia: np.ndarray, ib: np.ndarray, rows: np.ndarray, cols: dict[str, np.ndarray],
+                       tolerance: Callable[[int], TensorTolerance]) -> None:
+    """Compare, from values, the positions both runs computed, for pairs whose shapes differ.
+
+    The rule (docs/differ.md, "Incremental and full computations"): when two tensors have the
+    same rank and differ in the size of exactly one axis — a full recompute's ``[1, T, d]``
+    against an incremental run's ``[1, 1, d]``, or a cache holding history against a shorter
+    one — the last ``n = min(Ta, Tb)`` positions of that axis are compared (both runs end at
+    the newest position). The pair is judged by :func:`~differ.metrics.compare_values` on those
+    positions and ``cols["positions"]`` holds ``n``. Pairs without values on both sides keep
+    their shape mismatch (statistics cover different positions).
+
+    Args:
+        ra, rb: the readers; samples, names: the code universes.
+        A, B: both sides' columns; ia, ib: the matched rows of each side.
+        rows: indices into the matched pairs whose (squeezed) shapes differ.
+        cols: the comparison columns, updated in place.
+        tolerance: the tolerance of pair ``i``.
+    """
+    import pyarrow.compute as pc
+
+    rows = rows[A.values[ia[rows]] & B.values[ib[rows]]]
+    if not rows.size:
+        return
+    ra_rank = pc.list_value_length(combined(A.table["shape"]).take(pa.array(ia[rows]))).to_numpy(zero_copy_only=False)
+    rb_rank = pc.list_value_length(combined(B.table["shape"]).take(pa.array(ib[rows]))).to_numpy(zero_copy_only=False)
+    b_names = combined(B.table["name"])
+    for rank in np.unique(ra_rank[ra_rank == rb_rank]).tolist():
+        sel = rows[(ra_rank == rank) & (rb_rank == rank)]
+        if rank == 0 or not sel.size:
+            continue
+        sa, sb = _shape_rows(A.table["shape"], ia[sel], rank), _shape_rows(B.table["shape"], ib[sel], rank)
+        differs = sa != sb
+        one = (differs.sum(axis=1) == 1)
+        axis = differs.argmax(axis=1)
+        keep = np.minimum(sa[np.arange(sel.size), axis], sb[np.arange(sel.size), axis])
+        for i, ax, n in zip(sel[one & (keep > 0)].tolist(), axis[one & (keep > 0)].tolist(),
+                            keep[one & (keep > 0)].tolist()):
+            a_row, b_row = int(ia[i]), int(ib[i])
+            sample = samples[int(A.sample[a_row])]
+            try:
+                a = ra.tensor(sample, int(A.step[a_row]), names[int(A.name[a_row])], call=int(A.call[a_row]))
+                b = rb.tensor(sample, int(B.step[b_row]), b_names[b_row].as_py(), call=int(B.call[b_row]))
+            except ValuesNotRecordedError:
+                continue
+            cut = (slice(None),) * ax + (slice(-n, None),)
+            m = compare_values(a[cut], b[cut], tolerance(i))
+            cols["basis"][i] = BASES.index(BASIS_VALUES)
+            cols["bitexact"][i] = False  # the tensors differ in shape: never bit-exact as a whole
+            cols["within"][i] = m.within
+            cols["reason"][i] = REASONS.index(m.reason)
+            for key in ("max_abs", "mean_abs", "max_rel", "cosine", "sqnr_db"):
+                v = getattr(m, key)
+                cols[key][i] = np.nan if v is None else v
+            cols["bad"][i] = -1 if m.bad is None else m.bad
+            cols["nan_mismatch"][i] = m.nan_mismatch
+            cols["inf_mismatch"][i] = m.inf_mismatch
+            cols["shape_mismatch"][i] = False
+            cols["numel"][i] = m.numel
+            cols["positions"][i] = n
 
 
 def _values_pass(ra: TraceReader, rb: TraceReader, samples: list[str], names: list[str], A: _TSide, B: _TSide,
