@@ -184,6 +184,8 @@ def run_script(
     k: int = 8,
     command: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    all_positions: bool = False,
+    open_loop: Sequence[str] | None = None,
 ) -> ScriptResult:
     """Run a script (or ``-m`` module) in this process and record it into ``trace``.
 
@@ -201,6 +203,9 @@ def run_script(
         k: top-k candidates per decision.
         command: the recording command line, for the trace's metadata.
         progress: called with the number of steps decided after each step.
+        all_positions: decide every position of the logits output, one step per position.
+        open_loop: heads not fed back (manifest ``open_loop``); None: ``["token"]`` with
+            ``all_positions``, none otherwise.
 
     Returns:
         The :class:`ScriptResult` (the script's exit status, its error and traceback, counts).
@@ -219,7 +224,8 @@ def run_script(
             "tags": {"steptrace.record.script": shown, "steptrace.record.logits": ",".join(logits) or "-",
                      "steptrace.record.modules": ",".join(modules) or "-", "steptrace.record.tensors": tensors}}
     hooks = ScriptRecorder(trace, modules=modules, logits=logits, tensors=tensors, reference=teacher, sample=sample,
-                           k=k, mode="overwrite" if overwrite else "create", metadata=meta, progress=progress)
+                           k=k, mode="overwrite" if overwrite else "create", metadata=meta, progress=progress,
+                           all_positions=all_positions, open_loop=open_loop)
     undo: list[Callable[[], None]] = []
 
     def on_torch(_module: ModuleType) -> None:

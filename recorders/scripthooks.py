@@ -39,6 +39,7 @@ from tracefmt.errors import TraceError, UnsupportedDtypeError
 
 from .capture import HostCopy, Recorder, Reference
 from .decisions import is_torch_tensor
+from .errors import RecorderUsageError
 from .outputs import decided_index, element_at, elements, peak_numpy, replace_element
 from .policy import CapturePolicy
 
@@ -97,9 +98,14 @@ class ScriptRecorder:
         mode: the writer's ``"create"`` or ``"overwrite"``.
         metadata: run metadata (``command``, ``model``, ``tags``, ...).
         progress: called with the number of steps decided after each step.
+        all_positions: decide every position (``t[0, ..., 0, :, :]``, one step each) instead of
+            the last.
+        open_loop: heads not fed back (manifest ``open_loop``); None: ``["token"]`` with
+            ``all_positions``, none otherwise.
 
     Raises:
-        RecorderUsageError: a bad option.
+        RecorderUsageError: a bad option, or a reference (teacher forcing) with an open-loop
+            ``token`` head: ids that are not fed back have nothing to force.
         TraceNotFoundError: the reference trace does not exist.
     """
 
@@ -116,7 +122,14 @@ class ScriptRecorder:
         mode: str = "create",
         metadata: Mapping[str, Any] | None = None,
         progress: Callable[[int], None] | None = None,
+        all_positions: bool = False,
+        open_loop: Sequence[str] | None = None,
     ) -> None:
+        self.all_positions = all_positions
+        self.open_loop = list(open_loop) if open_loop is not None else ["token"] if all_positions else []
+        if reference is not None and (all_positions or "token" in self.open_loop):
+            raise RecorderUsageError("--teacher has nothing to force: the decided head is open-loop (its ids are not "
+                                     "fed back); record without --teacher")
         self.trace = trace
         self.policy = CapturePolicy({g: tensors for g in modules} if tensors != "none" else None)
         self.logits = list(logits)
@@ -163,7 +176,8 @@ class ScriptRecorder:
         if self.rec is None:
             meta = TraceMetadata.coerce(dict(self.metadata))
             self.rec = _HostRecorder(self.trace, policy=self.policy, reference=self.reference, sample=self.sample,
-                                     k=self.k, metadata=meta, defaults=dict(defaults()), mode=self.mode)
+                                     k=self.k, metadata=meta, defaults=dict(defaults()), mode=self.mode,
+                                     open_loop=self.open_loop)
         return self.rec
 
     def _open_step(self, rec: Recorder) -> None:
@@ -207,7 +221,12 @@ class ScriptRecorder:
         if len(shape) >= 3 and shape[0] > 1:
             self._note(f"batch:{name}", f"logits {name} have shape {list(shape)}: `trace record` decides the first "
                        "row of the batch only; record batches with the API (recorders.hf, TorchRecorder.decide)")
-        token = rec.decide(t[decided_index(shape)])
+        if self.all_positions and len(shape) >= 2:
+            ids = rec.decide_positions(t[(0,) * (len(shape) - 2)], fed_back=True)
+            self.steps += max(len(ids) - 1, 0)  # _end_step counts the last
+            token = ids[-1] if ids else -1
+        else:
+            token = rec.decide(t[decided_index(shape)])
         self._decided = True
         self._logits_hit.add(name)
         return token

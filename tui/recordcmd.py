@@ -31,6 +31,10 @@ recorded under --tensors. Each call of the module (or tuple element, e.g. GRULM.
 output) matching --logits is a step: its last position's argmax is the decision. The sample id is
 0, or $STEPTRACE_SAMPLE when the script sets it (os.environ[...] = "utt2") before its steps.
 
+--all-positions decides every position of that output instead, one step per position (CTC frames,
+VAD chunks: the call's tensors stay at its first step); the head is then written to the manifest as
+open-loop (ids not fed back), unless --open-loop names the open-loop heads itself.
+
 --teacher REF cannot change the script's control flow: it replaces the logits the script receives
 by a copy whose decided position is -inf except at the reference's token (forced=true in the trace,
 with the run's own argmax), so a greedy or sampling script follows the reference's tokens.
@@ -68,6 +72,7 @@ def _command(args: argparse.Namespace, target: list[str]) -> list[str]:
     cmd = ["trace", "record", "-o", str(args.output)]
     cmd += [f"--modules={g}" for g in args.modules or []] + [f"--logits={g}" for g in args.logits or []]
     cmd += ["--tensors", args.tensors] + (["--teacher", args.teacher] if args.teacher else [])
+    cmd += (["--all-positions"] if args.all_positions else []) + [f"--open-loop={h}" for h in args.open_loop or []]
     return cmd + (["-m"] if args.module is not None else []) + target
 
 
@@ -85,6 +90,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--tensors", choices=["stats", "full", "none"], default="stats",
                    help="capture of --modules matches: statistics and digest (default), values too, or nothing")
     p.add_argument("--teacher", metavar="REF", help="reference trace whose tokens the logits are forced to")
+    p.add_argument("--all-positions", action="store_true",
+                   help="decide every position of a [.., T, V] --logits output, one step per position (CTC frames, "
+                        "VAD chunks); the head is then open-loop unless --open-loop says otherwise")
+    p.add_argument("--open-loop", action="append", metavar="HEAD",
+                   help="decision head whose ids are not fed back into the model, written to the manifest "
+                        "(repeatable; the decided head is 'token'; --open-loop= declares none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trace at OUT")
     p.add_argument("--sample", default="0", metavar="ID", help="sample id unless the script sets $STEPTRACE_SAMPLE")
     p.add_argument("-k", type=int, default=8, help="top-k candidates kept per decision (default 8)")
@@ -140,6 +151,8 @@ def run(args: argparse.Namespace) -> RecordOutcome:
         result = run_script(name, script_args, trace=args.output, module=args.module is not None,
                             modules=_globs(args.modules), logits=_globs(args.logits), tensors=args.tensors,
                             teacher=args.teacher, overwrite=args.overwrite, sample=args.sample, k=args.k,
+                            all_positions=args.all_positions,
+                            open_loop=None if args.open_loop is None else _globs(args.open_loop),
                             command=_command(args, target), progress=line.update)
     finally:
         if live is not None:
