@@ -170,7 +170,8 @@ class Recorder(StepBook):
             tags["steptrace.reference"] = self.reference.path
             tags["steptrace.teacher_forcing"] = str(self.teacher_forcing).lower()
         self.metadata = _metadata(metadata, dict(defaults or {}), watched, tags)
-        self.metadata.open_loop = list(dict.fromkeys([*self.metadata.open_loop, *open_loop]))  # a copy: never the caller's
+        # a new list: the caller's metadata keeps its own
+        self.metadata.open_loop = list(dict.fromkeys([*self.metadata.open_loop, *open_loop]))
         self._pieces = dict(enumerate(vocab)) if isinstance(vocab, Sequence) else dict(vocab or {})
         self.writer = TraceWriter(trace, metadata=self.metadata, vocab=vocab, mode=mode, **dict(writer_options or {}))
         # rows travel to the writer's thread in batches: each wake-up of that thread costs the
@@ -360,9 +361,10 @@ class Recorder(StepBook):
         Position 0 is decided at the open step (opening the next one if none is open), each
         later position at the next step of the same sample, so one call of a CTC encoder over
         T frames fills T consecutive steps. Tensors recorded before this call stay at the step
-        they were recorded at (the first); the last position's step is left open. Each decision
-        records ``position = offset + t``. Decisions are derived in one vectorised pass
-        (:func:`recorders.decisions.decide_rows`), on the logits' device for torch tensors.
+        they were recorded at (the first). The last position's step is then ended, so what is
+        recorded next opens the step after it. Each decision records ``position = offset + t``.
+        Decisions are derived in one vectorised pass (:func:`recorders.decisions.decide_rows`),
+        on the logits' device for torch tensors.
 
         Several heads over the same positions (the same T): pass ``{head: logits}``; each
         position's step then holds one decision of each head.

@@ -3,9 +3,10 @@ encoder or duration heads (:meth:`recorders.capture.Recorder.decide_positions`).
 
 A ``[T, V]`` output computed by one call becomes T consecutive steps of the sample: position 0
 at the open step (where the call's tensors were recorded), position t at the step t later, each
-decision with ``position`` = offset + t. The heads decided this way are declared open-loop in the
-manifest (SPEC.md §2 ``open_loop``): their ids are not fed back, so a differing frame does not
-make the frames after it incomparable. Teacher forcing does not apply to them.
+decision with ``position`` = offset + t; the last position's step is then ended. The heads
+decided this way are declared open-loop in the manifest (SPEC.md §2 ``open_loop``): their ids
+are not fed back, so a differing frame does not make the frames after it incomparable. Teacher
+forcing does not apply to them.
 """
 
 from __future__ import annotations
@@ -100,4 +101,5 @@ def decide_positions(
             if rec._logits_mode(h) != "none":
                 rec.record(f"logits:{h}", rows[h][t], source="decision")
             out[h].append(ds[t].chosen)
+    rec.end_step()  # what is recorded next belongs to the step after the last position
     return out if isinstance(logits, Mapping) else out[head]

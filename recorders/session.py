@@ -162,7 +162,8 @@ class RunRecorder(Recorder):
                                         (meta.get("open_loop") if isinstance(meta, Mapping) else None) or ())
         if (options.get("reference") is not None and options.get("teacher_forcing", True) and heads
                 and (every or all(h in declared for h in heads))):
-            why = "position='all' decides ids that the call does not feed back" if every else                 f"every head ({', '.join(heads)}) is open-loop"
+            why = ("position='all' decides ids that the call does not feed back" if every
+                   else f"every head ({', '.join(heads)}) is open-loop")
             raise RecorderUsageError(f"teacher forcing has nothing to force here: {why}. Record without reference=, "
                                      "or pass teacher_forcing=False to keep the reference for other uses")
         super().__init__(trace, open_loop=open_loop, **options)
@@ -209,7 +210,6 @@ class RunRecorder(Recorder):
             self.decided = self.decide_positions({h: outputs[n] for h, n in self.heads.items()}, fed_back=True,
                                                  offset=offset)
             self._positions[sample] = offset + len(next(iter(self.decided.values())))
-            self._run_key = self.current_step  # the next call opens the step after the last position
             self.tokens = {h: ids[-1] for h, ids in self.decided.items() if ids}
             return self.tokens
         tokens = {}

@@ -259,3 +259,105 @@ def build_ctc_pair(out: Path, *, bug: bool = True, runtime: str = "onnx", sample
         cand = record_ort(Path(cand_model), out / ("cand_bug.trace" if bug else "cand.trace"), utts,
                           optimization=level)
     return CTCPair(ref, cand, utts, bug, ONNX_CONV0 if bug else None)
+
+
+# ---------------------------------------------------------------------- silero-vad, a whole file per call
+@dataclass(frozen=True)
+class VadPair:
+    """silero-vad's sequence model over a WAV in one call, recorded with one step per chunk.
+
+    Attributes:
+        ref: the fp32 trace.
+        cand: the trace of the copy with a planted fault (or None).
+        probs: the reference's speech probability per chunk.
+        culprit: the ONNX value of the faulty Conv's output (or None).
+    """
+
+    ref: Path
+    cand: Path | None
+    probs: np.ndarray
+    culprit: str | None
+
+
+def _silero():
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from examples import silero_vad_parity
+
+    return silero_vad_parity
+
+
+def record_vad_sequence(model: Path, trace: Path, framed: np.ndarray, *, sample: str = "speech") -> np.ndarray:
+    """Run silero's sequence model over every chunk in one call under an OrtRecorder (inputs,
+    intermediates and outputs at step 0) and decide every chunk's ``vad`` head, one step each.
+
+    Args:
+        model: ``silero_vad_16k_sequence.onnx`` or a copy (with exposed intermediates).
+        trace: the trace to create.
+        framed: ``[n, 576]`` chunks with their 64 context samples.
+        sample: the sample id.
+
+    Returns:
+        The speech probabilities, ``[n]``.
+    """
+    from recorders.onnxruntime import OrtRecorder
+
+    sv = _silero()
+    with OrtRecorder(trace, model, optimization="disable", open_loop=["vad"], k=2, vocab=sv.VOCAB,
+                     metadata={"vocab_head": "vad"}) as rec:
+        rec.set_sample(sample)
+        probs, _, _ = rec.run(["speech_probs", "hn", "cn"], {"input": framed, "h": np.zeros((1, 1, 128), np.float32),
+                                                              "c": np.zeros((1, 1, 128), np.float32)})
+        p = np.clip(probs.astype(np.float64), 1e-12, 1.0 - 1e-12)
+        rec.decide_positions(np.stack([np.zeros_like(p), np.log(p) - np.log1p(-p)], axis=1), head="vad")
+    return probs
+
+
+def build_vad_pair(out: Path, *, bug: bool = True, max_chunks: int = 120) -> VadPair:
+    """Record silero-vad's ``silero_vad_16k_sequence.onnx`` over the committed WAV (every
+    intermediate exposed, ORT_DISABLE_ALL), and with ``bug`` a copy whose Conv ``encoder.1`` has
+    4 of its 64 filters sign-flipped: the reference/candidate pair of a whole-file VAD, one step
+    per 32 ms chunk, the network's tensors at step 0.
+
+    Args:
+        out: a folder (created).
+        bug: also record the faulty copy.
+        max_chunks: chunks of the WAV to use.
+
+    Returns:
+        The :class:`VadPair`.
+
+    Raises:
+        FileNotFoundError: silero-vad is not installed.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from recorders.onnxruntime import expose_intermediates
+
+    sv = _silero()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = sv.model_file("silero_vad_16k_sequence.onnx")
+    framed = sv.with_context(sv.chunks_of(sv.read_wav(sv.DEFAULT_WAV), max_chunks))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        good = expose_intermediates(src, "*", out / "vad_seq.exposed.onnx").path
+    probs = record_vad_sequence(Path(good), out / "vad_seq.trace", framed)
+    if not bug:
+        return VadPair(out / "vad_seq.trace", None, probs, None)
+    proto = onnx.load(str(src))
+    for t in proto.graph.initializer:
+        if t.name == "encoder.1.weight":
+            w = numpy_helper.to_array(t).copy()
+            w[:4] *= -1
+            t.CopyFrom(numpy_helper.from_array(w, t.name))
+    conv = next(n.output[0] for n in proto.graph.node if n.op_type == "Conv" and "encoder.1.weight" in n.input)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bad = expose_intermediates(proto, "*", out / "vad_seq_bug.exposed.onnx").path
+    record_vad_sequence(Path(bad), out / "vad_seq_bug.trace", framed)
+    return VadPair(out / "vad_seq.trace", out / "vad_seq_bug.trace", probs, conv)

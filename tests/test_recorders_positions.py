@@ -7,6 +7,7 @@ the call's tensors at the first; streamed samples; clear errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import textwrap
 import warnings
 from pathlib import Path
@@ -15,8 +16,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from positions_models import (BLANK, BUGGED, ONNX_CONV0, V, CTCModel, build_ctc_pair, export_onnx, plant_bug,
-                              record_torch, utterances)
+from positions_models import (BLANK, BUGGED, ONNX_CONV0, V, CTCModel, build_ctc_pair, build_vad_pair, export_onnx,
+                              plant_bug, record_torch, utterances)
 
 from recorders import Recorder
 from recorders.errors import RecorderUsageError, StepOrderError
@@ -145,7 +146,9 @@ def test_decide_positions_steps_positions_heads_and_what_stays_open(tmp_path):
         with rec.step(sample="s", index=3):
             rec.record("enc", np.ones(2, np.float32))
             assert rec.decide_positions(a[None], head="frame") == a.argmax(1).tolist()  # [1, T, V]
-        assert rec.current_step == ("s", 6)  # the last position's step stays open
+        assert rec.current_step is None  # the last position's step is ended: the next record opens step 7
+        rec.record("enc", np.zeros(2, np.float32))
+        assert rec.current_step == ("s", 7)
         rec.set_sample("t")
         got = rec.decide_positions({"frame": a, "dur": b}, offset=10)  # two heads over the same frames
         assert got == {"frame": a.argmax(1).tolist(), "dur": b.argmax(1).tolist()}
@@ -174,7 +177,7 @@ def test_decide_positions_steps_positions_heads_and_what_stays_open(tmp_path):
     t = sorted((x["step"], x["head"], x["position"]) for x in d if x["sample"] == "t")
     assert t == sorted([(i, h, 10 + i) for i in range(4) for h in ("frame", "dur")])
     assert not any(x["forced"] for x in d)
-    assert [(x["sample"], x["step"]) for x in r.tensors().to_pylist() if x["name"] == "enc"] == [("s", 3)]
+    assert [(x["sample"], x["step"]) for x in r.tensors().to_pylist() if x["name"] == "enc"] == [("s", 3), ("s", 7)]
     logit_rows = [x for x in r.tensors().to_pylist() if x["name"] == "logits:frame" and x["sample"] == "s"]
     assert [x["step"] for x in logit_rows] == [3, 4, 5, 6]  # logits:<head> of each position at its own step
     np.testing.assert_array_equal(r.tensor("s", 5, "logits:frame"), a[2])
@@ -344,3 +347,33 @@ def test_planted_bug_builder_is_reproducible(tmp_path):
     assert da == db and a.culprit == b.culprit == ONNX_CONV0
     w, bad = CTCModel().encoder[0].weight, plant_bug(CTCModel()).encoder[0].weight
     assert torch.equal(bad.abs(), w.abs()) and int((bad != w).any(dim=(1, 2)).sum()) == 2 * len(BUGGED)  # signs only
+
+
+# ---------------------------------------------------------------------- silero-vad: a whole file in one call
+needs_silero = pytest.mark.skipif(importlib.util.find_spec("silero_vad") is None,
+                                  reason="silero-vad is not installed (pip install silero-vad --no-deps): it ships "
+                                         "the sequence VAD model recorded here")
+
+
+@needs_silero
+def test_silero_sequence_vad_one_step_per_chunk_and_a_planted_conv_fault(tmp_path):
+    pair = build_vad_pair(tmp_path, bug=True, max_chunks=120)
+    ref, cand = TraceReader(pair.ref), TraceReader(pair.cand)
+    assert ref.metadata.open_loop == cand.metadata.open_loop == ["vad"] and ref.metadata.vocab_head == "vad"
+    a = ref.decisions(columns=["step", "position", "head", "chosen", "forced"]).to_pylist()
+    b = cand.decisions(columns=["step", "chosen", "topk_ids", "topk_logits"]).to_pylist()
+    assert [x["step"] for x in a] == [x["position"] for x in a] == list(range(120))
+    assert [x["chosen"] for x in a] == (pair.probs > 0.5).astype(int).tolist()  # speech where p > 0.5
+    assert ref.piece(1) == "speech" and not any(x["forced"] for x in a)
+    for r in (ref, cand):  # the one run's inputs, every intermediate and the outputs: at step 0
+        assert {x["step"] for x in r.tensors().to_pylist()} == {0}
+    dig = {x["name"]: x["digest"] for x in ref.tensors().to_pylist()}
+    cdig = {x["name"]: x["digest"] for x in cand.tensors().to_pylist()}
+    assert dig["input"] == cdig["input"] and dig[pair.culprit] != cdig[pair.culprit]
+    assert pair.culprit == "/encoder.1/Conv_output_0"
+    # the fault moves the speech logit by whole logits and changes some chunks, not all
+    speech = lambda row: row["topk_logits"][row["topk_ids"].index(1)]  # noqa: E731
+    p = np.clip(pair.probs.astype(np.float64), 1e-12, 1 - 1e-12)
+    moved = np.abs(np.array([speech(x) for x in b]) - (np.log(p) - np.log1p(-p)))
+    flipped = sum(x["chosen"] != y["chosen"] for x, y in zip(a, b))
+    assert moved.max() > 1.0 and 3 <= flipped < 60
