@@ -223,7 +223,7 @@ class ScriptRecorder:
                        "row of the batch only; record batches with the API (recorders.hf, TorchRecorder.decide)")
         if self.all_positions and len(shape) >= 2:
             ids = rec.decide_positions(t[(0,) * (len(shape) - 2)], fed_back=True)
-            self.steps += max(len(ids) - 1, 0)  # _end_step counts the last
+            self.steps += len(ids) - 1  # _end_step counts one step
             token = ids[-1] if ids else -1
         else:
             token = rec.decide(t[decided_index(shape)])

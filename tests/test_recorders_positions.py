@@ -286,7 +286,9 @@ def test_trace_record_all_positions(tmp_path, capsys):
     out = tmp_path / "rec.trace"
     assert main(["record", "-o", str(out), "--logits", "CTCModel", "--modules", "encoder.*", "--all-positions",
                  str(script), str(TESTS)]) == 0
-    printed = {line.split(" ", 1)[0]: eval_list(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines()}
+    cap = capsys.readouterr()
+    printed = {line.split(" ", 1)[0]: eval_list(line.split(" ", 1)[1]) for line in cap.out.splitlines()}
+    assert "recorded 24 steps (24 decisions" in cap.err  # one step per position of the 2 x 12 frames
     r = TraceReader(out)
     assert r.metadata.open_loop == ["token"] and "--all-positions" in r.metadata.command
     for sample, frames in printed.items():
