@@ -7,9 +7,10 @@ prototypes), so its frame decisions are meaningful without training: on :func:`u
 (each token a noisy prototype held for 2-4 frames, blanks between) it labels most frames right,
 by several logits, and is least sure at token boundaries.
 
-:func:`plant_bug` returns a copy whose first Conv has a deliberate fault (the filters of six
-classes sign-flipped): every utterance then decides some frames differently, by whole logits,
-and the first recorded tensor beyond any tolerance is that Conv's output at step 0 of each sample.
+:func:`plant_bug` returns a copy whose first Conv has a deliberate fault (one filter of each of
+six classes sign-flipped): every utterance then decides some frames differently, by whole
+logits, and the first recorded tensor beyond any tolerance is that Conv's output at step 0 of
+each sample.
 
 :func:`build_ctc_pair` records a reference and a candidate (ONNX Runtime with ``position="all"``,
 or torch with ``decide_positions``), one step per frame, the encoder's tensors at step 0 of
@@ -118,8 +119,11 @@ def utterances(n: int, *, seed: int = 0, frames: int = 48, noise: float = 0.5) -
 
 
 def plant_bug(model: CTCModel) -> CTCModel:
-    """A copy of ``model`` whose first Conv (``encoder.0``) has the filters of the classes in
-    :data:`BUGGED` sign-flipped (both halves): those classes' scores come out negated.
+    """A copy of ``model`` whose first Conv (``encoder.0``) has the ``+p_c`` filter of each class
+    in :data:`BUGGED` sign-flipped: it then equals the ``-p_c`` filter, so those classes score 0
+    (the head's difference of the two) and their frames go to other classes. The Conv's own
+    output changes in value and in statistics (its mean is no longer 0), so it is the first
+    tensor beyond tolerance whether values or statistics only are recorded.
 
     Args:
         model: the model (left unchanged).
@@ -129,7 +133,7 @@ def plant_bug(model: CTCModel) -> CTCModel:
     """
     bad = CTCModel()
     bad.load_state_dict(model.state_dict())
-    rows = torch.tensor([*BUGGED, *(V + c for c in BUGGED)])
+    rows = torch.tensor(BUGGED)
     with torch.no_grad():
         bad.encoder[0].weight[rows] *= -1
     return bad.eval()
