@@ -382,3 +382,19 @@ def test_silero_sequence_vad_one_step_per_chunk_and_a_planted_conv_fault(tmp_pat
     moved = np.abs(np.array([speech(x) for x in b]) - (np.log(p) - np.log1p(-p)))
     flipped = sum(x["chosen"] != y["chosen"] for x, y in zip(a, b))
     assert moved.max() > 1.0 and 3 <= flipped < 60
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: decide_positions on "
+                                                            "device logits (one transfer for all T rows) is not run")
+def test_decide_positions_on_cuda_logits_match_the_cpu(tmp_path):
+    u = utterances(1, seed=4, frames=32)[0]
+    paths = {dev: tmp_path / f"{dev}.trace" for dev in ("cpu", "cuda")}
+    for dev, path in paths.items():
+        m = CTCModel().eval().to(dev)
+        with TorchRecorder(path, m, modules={"encoder.0": "stats"}, open_loop=["token"]) as rec, torch.no_grad():
+            rec.decide_positions(m(torch.from_numpy(u.features).to(dev)))
+    a, b = (TraceReader(p).decisions(columns=["step", "chosen", "topk_ids", "margin"]).to_pylist()
+            for p in paths.values())
+    assert [x["step"] for x in b] == list(range(32)) and [x["chosen"] for x in a] == [x["chosen"] for x in b]
+    # cuDNN may run the Convs in TF32 (10-bit mantissa): margins agree to ~1e-2 of the ~12-logit scale
+    np.testing.assert_allclose([x["margin"] for x in a], [x["margin"] for x in b], atol=0.05)
