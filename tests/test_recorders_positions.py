@@ -395,6 +395,8 @@ def test_decide_positions_on_cuda_logits_match_the_cpu(tmp_path):
             rec.decide_positions(m(torch.from_numpy(u.features).to(dev)))
     a, b = (TraceReader(p).decisions(columns=["step", "chosen", "topk_ids", "margin"]).to_pylist()
             for p in paths.values())
-    assert [x["step"] for x in b] == list(range(32)) and [x["chosen"] for x in a] == [x["chosen"] for x in b]
-    # cuDNN may run the Convs in TF32 (10-bit mantissa): margins agree to ~1e-2 of the ~12-logit scale
+    assert [x["step"] for x in b] == list(range(32))
+    # cuDNN may run the Convs in TF32 (10-bit mantissa): margins agree to ~1e-2 of the ~12-logit scale,
+    # so the chosen ids are compared where the CPU's margin leaves no doubt
+    assert all(x["chosen"] == y["chosen"] for x, y in zip(a, b) if x["margin"] > 0.1)
     np.testing.assert_allclose([x["margin"] for x in a], [x["margin"] for x in b], atol=0.05)
