@@ -285,7 +285,10 @@ class OrtRecorder(RunRecorder):
             ``logits:<head>`` copy.
         logits: output name of the ``token`` head, or ``{head: output name}``; None: no
             automatic decisions.
-        position: the decided position of ``[1, T, V]`` logits (-1: the last).
+        position: the decided position of ``[1, T, V]`` logits (-1: the last), or ``"all"``:
+            every position of ``[1, T, V]`` / ``[T, V]`` logits, one step each (see
+            :class:`recorders.session.RunRecorder`); those heads are open-loop unless
+            ``open_loop=`` says otherwise, and teacher forcing is refused.
         model: the session's model (path or ModelProto) for names, topological order and
             sources; default: the path the session was opened from.
         providers: execution providers when ``session`` is a path (default CPU).
@@ -294,7 +297,7 @@ class OrtRecorder(RunRecorder):
             ``"basic"``, ``"extended"``, ``"layout"`` or ``"all"`` (see the module docs).
         **options: :class:`recorders.capture.Recorder` options (``reference``,
             ``teacher_forcing``, ``budget``, ``sample``, ``k``, ``watched``, ``metadata``,
-            ``vocab``, ``mode``, ``writer_options``).
+            ``vocab``, ``mode``, ``writer_options``, ``open_loop``).
 
     Raises:
         RecorderUsageError: a logits name that is not an output of the session, an unknown
@@ -309,7 +312,7 @@ class OrtRecorder(RunRecorder):
         *,
         tensors: PolicyLike = None,
         logits: str | Mapping[str, str] | None = None,
-        position: int = -1,
+        position: int | str = -1,
         model: str | os.PathLike[str] | onnx.ModelProto | None = None,
         providers: Sequence[str] | None = None,
         session_options: ort.SessionOptions | None = None,

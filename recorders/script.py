@@ -196,6 +196,8 @@ def run_script(
     k: int = 8,
     command: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    all_positions: bool = False,
+    open_loop: Sequence[str] | None = None,
 ) -> ScriptResult:
     """Run a script (or ``-m`` module) in this process and record it into ``trace``.
 
@@ -216,6 +218,9 @@ def run_script(
         k: top-k candidates per decision.
         command: the recording command line, for the trace's metadata.
         progress: called with the number of steps decided after each step.
+        all_positions: decide every position of the logits output, one step per position.
+        open_loop: heads not fed back (manifest ``open_loop``); None: ``["token"]`` with
+            ``all_positions``, none otherwise.
 
     Returns:
         The :class:`ScriptResult` (the script's exit status, its error and traceback, counts).
@@ -238,7 +243,8 @@ def run_script(
                      "steptrace.record.sample_per": ",".join(sample_per) or "-", "steptrace.record.scores": scores}}
     hooks = ScriptRecorder(trace, modules=modules, logits=logits, tensors=tensors, reference=teacher, sample=sample,
                            sample_per=sample_per, sample_ids=sample_ids, scores=scores, k=k,
-                           mode="overwrite" if overwrite else "create", metadata=meta, progress=progress)
+                           mode="overwrite" if overwrite else "create", metadata=meta, progress=progress,
+                           all_positions=all_positions, open_loop=open_loop)
     undo: list[Callable[[], None]] = []
 
     def on_torch(_module: ModuleType) -> None:

@@ -116,10 +116,15 @@ class ScriptRecorder(SessionHooks):
         mode: the writer's ``"create"`` or ``"overwrite"``.
         metadata: run metadata (``command``, ``model``, ``tags``, ...).
         progress: called with the number of steps decided after each step.
+        all_positions: decide every position (``t[0, ..., 0, :, :]``, one step each) instead of
+            the last.
+        open_loop: heads not fed back (manifest ``open_loop``); None: ``["token"]`` with
+            ``all_positions``, none otherwise.
 
     Raises:
         RecorderUsageError: a bad option (an unknown ``scores``, ``sample_ids`` without
-            ``sample_per``, or repeated sample ids).
+            ``sample_per``, repeated sample ids), or a reference (teacher forcing) with an
+            open-loop ``token`` head: ids that are not fed back have nothing to force.
         TraceNotFoundError: the reference trace does not exist.
     """
 
@@ -139,6 +144,8 @@ class ScriptRecorder(SessionHooks):
         mode: str = "create",
         metadata: Mapping[str, Any] | None = None,
         progress: Callable[[int], None] | None = None,
+        all_positions: bool = False,
+        open_loop: Sequence[str] | None = None,
     ) -> None:
         if scores not in SCORES:
             raise RecorderUsageError(f"scores {scores!r} is unknown; use one of {', '.join(SCORES)}")
@@ -152,6 +159,11 @@ class ScriptRecorder(SessionHooks):
         self.scores = scores
         self.samples_started = 0
         self.skipped_before_samples: dict[str, int] = {}  # outermost calls before the first sample_per call
+        self.all_positions = all_positions
+        self.open_loop = list(open_loop) if open_loop is not None else ["token"] if all_positions else []
+        if reference is not None and (all_positions or "token" in self.open_loop):
+            raise RecorderUsageError("--teacher has nothing to force: the decided head is open-loop (its ids are not "
+                                     "fed back); record without --teacher")
         self.trace = trace
         self.policy = CapturePolicy({g: tensors for g in modules} if tensors != "none" else None)
         self.logits = list(logits)
@@ -206,7 +218,8 @@ class ScriptRecorder(SessionHooks):
         if self.rec is None:
             meta = TraceMetadata.coerce(dict(self.metadata))
             self.rec = _HostRecorder(self.trace, policy=self.policy, reference=self.reference, sample=self.sample,
-                                     k=self.k, metadata=meta, defaults=dict(defaults()), mode=self.mode)
+                                     k=self.k, metadata=meta, defaults=dict(defaults()), mode=self.mode,
+                                     open_loop=self.open_loop)
         return self.rec
 
     def _open_step(self, rec: Recorder) -> None:
@@ -278,14 +291,22 @@ class ScriptRecorder(SessionHooks):
         if len(shape) >= 3 and shape[0] > 1:
             self._note(f"batch:{name}", f"logits {name} have shape {list(shape)}: `trace record` decides the first "
                        "row of the batch only; record batches with the API (recorders.hf, TorchRecorder.decide)")
-        row = t[decided_index(shape)]
-        if self.scores == "prob":
-            row = log_probabilities(row)
-        elif self.scores == "logits" and name not in self._logits_hit and looks_like_probabilities(row):
-            self._note(f"prob:{name}", f"{name} looks like probabilities (every value in [0, 1], summing to 1): "
-                       "its margins and top-k are of probabilities, not logits; pass --scores prob to decide "
-                       "log-probabilities")
-        token = rec.decide(row)
+        if self.all_positions and len(shape) >= 2:
+            rows = t[(0,) * (len(shape) - 2)]
+            if self.scores == "prob":
+                rows = log_probabilities(rows)
+            ids = rec.decide_positions(rows, fed_back=True)
+            self.steps += len(ids) - 1  # _end_step counts one step
+            token = ids[-1] if ids else -1
+        else:
+            row = t[decided_index(shape)]
+            if self.scores == "prob":
+                row = log_probabilities(row)
+            elif self.scores == "logits" and name not in self._logits_hit and looks_like_probabilities(row):
+                self._note(f"prob:{name}", f"{name} looks like probabilities (every value in [0, 1], summing to 1): "
+                           "its margins and top-k are of probabilities, not logits; pass --scores prob to decide "
+                           "log-probabilities")
+            token = rec.decide(row)
         self._decided = True
         self._logits_hit.add(name)
         return token

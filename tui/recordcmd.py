@@ -51,6 +51,10 @@ or $STEPTRACE_SAMPLE when the script sets it (os.environ[...] = "utt2") before i
 takes log-probabilities as they are. Without it, an output whose rows lie in [0, 1] and sum to 1
 gets a note.
 
+--all-positions decides every position of that output instead, one step per position (CTC frames,
+VAD chunks: the call's tensors stay at its first step); the head is then written to the manifest as
+open-loop (ids not fed back), unless --open-loop names the open-loop heads itself.
+
 --teacher REF cannot change the script's control flow: it replaces the logits the script receives
 by a copy whose decided position is -inf except at the reference's token (forced=true in the trace,
 with the run's own argmax), so a greedy or sampling script follows the reference's tokens.
@@ -93,6 +97,7 @@ def _command(args: argparse.Namespace, target: list[str]) -> list[str]:
     cmd += ["--sample-from", args.sample_from] if args.sample_from else []
     cmd += ["--scores", args.scores] if args.scores != "logits" else []
     cmd += ["--tensors", args.tensors] + (["--teacher", args.teacher] if args.teacher else [])
+    cmd += (["--all-positions"] if args.all_positions else []) + [f"--open-loop={h}" for h in args.open_loop or []]
     return cmd + (["-m"] if args.module is not None else []) + target
 
 
@@ -163,6 +168,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--tensors", choices=["stats", "full", "none"], default="stats",
                    help="capture of --modules matches: statistics and digest (default), values too, or nothing")
     p.add_argument("--teacher", metavar="REF", help="reference trace whose tokens the logits are forced to")
+    p.add_argument("--all-positions", action="store_true",
+                   help="decide every position of a [.., T, V] --logits output, one step per position (CTC frames, "
+                        "VAD chunks); the head is then open-loop unless --open-loop says otherwise")
+    p.add_argument("--open-loop", action="append", metavar="HEAD",
+                   help="decision head whose ids are not fed back into the model, written to the manifest "
+                        "(repeatable; the decided head is 'token'; --open-loop= declares none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trace at OUT")
     p.add_argument("--sample", default="0", metavar="ID", help="sample id unless the script sets $STEPTRACE_SAMPLE")
     p.add_argument("--sample-per", action="append", metavar="MODULE",
@@ -231,6 +242,8 @@ def run(args: argparse.Namespace) -> RecordOutcome:
                             modules=_globs(args.modules), logits=_globs(args.logits), tensors=args.tensors,
                             teacher=args.teacher, overwrite=args.overwrite, sample=args.sample,
                             sample_per=sample_per, sample_ids=ids, scores=args.scores, k=args.k,
+                            all_positions=args.all_positions,
+                            open_loop=None if args.open_loop is None else _globs(args.open_loop),
                             command=_command(args, target), progress=line.update)
     finally:
         if live is not None:
