@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .corpusstats import corpus_stats
 from .mapping import NameMapping
 from .metrics import TensorMetrics, json_float
 from .verdict import VERDICTS
@@ -242,6 +243,7 @@ class PairReport:
             "culprits": self.culprits,
             "watched": self.watched,
             "alignment": self.alignment,
+            "corpus": corpus_stats(self.steps_table) if self.steps_table is not None else None,
             "per_sample": self.per_sample,
         })
 
@@ -308,7 +310,8 @@ class DiffReport:
     def __str__(self) -> str:
         w = self.worst
         fd = f"; first divergence {w.first_divergence}" if w.first_divergence else ""
-        return f"{self.verdict}{' (mismatch)' if self.mismatch else ''}: {len(self.candidates)} candidate(s) vs {self.reference.path}{fd}"
+        n = len(self.candidates)
+        return f"{self.verdict}{' (mismatch)' if self.mismatch else ''}: {n} candidate{'s' if n != 1 else ''} vs {self.reference.path}{fd}"
 
     def to_json(self) -> dict[str, Any]:
         """Return the stable JSON report (schema ``steptrace.diff/1``, docs/differ.md).
