@@ -19,6 +19,8 @@ from rich.text import Text
 
 from tracefmt import TraceError, __version__
 
+from .wording import plural
+
 EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_ERROR = 2
@@ -152,10 +154,10 @@ def cmd_export(args: argparse.Namespace) -> Outcome:
 
         update, stop = _progress_callback(f"exporting {args.trace}", total=True)
         try:
-            lines = export_jsonl(args.trace, args.output, progress=update)
+            lines = export_jsonl(args.trace, args.output, progress=update, overwrite=args.overwrite)
         finally:
             stop()
-        Console().print(f"wrote {lines:,} lines to {args.output}", highlight=False)
+        Console().print(f"wrote {plural(lines, 'line')} to {args.output}", highlight=False)
     else:
         from tracefmt.export import export_parquet
 
@@ -206,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace", help="trace directory")
     p.add_argument("--format", required=True, choices=["jsonl", "parquet"], help="output format")
     p.add_argument("-o", "--output", required=True, help="output file (jsonl) or folder (parquet)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (parquet)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (jsonl) or write into "
+                   "an existing folder (parquet)")
     p.set_defaults(func=cmd_export)
 
     from . import diffcmd
