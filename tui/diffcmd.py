@@ -62,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--heads", metavar="H[,H]", help="compare only these decision heads")
     g.add_argument("--samples", metavar="GLOB", action="append", help="compare only matching samples (repeatable)")
     t = p.add_argument_group("tolerance")
-    t.add_argument("--policy", metavar="FILE", help="tolerance policy (TOML; see docs/differ.md)")
+    t.add_argument("--policy", metavar="FILE", help="tolerance policy (TOML; see `trace docs differ`; its [gate] section applies too)")
     t.add_argument("--epsilon", type=float, metavar="LOGITS",
                    help="near-tie threshold for flips (default: 4 ulps of the logits' dtype grid)")
     t.add_argument("--atol", type=float, help="element-wise absolute tolerance for every tensor")
