@@ -17,6 +17,7 @@ their distributions says nothing about the runtime).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,8 +175,13 @@ def _mean_estimate(x: np.ndarray, *, quantiles: bool) -> Estimate:
     return Estimate(n, mean, err, float(p50), float(p99), float(x.max()))
 
 
+#: The last few results, by table identity: the report, its JSON and a gate ask for the same table.
+_RECENT: dict[tuple[int, str | None], tuple[weakref.ref, CorpusStats]] = {}
+
+
 def corpus_stats(steps: pa.Table | None, *, head: str | None = None) -> CorpusStats:
-    """Compute the corpus figures of one candidate from its ``steps_table``.
+    """Compute the corpus figures of one candidate from its ``steps_table`` (remembered for the
+    same table object while it lives: tables are immutable).
 
     Args:
         steps: a :class:`~differ.report.PairReport`'s ``steps_table`` (None or empty: no rows).
@@ -184,6 +190,20 @@ def corpus_stats(steps: pa.Table | None, *, head: str | None = None) -> CorpusSt
     Returns:
         The :class:`CorpusStats`.
     """
+    if steps is None:
+        return _compute(None, head)
+    key = (id(steps), head)
+    hit = _RECENT.get(key)
+    if hit is not None and hit[0]() is steps:
+        return hit[1]
+    stats = _compute(steps, head)
+    if len(_RECENT) >= 8:
+        _RECENT.clear()
+    _RECENT[key] = (weakref.ref(steps), stats)
+    return stats
+
+
+def _compute(steps: pa.Table | None, head: str | None) -> CorpusStats:
     empty = Estimate(0, None, None)
     if steps is None or steps.num_rows == 0:
         return CorpusStats(0, empty, empty, empty, 0, 0, _buckets(np.zeros(0), np.zeros(0, bool), np.zeros(0, bool)))

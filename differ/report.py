@@ -225,7 +225,7 @@ class PairReport:
         n = self.samples.get("total", 0)
         same = self.sequences.get("identical", 0)
         fd = f"; first divergence {self.first_divergence}" if self.first_divergence else ""
-        return f"{self.candidate.path}: {self.verdict} (identical sequences on {same}/{n} samples){fd}"
+        return f"{self.candidate.path}: {self.verdict} (identical sequences on {same:,} / {n:,} samples){fd}"
 
     def to_json(self) -> dict[str, Any]:
         """Return the report of this candidate as a JSON object (schema in docs/differ.md)."""
@@ -264,7 +264,7 @@ class CrossCheck:
 
     def __str__(self) -> str:
         rel = "≡" if self.identical else "≠"
-        return f"{self.a} {rel} {self.b}: identical sequences on {self.identical_sequences}/{self.samples}"
+        return f"{self.a} {rel} {self.b}: identical sequences on {self.identical_sequences:,} / {self.samples:,}"
 
     def to_json(self) -> dict[str, Any]:
         """Return the fields as a JSON object."""

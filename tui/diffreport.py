@@ -291,6 +291,13 @@ def render(report: DiffReport, console: Console, *, rows: int = 20, fmt: str | N
                 console.print(line)
 
 
+def _md_cell(cell: object) -> object:
+    """A table cell with ``|`` escaped for a GitHub table."""
+    if isinstance(cell, Text):
+        return Text(cell.plain.replace("|", "\\|"), style=cell.style) if "|" in cell.plain else cell
+    return cell.replace("|", "\\|") if isinstance(cell, str) else cell
+
+
 def format_report(report: DiffReport, fmt: str, *, rows: int = 20, gate: GateResult | None = None) -> str:
     """The report as ``text`` (plain, every column at full width, nothing cut) or ``markdown``
     (tables as GitHub tables, the first screen and figures in code blocks, for PR descriptions).
@@ -336,6 +343,9 @@ def format_report(report: DiffReport, fmt: str, *, rows: int = 20, gate: GateRes
                 t.title = None
                 if md:
                     con.print(Text(""))
+            if md:  # a | inside a cell would end it
+                for col in t.columns:
+                    col._cells = [_md_cell(c) for c in col._cells]
             t.box = box.MARKDOWN if md else PLAIN_BOX
             t.show_edge = md
             t.expand = False
