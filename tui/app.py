@@ -145,7 +145,20 @@ class ViewApp(KeyActions, App[None]):
         """Lay the panes out for the new terminal size."""
         self._fit(event.size.width, event.size.height)
 
+    def _set_title(self) -> None:
+        """The traces' names in the header (without ``.trace`` when the terminal is narrow)."""
+        a, b = self.model.a, self.model.b
+
+        def name(label: str) -> str:
+            return label.removesuffix(".trace") if self.size.width < self.WIDE else label
+
+        self.title = f"{name(a.label)} vs {name(b.label)}" if b is not None else name(a.label)
+
     def _fit(self, width: int, height: int) -> None:
+        if self.is_mounted:
+            self._set_title()
+            if self.samples_rows:  # opened: the subtitle says what is known
+                self._subtitle()
         main = self.query_one("#main")
         narrow = width < self.WIDE
         main.set_class(narrow, "-narrow")
@@ -155,7 +168,7 @@ class ViewApp(KeyActions, App[None]):
         """Lay out, title, then index the traces on a worker."""
         self._fit(self.size.width, self.size.height)
         a, b = self.model.a, self.model.b
-        self.title = f"{a.label} vs {b.label}" if b is not None else a.label
+        self._set_title()
         self.sub_title = "opening…"
         self.table.focus()
         self._work("opening the trace", self._open, "open")
