@@ -15,7 +15,6 @@ import argparse
 import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +27,8 @@ from differ.errors import IncompatibleTracesError, PolicyError
 from differ.gate import load_gate, parse_gate
 from differ_models import StepLM, decode_torch, writer
 from tui import cli, diffcmd
-from tui.diffreport import format_report, progress_bar
+from tui.diffprogress import progress_bar
+from tui.reporttext import format_report
 
 N, STEPS, TIE = 40, 6, 0.05
 
@@ -115,7 +115,7 @@ def test_corpus_figures_match_the_planted_flips(corpus):
 
 
 def test_gate_passes_near_ties_and_breaks_on_divergent_steps(corpus):
-    paths, swaps = corpus["paths"], corpus["swaps"]
+    paths = corpus["paths"]
     r = diff(paths["ref"], [paths["tie"], paths["bug"]], DiffOptions(policy=_policy()))
     g = parse_gate(f"flips_only_near_ties,change_margin_max<{TIE},same_top1>=0.5,kld_mean<=1e9")
     res = g.check(r)

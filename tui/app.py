@@ -167,7 +167,6 @@ class ViewApp(KeyActions, App[None]):
     def on_mount(self) -> None:
         """Lay out, title, then index the traces on a worker."""
         self._fit(self.size.width, self.size.height)
-        a, b = self.model.a, self.model.b
         self._set_title()
         self.sub_title = "opening…"
         self.table.focus()

@@ -1,23 +1,15 @@
 """Rich rendering of a :class:`differ.DiffReport`: the first screen answers the question (verdict,
 first divergence with both tokens, margins, ranks, watched tokens, culprit, drift onset), then
-the summary table, the samples, culprit clusters and candidate-vs-candidate checks.
+the summary table, the corpus figures, the samples, culprit clusters and candidate-vs-candidate
+checks. The same blocks are laid out as plain text or markdown by :mod:`tui.reporttext`.
 """
 
 from __future__ import annotations
 
-import io
-import re
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from rich import box
-from rich.box import Box
 from rich.console import Console, Group
-from rich.measure import Measurement
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -25,7 +17,10 @@ from differ import DiffReport, FirstDivergence, PairReport
 from differ.corpusstats import CorpusStats, corpus_stats
 from differ.gate import GateResult
 
+from .diffprogress import progress_bar
 from .wording import plural, ratio
+
+__all__ = ["FORMATS", "STYLE", "Block", "blocks", "first_lines", "first_screen", "progress_bar", "render"]
 
 STYLE = {"identical": "bold green", "equivalent": "green", "drift": "yellow", "flip": "magenta",
          "divergent": "bold red", "missing": "red"}
@@ -258,9 +253,6 @@ def blocks(report: DiffReport, *, rows: int = 20, gate: GateResult | None = None
 
 
 FORMATS = ("rich", "text", "markdown")
-#: Tables in plain text: a dashed line under the header, no other rules (paste-friendly ASCII).
-PLAIN_BOX = Box("    \n    \n -- \n    \n    \n    \n    \n    \n", ascii=True)
-_WIDE = 1 << 16
 
 
 def render(report: DiffReport, console: Console, *, rows: int = 20, fmt: str | None = None,
@@ -277,6 +269,8 @@ def render(report: DiffReport, console: Console, *, rows: int = 20, fmt: str | N
     """
     fmt = fmt or ("rich" if console.is_terminal else "text")
     if fmt != "rich":
+        from .reporttext import format_report
+
         console.file.write(format_report(report, fmt, rows=rows, gate=gate))
         return
     for b in blocks(report, rows=rows, gate=gate):
@@ -289,116 +283,3 @@ def render(report: DiffReport, console: Console, *, rows: int = 20, fmt: str | N
                 console.print(Text(f"{b.title}:", style="bold"))
             for line in b.body:
                 console.print(line)
-
-
-def _md_cell(cell: object) -> object:
-    """A table cell with ``|`` escaped for a GitHub table."""
-    if isinstance(cell, Text):
-        return Text(cell.plain.replace("|", "\\|"), style=cell.style) if "|" in cell.plain else cell
-    return cell.replace("|", "\\|") if isinstance(cell, str) else cell
-
-
-def format_report(report: DiffReport, fmt: str, *, rows: int = 20, gate: GateResult | None = None) -> str:
-    """The report as ``text`` (plain, every column at full width, nothing cut) or ``markdown``
-    (tables as GitHub tables, the first screen and figures in code blocks, for PR descriptions).
-
-    Raises:
-        ValueError: an unknown format.
-    """
-    if fmt not in ("text", "markdown"):
-        raise ValueError(f"unknown report format {fmt!r}")
-    buf = io.StringIO()
-    con = Console(file=buf, width=_WIDE, color_system=None, force_terminal=False, highlight=False, emoji=False,
-                  markup=False, legacy_windows=False)
-    md = fmt == "markdown"
-
-    def emit(r: Text | Table) -> None:
-        width = max(1, Measurement.get(con, con.options, r).maximum)
-        con.print(r, width=width, crop=False, overflow="ignore", no_wrap=True)
-
-    def heading(title: str, level: str = "**") -> None:
-        con.print(Text(f"{level}{title}{level}" if md and level == "**" else (f"{level} {title}" if md else title)))
-
-    def fence(lines: list[Text | Table]) -> None:
-        if md:
-            con.print(Text("```text"))
-        for ln in lines:
-            emit(ln)
-        if md:
-            con.print(Text("```"))
-
-    for i, b in enumerate(blocks(report, rows=rows, gate=gate)):
-        if i:
-            con.print(Text(""))
-        if b.kind == "panel":
-            heading(b.title or "", "###" if md else "")
-            if not md:
-                con.print(Text("=" * len(b.title or "")))
-            fence(b.body)
-        elif b.kind == "table":
-            t = b.body
-            assert isinstance(t, Table)
-            if t.title:
-                heading(str(t.title))
-                t.title = None
-                if md:
-                    con.print(Text(""))
-            if md:  # a | inside a cell would end it
-                for col in t.columns:
-                    col._cells = [_md_cell(c) for c in col._cells]
-            t.box = box.MARKDOWN if md else PLAIN_BOX
-            t.show_edge = md
-            t.expand = False
-            emit(t)
-        elif b.kind == "lines":
-            heading(f"{b.title}:" if not md else b.title or "")
-            fence(b.body)
-        else:
-            for ln in b.body:
-                emit(ln)
-                if md:
-                    con.print(Text(""))
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in buf.getvalue().splitlines()))
-    return text.strip("\n") + "\n"
-
-
-#: Seconds between plain progress lines off a terminal.
-PLAIN_EVERY = 5.0
-
-
-@contextmanager
-def progress_bar(console: Console, *, enabled: bool,
-                 every: float = PLAIN_EVERY) -> Iterator[Callable[[str, int, int], None] | None]:
-    """Yield a ``progress(stage, done, total)`` callback for ``console`` (stderr), or None when
-    disabled: a rich bar on a terminal, else plain lines (``diff: tensors 1,200 / 5,000 (24 %)``)
-    when a stage starts and ends and at most every ``every`` seconds between, for CI logs."""
-    if not enabled:
-        yield None
-        return
-    if not console.is_terminal:
-        last: dict[str, float] = {}
-
-        def line(stage: str, done: int, total: int) -> None:
-            now = time.monotonic()
-            first = stage not in last
-            if not (first or done >= total or now - last[stage] >= every):
-                return
-            if not first and done >= total and last[stage] == -1.0:
-                return
-            last[stage] = -1.0 if done >= total else now
-            pct = f" ({100 * done / total:.0f} %)" if total else ""
-            console.file.write(f"diff: {stage} {ratio(done, total)}{pct}\n")
-            console.file.flush()
-
-        yield line
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as prog:
-        tasks: dict[str, int] = {}
-
-        def cb(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = prog.add_task(stage, total=total)
-            prog.update(tasks[stage], completed=done, total=total)
-
-        yield cb
