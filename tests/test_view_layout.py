@@ -83,15 +83,19 @@ async def test_80x24_stacks_the_panes_and_every_key_is_on_screen(traces):
         assert box.max_scroll_x == 0  # wrapped, not cut: nothing to scroll sideways
 
 
+@pytest.mark.parametrize("size", [(120, 40), (160, 48), (200, 50)], ids=lambda s: f"{s[0]}x{s[1]}")
 @vf.run_async
-async def test_wide_terminal_panes_share_the_width_and_nothing_is_cut(traces):
+async def test_from_120_columns_panes_share_the_width_and_nothing_is_cut(traces, size):
     app = ViewApp([traces["a"], traces["b"]])
-    async with app.run_test(size=(160, 48)) as pilot:
+    async with app.run_test(size=size) as pilot:
         await vf.settle(pilot)
-        assert not app.query_one("#main").has_class("-narrow")
         center, right = app.query_one("#center").region, app.query_one("#right").region
-        assert center.width + right.width == 160 and min(center.width, right.width) >= 0.4 * 160
-        await pilot.press("f", "t")
+        if size[0] >= ViewApp.WIDE:  # side by side, sharing the width
+            assert not app.query_one("#main").has_class("-narrow")
+            assert center.width + right.width == size[0] and min(center.width, right.width) >= 0.4 * size[0]
+        else:  # stacked: each pane has the full width
+            assert center.width == right.width == size[0]
+        await pilot.press("f")
         await vf.settle(pilot)
         detail = app.query_one(StepDetailPane)
         width = detail.content_region.width
@@ -100,6 +104,8 @@ async def test_wide_terminal_panes_share_the_width_and_nothing_is_cut(traces):
         assert a_label in shown and b_label in shown, shown  # pane headers whole
         assert "…" not in shown  # tensor names and metrics fit at this width
         assert "max|Δ|" in shown and "decoder.mlp" in shown and "◀ culprit" in shown
+        await pilot.press("t")
+        await vf.settle(pilot)
         table = app.query_one(TensorsPane).query_one(DataTable)
         labels = [str(c.label) for c in table.columns.values()]
         assert labels[:4] == ["#", "tensor", "", "max|Δ|"]
