@@ -40,6 +40,25 @@ def _sequence_hashes(side: Side, head: int, nsamples: int) -> tuple[np.ndarray, 
     return h, np.bincount(s, minlength=nsamples) > 0
 
 
+def _check_common(ra: TraceReader, rbs: list[TraceReader], ids: dict[int, set[str]]) -> None:
+    """Refuse a candidate that shares no sample id with the reference (nothing would align).
+
+    Raises:
+        IncompatibleTracesError: 0 samples in common, with a few ids of each side.
+    """
+    ref = ids[id(ra)]
+    for rb in rbs:
+        cand = ids[id(rb)]
+        if ref and cand and not ref & cand:
+            def some(x: set[str]) -> str:
+                s = sorted(x)
+                return ", ".join(map(repr, s[:3])) + (f", … ({len(s):,} in all)" if len(s) > 3 else "")
+
+            raise IncompatibleTracesError(
+                f"0 samples in common: the reference {ra.path} has {some(ref)}, the candidate {rb.path} has "
+                f"{some(cand)}; record both runs with the same sample ids (or compare the right traces)")
+
+
 def diff(
     reference: str | os.PathLike[str] | TraceReader,
     candidates: list[str | os.PathLike[str] | TraceReader],
@@ -60,7 +79,8 @@ def diff(
 
     Raises:
         TraceUsageError: no candidate, or a bad option.
-        IncompatibleTracesError: traces of different vocabularies, heads or watched ids.
+        IncompatibleTracesError: traces of different vocabularies, heads or watched ids, or a
+            candidate with no sample id in common with the reference.
         TraceError: a trace cannot be read.
     """
     t0 = time.perf_counter()
@@ -84,10 +104,10 @@ def diff(
                 raise IncompatibleTracesError(f"candidate {rb.path} records heads {h}, another candidate {heads}")
             heads = h
             watched_pairs.append(w)
-        names = set()
-        for ids in pool.map(TraceReader.samples, readers):
-            names |= set(ids)
+        ids = dict(zip(map(id, readers), pool.map(TraceReader.samples, readers)))
+    names = set().union(*ids.values())
     samples = select_samples(sorted(names), opts.samples)
+    _check_common(ra, rbs, {k: set(select_samples(sorted(v), opts.samples)) for k, v in ids.items()})
     ref = _Reference(ra, trace_info(ra), samples, heads or [])
     all_watched = sorted({i for w in watched_pairs for i in w.values()})
     if progress:

@@ -299,9 +299,10 @@ def parse_policy(doc: Mapping[str, Any], source: str = "<policy>") -> Policy:
     Raises:
         PolicyError: unknown sections or keys, or values of the wrong type.
     """
-    unknown = set(doc) - {"decisions", "tensors"}
+    unknown = set(doc) - {"decisions", "tensors", "gate"}  # [gate] is read by differ.gate
     if unknown:
-        raise PolicyError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}; use [decisions] and [tensors]")
+        raise PolicyError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}; use [decisions], [tensors] "
+                          "and [gate]")
     dsec = doc.get("decisions", {})
     if not isinstance(dsec, Mapping):
         raise PolicyError(f"{source}: [decisions] must be a table")

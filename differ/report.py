@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .corpusstats import corpus_stats
 from .mapping import NameMapping
 from .metrics import TensorMetrics, json_float
 from .verdict import VERDICTS
@@ -269,7 +270,7 @@ class PairReport:
         n = self.samples.get("total", 0)
         same = self.sequences.get("identical", 0)
         fd = f"; first divergence {self.first_divergence}" if self.first_divergence else ""
-        return f"{self.candidate.path}: {self.verdict} (identical sequences on {same}/{n} samples){fd}"
+        return f"{self.candidate.path}: {self.verdict} (identical sequences on {same:,} / {n:,} samples){fd}"
 
     def to_json(self) -> dict[str, Any]:
         """Return the report of this candidate as a JSON object (schema in docs/differ.md)."""
@@ -287,6 +288,7 @@ class PairReport:
             "culprits": self.culprits,
             "watched": self.watched,
             "alignment": self.alignment,
+            "corpus": corpus_stats(self.steps_table) if self.steps_table is not None else None,
             "per_sample": self.per_sample,
         })
 
@@ -307,7 +309,7 @@ class CrossCheck:
 
     def __str__(self) -> str:
         rel = "≡" if self.identical else "≠"
-        return f"{self.a} {rel} {self.b}: identical sequences on {self.identical_sequences}/{self.samples}"
+        return f"{self.a} {rel} {self.b}: identical sequences on {self.identical_sequences:,} / {self.samples:,}"
 
     def to_json(self) -> dict[str, Any]:
         """Return the fields as a JSON object."""
@@ -353,7 +355,8 @@ class DiffReport:
     def __str__(self) -> str:
         w = self.worst
         fd = f"; first divergence {w.first_divergence}" if w.first_divergence else ""
-        return f"{self.verdict}{' (mismatch)' if self.mismatch else ''}: {len(self.candidates)} candidate(s) vs {self.reference.path}{fd}"
+        n = len(self.candidates)
+        return f"{self.verdict}{' (mismatch)' if self.mismatch else ''}: {n} candidate{'s' if n != 1 else ''} vs {self.reference.path}{fd}"
 
     def to_json(self) -> dict[str, Any]:
         """Return the stable JSON report (schema ``steptrace.diff/1``, docs/differ.md).

@@ -65,3 +65,54 @@ def test_trace_info_does_not_import_heavy_modules(tmp_path):
             "print('HEAVY', bad)") % str(GOLDEN)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in out.stdout, out.stdout[-500:] + out.stderr[-500:]
+
+
+def test_help_of_info_validate_import_export_has_examples(trace_cli):
+    for command in ("info", "validate", "import", "export", "diff"):
+        res = trace_cli(command, "--help")
+        assert "examples:" in res.stdout and f"trace {command} " in res.stdout.split("examples:")[1], command
+        assert "docs/differ.md" not in res.stdout  # a path only a source checkout has
+        assert "trace docs" in res.stdout, command
+
+
+def test_docs_named_in_help_ship_with_the_package(trace_cli):
+    from tui.docscmd import TOPICS, doc_text
+
+    docs = Path(__file__).parent.parent / "docs"
+    for topic, (name, _) in TOPICS.items():
+        assert doc_text(topic) == ((docs / name) if (docs / name).exists() else docs.parent / name).read_text()
+    shipped = {p.name for p in (Path(__file__).parent.parent / "tui" / "docs").glob("*.md")}
+    assert {p.name for p in docs.glob("*.md")} <= shipped and {n for n, _ in TOPICS.values()} <= shipped
+    res = trace_cli("docs", "differ")
+    assert res.returncode == 0 and res.stdout.startswith("# The differ")
+    assert trace_cli("docs").stdout.startswith("documents (trace docs TOPIC):")
+    assert trace_cli("docs", "nope").returncode == 2
+
+
+def test_info_lists_tensors_in_execution_order_and_folds_long_lists(tmp_path, trace_cli):
+    import numpy as np
+
+    from tracefmt import TraceWriter
+    from tui.info import FOLD_OVER
+
+    names = ["encoder.conv", *[f"layers.{i}.{part}" for i in range(12) for part in ("attn", "mlp")], "lm_head"]
+    assert len(names) <= FOLD_OVER < 2 * len(names)
+    with TraceWriter(tmp_path / "t.trace", vocab=["a", "b", "c"]) as w:
+        for step in range(2):
+            w.add_logits("s", step, np.array([0.0, 1.0, 2.0], np.float32))
+            for i, n in enumerate(names):  # recorded in execution order; alphabetical would differ
+                w.add_tensor("s", step, n, np.full(3, i, np.float32))
+                if step == 0:
+                    w.add_tensor("s", step, f"z.extra{i}", np.zeros(1, np.float32))
+    res = trace_cli("info", str(tmp_path / "t.trace"), "--all")
+    assert res.returncode == 0, res.stderr
+    rows = [ln.split()[1] for ln in res.stdout.splitlines() if ln.startswith("│ ")]
+    tensors = [r for r in rows if r in names or r.startswith("z.extra")]
+    assert tensors[:4] == ["encoder.conv", "z.extra0", "layers.0.attn", "z.extra1"]
+    assert "…" not in res.stdout and "names differing only in numbers" not in res.stdout
+    res = trace_cli("info", str(tmp_path / "t.trace"))
+    assert "names differing only in numbers folded" in res.stdout
+    folded = [ln for ln in res.stdout.splitlines() if ln.startswith("│ ")]
+    assert any("layers.#.attn" in ln and " 12 " in ln for ln in folded)
+    assert any("z.extra#" in ln and f" {len(names)} " in ln for ln in folded)
+    assert "2 steps" in res.stdout and "1 sample," in res.stdout

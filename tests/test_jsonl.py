@@ -661,3 +661,21 @@ def test_io_failures_are_trace_errors(tmp_path: Path) -> None:
         import_jsonl(tmp_path / "missing.jsonl", tmp_path / "t.trace")
     with pytest.raises(TraceUsageError, match="is a directory"):
         import_jsonl(tmp_path, tmp_path / "t.trace")
+
+
+def test_export_refuses_to_overwrite_without_the_flag(tmp_path: Path) -> None:
+    from tracefmt.errors import TraceExistsError
+    from tui.cli import main
+
+    src = make_trace(tmp_path / "a.trace")
+    out = tmp_path / "a.jsonl"
+    out.write_text("precious\n")
+    with pytest.raises(TraceExistsError, match="exists; pass overwrite=True"):
+        export_jsonl(src, out)
+    assert out.read_text() == "precious\n"
+    assert main(["export", str(src), "--format", "jsonl", "-o", str(out)]) == 2
+    assert out.read_text() == "precious\n"
+    assert main(["export", str(src), "--format", "jsonl", "-o", str(out), "--overwrite"]) == 0
+    assert out.read_text().startswith('{"kind":"meta"')
+    with pytest.raises(TraceExistsError, match="is a folder"):
+        export_jsonl(src, tmp_path, overwrite=True)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import zstandard
 
-from .errors import TraceWriteError
+from .errors import TraceExistsError, TraceWriteError
 from .export import TensorScan, as_reader
 from .reader import TraceReader
 from .schema import STAT_COLUMNS
@@ -142,6 +142,7 @@ def export_jsonl(
     out: str | os.PathLike[str],
     *,
     progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
 ) -> int:
     """Write a trace as JSONL interchange lines (SPEC.md §6).
 
@@ -156,6 +157,7 @@ def export_jsonl(
         out: the file to write; a name ending in ``.zst`` is zstd-compressed.
         progress: called as ``progress(lines_done, lines_total)`` at most about 10 times a second
             and once at the end.
+        overwrite: replace ``out`` when it exists (else an existing ``out`` is refused).
 
     Returns:
         The number of lines written.
@@ -164,12 +166,17 @@ def export_jsonl(
         TraceNotFoundError, TraceFormatError: ``trace`` is not a readable trace.
         TraceCorruptError: the trace is damaged.
         TraceWriteError: ``out`` cannot be written (no such folder, disk full).
+        TraceExistsError: ``out`` exists and ``overwrite`` is False (or it is a folder).
     """
+    out_path = Path(out)
+    if out_path.is_dir():
+        raise TraceExistsError(f"{out_path} is a folder; give a file name for the JSONL export")
+    if out_path.exists() and not overwrite:
+        raise TraceExistsError(f"{out_path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     reader = as_reader(trace)
     decisions = reader.decisions(derive=False)
     scan = TensorScan(reader)
     total = 1 + decisions.num_rows + scan.num_rows
-    out_path = Path(out)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     done = 0
     next_report = time.monotonic() + _PROGRESS_EVERY_S

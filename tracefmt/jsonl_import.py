@@ -47,10 +47,11 @@ class ImportSummary:
     seconds: float
 
     def __str__(self) -> str:
-        return (
-            f"imported {self.lines} lines: {self.decisions} decisions, {self.tensors} tensors, "
-            f"{self.samples} samples in {self.seconds:.2f} s"
-        )
+        def n(k: int, word: str) -> str:
+            return f"{k:,} {word}{'' if k == 1 else 's'}"
+
+        return (f"imported {n(self.lines, 'line')}: {n(self.decisions, 'decision')}, {n(self.tensors, 'tensor')}, "
+                f"{n(self.samples, 'sample')} in {self.seconds:.2f} s")
 
 
 class _CountingReader(io.RawIOBase):

@@ -15,6 +15,11 @@ from .errors import TraceCorruptError, TraceError
 from .reader import TraceReader
 
 
+def _n(n: int, word: str) -> str:
+    """``1 part``, ``2,620 parts``."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 @dataclass
 class ValidationReport:
     """The outcome of :func:`validate`: problems break SPEC.md; warnings do not."""
@@ -35,11 +40,9 @@ class ValidationReport:
 
     def __str__(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE (interrupted or still being written)"
-        verdict = "valid" if self.ok else f"INVALID ({len(self.problems)} problem(s))"
-        return (
-            f"{self.path}: {verdict}, {state}; {self.parts} part(s), {self.decisions} decisions, "
-            f"{self.tensors} tensors, {self.values} values"
-        )
+        verdict = "valid" if self.ok else f"INVALID ({_n(len(self.problems), 'problem')})"
+        return (f"{self.path}: {verdict}, {state}; {_n(self.parts, 'part')}, {_n(self.decisions, 'decision')}, "
+                f"{_n(self.tensors, 'tensor')}, {_n(self.values, 'value')}")
 
     def to_json(self) -> dict[str, Any]:
         """Return the report as a JSON-serialisable dict."""
@@ -205,12 +208,12 @@ def summarize(reader: TraceReader) -> dict[str, Any]:
     ten = reader._table("tensors")
     steps = dec.group_by(["sample"]).aggregate([("step", "max"), ("step", "count_distinct")]) if dec.num_rows else None
     heads = dec.group_by(["head"]).aggregate([([], "count_all"), ("margin", "min")]) if dec.num_rows else None
-    names = (
-        ten.group_by(["name", "dtype"]).aggregate([([], "count_all"), ("value_ref", "count"), ("nan_count", "sum"),
-                                                   ("inf_count", "sum")])
-        if ten.num_rows
-        else None
-    )
+    names = None
+    if ten.num_rows:  # first seen (earliest step, then execution order): the tensors in execution order
+        first = pc.add(pc.multiply(ten["step"].cast(pa.int64()), 1 << 32), ten["order"].cast(pa.int64()))
+        names = ten.append_column("first_seen", first).group_by(["name", "dtype"]).aggregate(
+            [([], "count_all"), ("value_ref", "count"), ("nan_count", "sum"), ("inf_count", "sum"),
+             ("first_seen", "min")]).sort_by([("first_seen_min", "ascending"), ("name", "ascending")])
     samples = reader.samples()
     sizes: dict[str, int] = {}
     for p in reader.parts:
@@ -238,10 +241,10 @@ def summarize(reader: TraceReader) -> dict[str, Any]:
             for r in (heads.to_pylist() if heads is not None else [])
         },
         "tensors": ten.num_rows,
-        "tensor_names": [
+        "tensor_names": [  # in execution order
             {"name": r["name"], "dtype": r["dtype"], "records": r["count_all"], "with_values": r["value_ref_count"],
              "nan": r["nan_count_sum"], "inf": r["inf_count_sum"]}
-            for r in (names.sort_by("name").to_pylist() if names is not None else [])
+            for r in (names.to_pylist() if names is not None else [])
         ],
         "bytes": sizes,
     }

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
+from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -60,17 +61,30 @@ class ViewApp(KeyActions, App[None]):
     """
 
     TITLE = "steptrace view"
+    # Wide (>= WIDE columns): steps and detail side by side, sharing the width. Narrow: stacked.
+    # Short (< TALL rows, stacked < TALL + 16): no plots, a smaller samples pane, so the steps keep their rows; the
+    # tensors pane (t) takes the detail pane's place instead of sharing its height.
     CSS = """
     #main { height: 1fr; }
-    #center { width: 1fr; }
-    #right { width: 64; }
+    #center { width: 11fr; }
+    #right { width: 9fr; }
+    #main.-narrow { layout: vertical; }
+    #main.-narrow > #center { width: 1fr; height: 3fr; }
+    #main.-narrow > #right { width: 1fr; height: 2fr; }
+    #main.-short Plots { display: none; }
+    #main.-short SamplesPane { max-height: 6; }
+    #main.-short #right.-tensors > StepDetailPane { display: none; }
     SamplesPane { display: none; }
     SamplesPane.-shown { display: block; }
     """
+    #: Columns from which the panes sit side by side (below, stacked: each gets the full width).
+    WIDE = 140
+    #: Rows from which the plots are shown.
+    TALL = 32
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("f", "first", "first divergence"),
+        Binding("f", "first", "first div"),
         Binding("n", "next(1)", "next"),
-        Binding("N", "next(-1)", "prev"),
+        Binding("N", "next(-1)", "prev", show=False),
         # priority: opening the prompt must move the focus before the next typed key is routed
         Binding("g", "goto", "go to", priority=True),
         Binding("slash", "search", "search", priority=True),
@@ -120,17 +134,40 @@ class ViewApp(KeyActions, App[None]):
                 yield StepDetailPane(id="detail")
                 yield TensorsPane(id="tensors")
         yield Prompt(id="prompt")
-        yield Footer()
+        yield Footer(compact=True, show_command_palette=False)
 
     @property
     def table(self) -> StepTable:
         """The step table."""
         return self.query_one(StepTable)
 
-    def on_mount(self) -> None:
-        """Title, then index the traces on a worker."""
+    def on_resize(self, event: events.Resize) -> None:
+        """Lay the panes out for the new terminal size."""
+        self._fit(event.size.width, event.size.height)
+
+    def _set_title(self) -> None:
+        """The traces' names in the header (without ``.trace`` when the terminal is narrow)."""
         a, b = self.model.a, self.model.b
-        self.title = f"{a.label} vs {b.label}" if b is not None else a.label
+
+        def name(label: str) -> str:
+            return label.removesuffix(".trace") if self.size.width < self.WIDE else label
+
+        self.title = f"{name(a.label)} vs {name(b.label)}" if b is not None else name(a.label)
+
+    def _fit(self, width: int, height: int) -> None:
+        if self.is_mounted:
+            self._set_title()
+            if self.samples_rows:  # opened: the subtitle says what is known
+                self._subtitle()
+        main = self.query_one("#main")
+        narrow = width < self.WIDE
+        main.set_class(narrow, "-narrow")
+        main.set_class(height < (self.TALL + 16 if narrow else self.TALL), "-short")  # stacked panes need more rows
+
+    def on_mount(self) -> None:
+        """Lay out, title, then index the traces on a worker."""
+        self._fit(self.size.width, self.size.height)
+        self._set_title()
         self.sub_title = "opening…"
         self.table.focus()
         self._work("opening the trace", self._open, "open")
@@ -208,21 +245,25 @@ class ViewApp(KeyActions, App[None]):
         self.query_one(Notices).add(f"{msg.what}: {msg.error}")
         self._subtitle()
 
+    def _first_label(self) -> str:
+        return "f:" if self.size.width < self.WIDE else "first divergence (f)"
+
     def _subtitle(self) -> None:
         m = self.model
         if not m.pair:
             state = "complete" if m.a.complete else "INCOMPLETE"
-            self.sub_title = f"{len(self.samples_rows):,} sample(s) · {state} · low margin < {m.low_margin:g}"
+            n = len(self.samples_rows)
+            self.sub_title = f"{n:,} sample{'' if n == 1 else 's'} · {state} · low margin < {m.low_margin:g}"
             return
         if self.diff_state == "running":
             self.sub_title = "diffing… (rows paired by step until the diff is done)"
         elif m.report is not None:
             fd = m.report.worst.first_divergence
-            where = f" · first divergence {fd.sample} step {fd.step} (f)" if fd else ""
+            where = f" · {self._first_label()} {fd.sample} step {fd.step}" if fd else ""
             self.sub_title = f"{m.report.verdict}{where}"
         elif m.saved is not None:
             fd = m.saved.first
-            self.sub_title = "saved report" + (f" · first divergence {fd['sample']} step {fd['step']} (f)" if fd else "")
+            self.sub_title = "saved report" + (f" · {self._first_label()} {fd['sample']} step {fd['step']}" if fd else "")
         else:
             self.sub_title = "diff failed: rows paired by step"
 

@@ -189,6 +189,7 @@ class KeyActions:
         """Show or hide the tensors pane."""
         pane = self.query_one(TensorsPane)
         pane.toggle_class("-shown")
+        self.query_one("#right").set_class(pane.has_class("-shown"), "-tensors")
         if pane.has_class("-shown") and self.detail is not None:
             pane.show(self.detail.tensors, pair=self.model.pair, step=self.detail.row.step)
 

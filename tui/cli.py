@@ -1,4 +1,4 @@
-"""The ``trace`` command: info, validate, import, export (and the commands later issues add).
+"""The ``trace`` command: info, validate, import, export, diff, record, view, demo, docs.
 
 Exit codes are decided in one place, :func:`exit_code`: 0 success or equivalent, 1 mismatch
 found, 2 usage or format error. Diagnostics go to stderr so stdout stays pipeable.
@@ -18,6 +18,9 @@ from rich.console import Console
 from rich.text import Text
 
 from tracefmt import TraceError, __version__
+
+from .info import FOLD_OVER
+from .wording import plural
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -95,8 +98,17 @@ def _progress_callback(
 
 
 # ---------------------------------------------------------------------- commands
+def stdout_console() -> Console:
+    """The console for reports on stdout: fitted to the terminal, or off a terminal (a pipe, a
+    file, a CI log) plain text as wide as its content, so nothing is cut."""
+    con = Console()
+    if con.is_terminal:
+        return con
+    return Console(width=1 << 14, color_system=None, highlight=False, emoji=False)
+
+
 def cmd_info(args: argparse.Namespace) -> Outcome:
-    """``trace info TRACE [--json]``."""
+    """``trace info TRACE [--json] [--all]``."""
     from tracefmt import TraceReader
     from tracefmt.validate import summarize
 
@@ -107,7 +119,7 @@ def cmd_info(args: argparse.Namespace) -> Outcome:
     else:
         from .info import render_info
 
-        render_info(info, Console())
+        render_info(info, stdout_console(), every=args.all)
     return Outcome()
 
 
@@ -125,7 +137,7 @@ def cmd_validate(args: argparse.Namespace) -> Outcome:
         raise TraceCorruptError(f"{report}")
     if args.strict and not report.complete:
         raise TraceCorruptError(f"{report} (--strict refuses incomplete traces)")
-    Console().print(str(report), highlight=False)
+    stdout_console().print(str(report), highlight=False)
     return Outcome()
 
 
@@ -141,7 +153,7 @@ def cmd_import(args: argparse.Namespace) -> Outcome:
         )
     finally:
         stop()
-    Console().print(str(summary), highlight=False)
+    stdout_console().print(str(summary), highlight=False)
     return Outcome()
 
 
@@ -152,19 +164,53 @@ def cmd_export(args: argparse.Namespace) -> Outcome:
 
         update, stop = _progress_callback(f"exporting {args.trace}", total=True)
         try:
-            lines = export_jsonl(args.trace, args.output, progress=update)
+            lines = export_jsonl(args.trace, args.output, progress=update, overwrite=args.overwrite)
         finally:
             stop()
-        Console().print(f"wrote {lines:,} lines to {args.output}", highlight=False)
+        stdout_console().print(f"wrote {plural(lines, 'line')} to {args.output}", highlight=False)
     else:
         from tracefmt.export import export_parquet
 
         files = export_parquet(args.trace, args.output, overwrite=args.overwrite)
-        Console().print(f"wrote {', '.join(files.values())}", highlight=False)
+        stdout_console().print(f"wrote {', '.join(files.values())}", highlight=False)
     return Outcome()
 
 
 # ---------------------------------------------------------------------- parser
+INFO_EPILOG = """\
+examples:
+  trace info run.trace                  metadata, heads, tensors in execution order (long lists folded)
+  trace info run.trace --all            every tensor name, one row each
+  trace info run.trace --json | jq '.tensor_names[].name'
+  trace info run.trace | cat            plain text at full width (nothing cut off a terminal)
+docs: `trace docs format` (the trace format), `trace docs` (all documents)
+"""
+VALIDATE_EPILOG = """\
+examples:
+  trace validate run.trace              layout, schemas, keys, digests of the metadata (fast)
+  trace validate run.trace --deep       also inflate every stored tensor and check its digest
+  trace validate run.trace --strict     an interrupted recording is an error too (for CI)
+  for t in runs/*.trace; do trace validate --strict "$t" || echo "bad: $t"; done
+docs: `trace docs format` (SPEC.md: what a valid trace is)
+"""
+IMPORT_EPILOG = """\
+examples:
+  trace import jsonl trt_run.jsonl trt.trace
+  trace import jsonl trt_run.jsonl.zst trt.trace --overwrite
+  trace import jsonl cpp_logits.jsonl cpp.trace -k 16 --keep-logits   (lines with full logits)
+  my_runtime --dump-steps | zstd > run.jsonl.zst && trace import jsonl run.jsonl.zst run.trace
+docs: `trace docs format` (SPEC.md §6: the JSONL lines a runtime writes)
+"""
+EXPORT_EPILOG = """\
+examples:
+  trace export run.trace --format jsonl -o run.jsonl
+  trace export run.trace --format jsonl -o run.jsonl.zst --overwrite
+  trace export run.trace --format parquet -o run.parquet/
+  python -c "import polars as pl; print(pl.read_parquet('run.parquet/decisions.parquet'))"
+docs: `trace docs format` (SPEC.md §6 JSONL, §7 reading with Polars and DuckDB)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``trace`` command and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -176,14 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("info", help="show what a trace holds", description="Show a trace's metadata, parts, "
-                       "samples, steps, heads, tensor names and sizes, and whether it is complete.")
+                       "samples, steps, heads, tensor names (in execution order) and sizes, and whether it is "
+                       "complete.", epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace", help="trace directory")
     p.add_argument("--json", action="store_true", help="print JSON to stdout instead of tables")
+    p.add_argument("--all", action="store_true", help=f"list every tensor name (past {FOLD_OVER} names, names that "
+                   "differ only in their numbers are folded into one row)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("validate", help="check a trace against SPEC.md",
                        description="Check a trace against SPEC.md. Exit 0 if valid (an interrupted recording "
-                       "is valid but reported incomplete), 2 if truncated, corrupt, foreign or of a newer format.")
+                       "is valid but reported incomplete), 2 if truncated, corrupt, foreign or of a newer format.",
+                       epilog=VALIDATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace", help="trace directory")
     p.add_argument("--deep", action="store_true", help="also inflate every stored tensor and check its digest")
     p.add_argument("--strict", action="store_true", help="treat an incomplete trace as an error (exit 2)")
@@ -191,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help="convert JSONL from another runtime into a trace",
                        description="Import JSON Lines (SPEC.md §6; .jsonl or .jsonl.zst) written by a runtime "
-                       "without Arrow (C++ TensorRT, Rust, Swift) into a trace.")
+                       "without Arrow (C++ TensorRT, Rust, Swift) into a trace.", epilog=IMPORT_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source_format", choices=["jsonl"], help="input format")
     p.add_argument("input", help="the .jsonl or .jsonl.zst file")
     p.add_argument("output", help="trace directory to create")
@@ -202,11 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a trace as JSONL or Parquet",
                        description="Export a trace as JSON Lines (SPEC.md §6; .zst suffix compresses) or as a "
-                       "folder of Parquet files (decisions, tensors with raw values, vocab, metadata).")
+                       "folder of Parquet files (decisions, tensors with raw values, vocab, metadata).",
+                       epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace", help="trace directory")
     p.add_argument("--format", required=True, choices=["jsonl", "parquet"], help="output format")
     p.add_argument("-o", "--output", required=True, help="output file (jsonl) or folder (parquet)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (parquet)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (jsonl) or write into "
+                   "an existing folder (parquet)")
     p.set_defaults(func=cmd_export)
 
     from . import diffcmd
@@ -224,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import democmd  # argparse only: onnxruntime is imported when `demo` runs
 
     democmd.add_parser(sub)
+
+    from . import docscmd
+
+    docscmd.add_parser(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from differ import DiffOptions, DiffReport, Policy, VERDICTS, diff, load_mapping, load_policy
+from differ.gate import CONDITIONS, FIGURES, Gate, GateResult, gate_from_toml, load_gate
 from differ.policy import parse_override
 from tracefmt.errors import TraceUsageError
 
@@ -29,19 +30,23 @@ the verdict is better than --fail-on, 1 when it reaches it, 2 for usage or forma
 EPILOG = """\
 examples:
   trace diff ref.trace cand.trace
+  trace diff ref.trace cand.trace --format markdown > report.md    (paste into a PR description)
   trace diff ref.trace fp16.trace q8.trace --json report.json
+  trace diff ref.trace lean.trace --gate 'identical>=0.89,kld_mean<=0.0014,flips_only_near_ties'
   trace diff pt.trace trt.trace --align frame,emission --policy tol.toml
   trace diff a.trace b.trace --align resync --tol 'encoder.*:atol=1e-3,rtol=1e-3'
-docs: docs/differ.md (verdicts, default epsilon, policy file, JSON schema)
+docs: `trace docs differ` (verdicts, default epsilon, policy file, gates, JSON schema)
 """
 
 
 @dataclass
 class DiffOutcome:
-    """What ``trace diff`` found: the report, and whether it counts as a mismatch (exit 1)."""
+    """What ``trace diff`` found: the report, the gate's result (with ``--gate``), and whether it
+    counts as a mismatch (exit 1)."""
 
     report: DiffReport
     mismatch: bool
+    gate: GateResult | None = None
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -63,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="collapse token sequences as CTC does (merge repeats, drop blank ID) for sequence, WER "
                         "and CER figures; implies --open-loop for the vocabulary head")
     t = p.add_argument_group("tolerance")
-    t.add_argument("--policy", metavar="FILE", help="tolerance policy (TOML; see docs/differ.md)")
+    t.add_argument("--policy", metavar="FILE", help="tolerance policy (TOML; see `trace docs differ`; its [gate] section applies too)")
     t.add_argument("--epsilon", type=float, metavar="LOGITS",
                    help="near-tie threshold for flips (default: 4 ulps of the logits' dtype grid)")
     t.add_argument("--atol", type=float, help="element-wise absolute tolerance for every tensor")
@@ -81,11 +86,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     m.add_argument("--save-mapping", metavar="FILE", help="write the mapping used (e.g. a guess) as TOML")
     o = p.add_argument_group("output")
     o.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write the JSON report to FILE (or stdout)")
-    o.add_argument("--fail-on", default="drift", choices=VERDICTS[1:],
-                   help="exit 1 when the verdict is this bad or worse (default: drift)")
+    o.add_argument("--format", default="auto", choices=("auto", "rich", "text", "markdown"),
+                   help="report on stdout: rich (boxes, colours, fitted to the terminal), text (plain, full width, "
+                        "nothing cut), markdown (for PR descriptions); auto (default): rich on a terminal, else text")
+    o.add_argument("--fail-on", default=None, choices=VERDICTS[1:],
+                   help="exit 1 when the verdict is this bad or worse (default: drift; with --gate only the gate "
+                        "decides unless --fail-on is given)")
+    o.add_argument("--gate", metavar="BUDGETS|FILE",
+                   help="corpus budgets, exit 1 when one breaks, e.g. 'identical>=0.89,kld_mean<=0.0014,"
+                        "flips_only_near_ties', or a TOML file with a [gate] section (the --policy file's [gate] "
+                        f"applies too). Figures: {', '.join(FIGURES)}; conditions: {', '.join(CONDITIONS)}")
     o.add_argument("--rows", type=int, default=20, metavar="N", help="sample rows shown in the summary table")
     o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar on stderr (default: when stderr is a terminal)")
+                   help="progress on stderr: a bar on a terminal, else a plain line every few seconds "
+                        "(default: when stderr is a terminal)")
     o.add_argument("--jobs", type=int, default=None, metavar="N", help="worker processes for tensor values")
     return p
 
@@ -119,7 +133,7 @@ def options(args: argparse.Namespace) -> DiffOptions:
         samples=args.samples,
         values=not args.stats_only,
         jobs=args.jobs or max(1, min(4, os.cpu_count() or 1)),
-        fail_on=args.fail_on,
+        fail_on=args.fail_on or "drift",
         open_loop=list(args.open_loop) or None,
         ctc_blank=_ctc_blank(args.ctc),
     )
@@ -139,6 +153,25 @@ def _ctc_blank(text: str | None) -> int | None:
     return int(value)
 
 
+def gate(args: argparse.Namespace) -> Gate:
+    """The budgets of ``--gate`` and of the ``[gate]`` section of the ``--policy`` file.
+
+    Raises:
+        PolicyError: a bad term, or a gate file that cannot be read.
+    """
+    g = Gate(())
+    if args.policy:
+        import tomllib
+
+        try:
+            g = gate_from_toml(tomllib.loads(Path(args.policy).read_text(encoding="utf-8")), args.policy)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            pass  # load_policy has already said what is wrong with the file
+    if args.gate:
+        g = g + load_gate(args.gate)
+    return g
+
+
 def run(args: argparse.Namespace) -> DiffOutcome:
     """Run ``trace diff``: report to stdout (rich, or JSON with ``--json -``), notes to stderr.
 
@@ -150,20 +183,41 @@ def run(args: argparse.Namespace) -> DiffOutcome:
     from .diffreport import progress_bar, render
 
     opts = options(args)
+    budgets = gate(args)
     err = Console(stderr=True)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     with progress_bar(err, enabled=show) as cb:
         report = diff(args.reference, args.candidates, opts, progress=cb)
+    checked = budgets.check(report) if budgets else None
     if args.save_mapping:
         mapping = report.worst.mapping
         text = mapping.to_toml() if mapping is not None else "[names]\n"
         Path(args.save_mapping).write_text(text, encoding="utf-8")
         err.print(f"[dim]mapping written to {args.save_mapping}[/]")
+    text = _json(report, checked) if args.json else ""
     if args.json == "-":
-        sys.stdout.write(report.dumps() + "\n")
+        sys.stdout.write(text + "\n")
     else:
         if args.json:
-            Path(args.json).write_text(report.dumps() + "\n", encoding="utf-8")
+            Path(args.json).write_text(text + "\n", encoding="utf-8")
             err.print(f"[dim]JSON report written to {args.json}[/]")
-        render(report, Console(), rows=args.rows)
-    return DiffOutcome(report, report.mismatch)
+        out = Console()
+        render(report, out, rows=args.rows, fmt=None if args.format == "auto" else args.format, gate=checked)
+    if checked is None:
+        mismatch = report.mismatch
+    else:
+        mismatch = not checked.passed or (args.fail_on is not None and report.mismatch)
+        if not checked.passed:
+            err.print(f"[bold red]{checked}[/]", soft_wrap=True, highlight=False, markup=True)
+    return DiffOutcome(report, mismatch, checked)
+
+
+def _json(report: DiffReport, checked: GateResult | None) -> str:
+    """The JSON report, with the gate's checks under ``gate`` when there was one."""
+    if checked is None:
+        return report.dumps()
+    import json
+
+    doc = report.to_json()
+    doc["gate"] = checked.to_json()
+    return json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False)

@@ -23,6 +23,8 @@ margins, rank of the candidate's token in the reference, watched tokens, verdict
 detail (top-k of both sides with bars), tensors (execution order, metrics, culprit, values),
 plots (margins and tensor error over the steps, first divergence and drift onset marked).
 With two traces the differ runs in the background; --diff-json reuses a saved report instead.
+Rows after a free-running divergence read "after" (dim): the tokens fed back differ from there.
+Fits terminals from 80x24: below 140 columns the panes stack, and the plots show when there is room.
 """
 EPILOG = """\
 keys:

@@ -13,9 +13,29 @@ import numpy as np
 
 #: Verdict names best to worst (the differ's order; repeated here so widgets need not import it).
 VERDICTS = ("identical", "equivalent", "drift", "flip", "divergent", "missing")
-#: Rich styles of verdicts, shared by every widget.
+#: Rich styles of verdicts, shared by every widget (``after``: a row after a free-running divergence).
 VERDICT_STYLE = {"identical": "green", "equivalent": "green", "drift": "yellow", "flip": "magenta",
-                 "divergent": "bold red", "missing": "red"}
+                 "divergent": "bold red", "missing": "red", "after": "dim"}
+
+#: How invisible characters of a piece are drawn: a space is ␣, a newline ⏎, a tab ⇥.
+_VISIBLE = str.maketrans({" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍", "\u00a0": "⍽"})
+
+
+def display_piece(piece: str | None) -> str:
+    """``piece`` as drawn in the viewer: spaces and control characters made visible (``" the"`` →
+    ``"␣the"``, ``"\n"`` → ``"⏎"``); SentencePiece's ``▁`` is kept; None is empty."""
+    if not piece:
+        return ""
+    s = piece.translate(_VISIBLE)
+    if any(ord(c) < 32 or ord(c) == 127 for c in s):
+        s = "".join(c if ord(c) >= 32 and ord(c) != 127 else f"\\x{ord(c):02x}" for c in s)
+    return s
+
+
+def row_verdict(verdict: str | None, after: bool) -> str | None:
+    """The verdict a row shows: ``after`` for rows after a free-running divergence (their tokens
+    follow from it), else the differ's verdict."""
+    return "after" if after and verdict is not None else verdict
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ LEGEND = [
     ("flip", "magenta", "different token, a near tie (within ε on both sides)"),
     ("divergent", "bold red", "different token, not a near tie"),
     ("missing", "red", "one side has no such step"),
-    ("dim rows", "dim", "after the divergence: they follow from it"),
+    ("after", "dim", "(dim rows) after a free-running divergence: the tokens fed back differ, so these rows "
+                     "follow from it and are not counted as new mismatches"),
     ("margin", "bold yellow reverse", "below the low-margin threshold"),
 ]
 
@@ -55,7 +56,7 @@ class HelpScreen(ModalScreen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,question_mark", "dismiss", "close")]
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
-    HelpScreen > VerticalScroll { width: 96; height: auto; max-height: 90%; border: round $accent;
+    HelpScreen > VerticalScroll { width: 96; max-width: 100%; height: auto; max-height: 100%; border: round $accent;
                                   background: $panel; padding: 0 1; }
     """
 
@@ -74,4 +75,4 @@ class HelpScreen(ModalScreen[None]):
             t.add_row(Text(name, style=style), what)
         with VerticalScroll():
             yield Static(t)
-            yield Static(Text("Esc, q or ? closes this help", style="dim"))
+            yield Static(Text("↑ ↓ PgUp PgDn scroll; Esc, q or ? closes this help", style="dim"))

@@ -44,13 +44,23 @@ class SamplesPane(DataTable):
         self._sort = 1
         self._reverse = False
         self._pair = False
+        self._fitted = -1  # the width the columns were fitted to
+        self._last: tuple[list[SampleRow], bool] | None = None
+
+    def on_resize(self) -> None:
+        """Refit the columns to the new width."""
+        if self._last is not None and self.size.width != self._fitted:
+            cur = self.get_row_at(self.cursor_row)[0] if self.row_count else None
+            rows, pair = self._last
+            self.show(rows, pair=pair, current=str(cur.plain if isinstance(cur, Text) else cur) if cur else None)
 
     def show(self, rows: list[SampleRow], *, pair: bool, current: str | None = None) -> None:
         """Fill the pane with ``rows`` (verdict columns only for two traces); rows already shown
         are updated in place (a rebuilt table would keep stale renders of same-keyed rows)."""
         cols = _COLUMNS if pair else ("sample", "steps A")
         cells = {r.sample: self._cells(r, pair) for r in rows}
-        same = pair == self._pair and self.row_count == len(rows) and \
+        self._last = (rows, pair)
+        same = pair == self._pair and self.row_count == len(rows) and self._fitted == self.size.width and \
             [str(c.value) for c in self.columns] == list(cols) and all(self.is_valid_row_index(i) for i in range(len(rows)))
         if same and {str(k.value) for k in self.rows} == set(cells):
             for sample, values in cells.items():
@@ -61,6 +71,11 @@ class SamplesPane(DataTable):
             name_w = min(max([len(r.sample) for r in rows] + [6]), 32)
             widths = {"sample": name_w, "verdict": 10, "first": 6, "drift": 6, "steps A": 7, "steps B": 7,
                       "culprit": 22}
+            pane = self.size.width
+            if pane:  # the culprit (known once the diff is done) takes the rest: no horizontal scrollbar
+                used = sum(widths[c] for c in cols if c != "culprit") + 2 * len(cols) + 2  # cell padding, scrollbar
+                widths["culprit"] = max(pane - used, 8)
+            self._fitted = pane
             for c in cols:  # fixed widths: verdicts and culprits arrive after the first fill
                 self.add_column(c if pair or c != "steps A" else "steps", key=c, width=widths[c])
             for sample, values in cells.items():

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 from textual.widget import Widget
 
-from ..viewvalues import VERDICT_STYLE, Decision, StepDetail
+from ..viewvalues import VERDICT_STYLE, Decision, StepDetail, TensorLine, display_piece, row_verdict
 
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
@@ -25,7 +25,7 @@ def bar(p: float, width: int) -> str:
 
 
 def _piece(p: str | None) -> str:
-    return "" if p is None else p
+    return display_piece(p)
 
 
 def _side(d: Decision | None, other: Decision | None, width: int) -> list[Text]:
@@ -69,35 +69,50 @@ def _stats(d: Decision | None) -> Text:
     return t
 
 
-def _tensors(d: StepDetail, width: int) -> Table:
-    """The step's tensors in execution order: metrics (two traces) or statistics, culprit marked."""
-    pair = d.b_label is not None
-    t = Table(box=None, padding=(0, 1), show_edge=False, expand=False)
-    t.add_column("#", style="dim", justify="right")
-    t.add_column("tensor", no_wrap=True, overflow="ellipsis", max_width=max(width - 30, 12))
-    if pair:
-        t.add_column("max|Δ|", justify="right")
-        t.add_column("", no_wrap=True)
+def _verdict(ln: TensorLine) -> Text:
+    c = ln.compare
+    if c is None:
+        v = Text("only A" if ln.b is None else ("only B" if ln.a is None else "–"), style="yellow")
     else:
-        t.add_column("|x| max", justify="right")
-        t.add_column("shape", no_wrap=True)
-    for ln in d.tensors:
-        name = Text(ln.name + (f" #{ln.call}" if ln.call else ""), style="bold red" if ln.culprit else "")
-        if pair:
-            c = ln.compare
-            if c is None:
-                verdict = Text("only A" if ln.b is None else ("only B" if ln.a is None else "–"), style="yellow")
-            else:
-                verdict = Text("exact" if c.bitexact else ("ok" if c.within else "✗ " + (c.reason or "")),
-                               style="green" if c.within else "bold red")
-            if ln.culprit:
-                verdict.append(" ◀ culprit", style="bold red")
-            t.add_row(str(ln.order), name, "–" if c is None or c.max_abs is None else f"{c.max_abs:.3g}", verdict)
-        else:
-            a = ln.a
-            nan = a is not None and (a.nan_count or a.inf_count)
-            t.add_row(str(ln.order), name, "–" if a is None or a.abs_max is None else f"{a.abs_max:.3g}",
-                      Text(("x".join(map(str, a.shape)) or "0-d") if a else "", style="bold red" if nan else ""))
+        v = Text("exact" if c.bitexact else ("ok" if c.within else "✗ " + (c.reason or "beyond")),
+                 style="green" if c.within else "bold red")
+    if ln.culprit:
+        v.append(" ◀ culprit", style="bold red")
+    return v
+
+
+def _tensors(d: StepDetail, width: int) -> Table:
+    """The step's tensors in execution order: metrics (two traces) or statistics, culprit marked.
+
+    Every column but the name gets the width its widest cell needs (the ``#`` column at least 4
+    digits); the name takes what is left, cut with … only when it must be.
+    """
+    pair = d.b_label is not None
+    lines = d.tensors
+    num = max([len(str(ln.order)) for ln in lines] + [4])
+    if pair:
+        second = ["–" if ln.compare is None or ln.compare.max_abs is None else f"{ln.compare.max_abs:.3g}"
+                  for ln in lines]
+        third: list[Text] = [_verdict(ln) for ln in lines]
+        heads = ("max|Δ|", "")
+    else:
+        second = ["–" if ln.a is None or ln.a.abs_max is None else f"{ln.a.abs_max:.3g}" for ln in lines]
+        third = [Text(("x".join(map(str, ln.a.shape)) or "0-d") if ln.a else "",
+                      style="bold red" if ln.a is not None and (ln.a.nan_count or ln.a.inf_count) else "")
+                 for ln in lines]
+        heads = ("|x| max", "shape")
+    w2 = max([len(x) for x in second] + [len(heads[0])])
+    w3 = max([x.cell_len for x in third] + [len(heads[1])])
+    names = [Text(ln.name + (f" #{ln.call}" if ln.call else ""), style="bold red" if ln.culprit else "")
+             for ln in lines]
+    name_w = max(min(max([n.cell_len for n in names] + [6]), width - num - w2 - w3 - 4), 6)
+    t = Table(box=None, padding=(0, 1, 0, 0), show_edge=False, expand=False, header_style="dim")
+    t.add_column("#", style="dim", justify="right", width=num, no_wrap=True)
+    t.add_column("tensor", no_wrap=True, overflow="ellipsis", width=name_w)
+    t.add_column(heads[0], justify="right", width=w2, no_wrap=True)
+    t.add_column(heads[1], no_wrap=True, width=w3)
+    for ln, name, a, b in zip(lines, names, second, third):
+        t.add_row(str(ln.order), name, a, b)
     return t
 
 
@@ -108,13 +123,15 @@ def render_detail(d: StepDetail, width: int) -> RenderableType:
     title.append(f"step {r.step}", style="bold")
     if r.b_step is not None and r.b_step != r.a_step:
         title.append(f" (candidate step {r.b_step})")
-    if r.verdict:
+    shown = row_verdict(r.verdict, r.after)
+    if shown == "after":
         title.append(" · ")
-        title.append(r.verdict, style=VERDICT_STYLE.get(r.verdict, ""))
-    if d.epsilon is not None and r.verdict in ("flip", "divergent"):
+        title.append("after the divergence (the contexts differ)", style="dim")
+    elif shown:
+        title.append(" · ")
+        title.append(shown, style=VERDICT_STYLE.get(shown, ""))
+    if d.epsilon is not None and shown in ("flip", "divergent"):
         title.append(f" · ε {d.epsilon:.3g}", style="dim")
-    if r.after:
-        title.append(" · after the divergence", style="dim")
     parts: list[RenderableType] = [title]
     pair = d.b_label is not None
     side_w = (width - 3) // 2 if pair else min(width, 40)

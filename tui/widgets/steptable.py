@@ -27,10 +27,12 @@ from tracefmt.errors import TraceError
 
 from ..messages import Failed, RowHighlighted, RowsLoaded
 from ..viewdata import RowMap
-from ..viewvalues import VERDICT_STYLE, Decision, StepRow
+from ..viewvalues import VERDICT_STYLE, Decision, StepRow, display_piece, row_verdict
 
 PAGE = 128
 MAX_PAGES = 24
+#: Cells the watched-tokens column gets before the token columns grow (``eos:93/92 10.6``).
+WATCHED = 15
 
 Loader = Callable[[RowMap, int, int], list[StepRow]]
 
@@ -39,6 +41,10 @@ def _num(x: float | None, width: int = 7) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–".rjust(width)
     return f"{x:{width}.3f}" if abs(x) < 1000 else f"{x:{width}.3g}"
+
+
+def _gap(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
 
 
 def _cell(s: str, width: int) -> str:
@@ -52,7 +58,7 @@ def _tok(d: Decision | None, width: int, rank: int = 0) -> str:
     piece = d.topk_pieces[rank] if rank < len(d.topk_pieces) else None
     if rank == 0 and piece is None:
         piece = d.piece if d.chosen == d.argmax else None
-    s = f"{d.topk_ids[rank]} {piece or ''}"
+    s = f"{d.topk_ids[rank]} {display_piece(piece)}"
     if rank == 0 and d.forced and d.chosen != d.argmax:
         s += f" →{d.chosen}"
     return _cell(s, width)
@@ -196,29 +202,33 @@ class StepTable(ScrollView, can_focus=True):
 
     # ------------------------------------------------------------------ drawing
     def _widths(self, width: int) -> tuple[int, int]:
-        fixed = 8 + 11 + 9 + 9 + 5 + 14 if self.pair else 8 + 8 + 7 + 14
-        tok = max(10, (width - fixed - 2) // 2)
-        return tok, fixed
+        """(token column, watched column) widths for a table ``width`` cells wide: the fixed
+        columns first, then the two token columns (8 to 40 cells), the watched column the rest."""
+        fixed = 8 + 11 + 1 + 9 + 9 + 5 if self.pair else 8 + 1 + 8 + 8
+        rest = max(width - fixed, 0)
+        tok = min(max((rest - WATCHED) // 2, 8), 40)
+        return tok, max(rest - 2 * tok, 0)
 
     def _header(self, width: int) -> Text:
-        tok, _ = self._widths(width)
+        tok, ww = self._widths(width)
+        watched = ("watched A/B gap" if self.pair else "watched rk gap") if ww > 15 else "watched"
         if self.pair:
             s = (f"{'step':>7} {'verdict':<11}{'reference':<{tok}} {'candidate':<{tok}}"
-                 f"{'margin A':>9}{'margin B':>9}{'rk':>4} {'watched A/B gap':<14}")
+                 f"{'margin A':>9}{'margin B':>9}{'rk':>4} {watched:<{ww}}")
         else:
-            s = f"{'step':>7} {'token':<{tok}} {'runner-up':<{tok}}{'margin':>8}{'p(top)':>7} {'watched rk gap':<14}"
-        return Text(s, style=self.get_component_rich_style("steptable--header"), no_wrap=True)
+            s = f"{'step':>7} {'token':<{tok}} {'runner-up':<{tok}}{'margin':>8}{'p(top)':>7} {watched:<{ww}}"
+        return Text(s[:width], style=self.get_component_rich_style("steptable--header"), no_wrap=True)
 
     def _line(self, r: StepRow, width: int) -> Text:
-        tok, _ = self._widths(width)
+        tok, ww = self._widths(width)
         low = self.get_component_rich_style("steptable--low")
         dim = self.get_component_rich_style("steptable--dim")
         t = Text(no_wrap=True, style=dim if r.after else "")
         t.append(f"{r.step:>7} ")
-        w = " ".join(f"{n}:{'–' if ra is None else ra}/{'–' if rb is None else rb} {_num(gap, 5).strip()}"
-                     for n, ra, rb, gap in r.watched)[:14] if self.pair else ""
+        w = " ".join(f"{n}:{'–' if ra is None else ra}/{'–' if rb is None else rb} {_gap(gap)}"
+                     for n, ra, rb, gap in r.watched)[:ww] if self.pair else ""
         if self.pair:
-            v = r.verdict or "…"
+            v = row_verdict(r.verdict, r.after) or "…"
             t.append(f"{v[:10]:<11}", style=Style.parse(VERDICT_STYLE.get(v, "dim")) if not r.after else "")
             differ = r.a is not None and r.b is not None and r.a.argmax != r.b.argmax
             t.append(_tok(r.a, tok) + " ")
@@ -229,7 +239,7 @@ class StepTable(ScrollView, can_focus=True):
                 t.append(_num(m), style=low if m is not None and m < self._low() else "")
             rk = r.a.rank_of(r.b.argmax) if differ else None
             t.append(f"{'' if not differ else ('>k' if rk is None else rk):>4} ")
-            t.append(f"{w:<14}")
+            t.append(f"{w:<{ww}}")
         else:
             d = r.a
             t.append(_tok(d, tok) + " ")
@@ -238,8 +248,8 @@ class StepTable(ScrollView, can_focus=True):
             t.append(" " + _num(m), style=low if m is not None and m < self._low() else "")
             p = d.probs()[0] if d is not None else None
             t.append(f"{'' if p is None else f'{p:6.3f}':>7} ")
-            ws = " ".join(f"{n}:{ra} {_num(gap, 5).strip()}" for n, ra, _, gap in r.watched)
-            t.append(f"{ws[:14]:<14}")
+            ws = " ".join(f"{n}:{ra} {_gap(gap)}" for n, ra, _, gap in r.watched)
+            t.append(f"{ws[:ww]:<{ww}}")
         return t
 
     def _low(self) -> float:
