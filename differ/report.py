@@ -265,6 +265,7 @@ class PairReport:
     steps_table: pa.Table | None = None
     tensors_table: pa.Table | None = None
     mapping: NameMapping | None = None
+    corpus: dict[str, Any] | None = None  # the corpus figures of a report loaded from JSON (no steps_table)
 
     def __str__(self) -> str:
         n = self.samples.get("total", 0)
@@ -288,7 +289,7 @@ class PairReport:
             "culprits": self.culprits,
             "watched": self.watched,
             "alignment": self.alignment,
-            "corpus": corpus_stats(self.steps_table) if self.steps_table is not None else None,
+            "corpus": corpus_stats(self.steps_table) if self.steps_table is not None else self.corpus,
             "per_sample": self.per_sample,
         })
 
