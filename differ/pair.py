@@ -362,6 +362,7 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
             mismatches=int(mismatches[s]), after=int(afters[s]),
             drift_step=onset.step if onset else None, identical_sequence=same_seq, token_edits=int(edits),
             culprit=fd.culprit.name if fd and fd.culprit else None, only_in=only_in,
+            culprit_step=fd.culprit.step if fd and fd.culprit else None,
         ))
     verdict = max((VERDICTS.index(p.verdict) for p in per_sample), default=0)
     first = drift = None

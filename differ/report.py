@@ -230,6 +230,7 @@ class SampleResult:
     token_edits: int
     culprit: str | None
     only_in: str | None  # "reference" / "candidate" when the other trace lacks the sample
+    culprit_step: int | None = None  # the step the culprit was recorded at (earlier than first_step: looked back)
 
     def __str__(self) -> str:
         where = f" at step {self.first_step}" if self.first_step is not None else ""

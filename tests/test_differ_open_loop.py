@@ -52,3 +52,25 @@ def test_silero_vad_sequence_chunks_with_a_planted_conv_bug(tmp_path: Path) -> N
     assert pair.decisions["flips"] + pair.decisions["divergent"] == pair.per_sample[0].mismatches >= 1
     fd = pair.first_divergence
     assert fd.culprit is not None and fd.culprit.name == v.culprit and fd.culprit.step == 0
+
+
+def test_viewer_points_a_divergence_without_tensors_to_its_culprit_step(ctc) -> None:
+    pytest.importorskip("textual", reason="the viewer needs textual")
+    from rich.console import Console
+
+    from tui.viewdata import ViewModel
+    from tui.widgets.stepdetail import render_detail
+
+    m = ViewModel([ctc.ref, ctc.cand])
+    m.open()
+    m.compute_diff()
+    fd = m.report.worst.first_divergence
+    sd = m.sample_diff(fd.sample)
+    rm = m.rowmap(fd.sample, sd)
+    row = rm.shown(rm.base_row_of_step(fd.step))
+    d = m.detail(rm, row)
+    assert d.row.verdict == "divergent" and d.tensors == ()
+    assert d.pointer is not None and ctc.culprit in d.pointer and "step 0" in d.pointer
+    assert d.evidence is not None and "not explained" in d.evidence and "shift" in d.evidence
+    text = "".join(seg.text for seg in Console(width=100).render(render_detail(d, 100)))
+    assert "recorded at step 0" in text and "shift" in text

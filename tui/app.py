@@ -365,7 +365,7 @@ class ViewApp(KeyActions, App[None]):
         self.query_one(StepDetailPane).show(d)
         tensors = self.query_one(TensorsPane)
         if tensors.has_class("-shown"):
-            tensors.show(d.tensors, pair=self.model.pair, step=d.row.step)
+            tensors.show(d.tensors, pair=self.model.pair, step=d.row.step, note=d.pointer)
 
     def on_series_loaded(self, msg: SeriesLoaded) -> None:
         """Draw the plots of the open sample."""

@@ -191,7 +191,7 @@ class KeyActions:
         pane.toggle_class("-shown")
         self.query_one("#right").set_class(pane.has_class("-shown"), "-tensors")
         if pane.has_class("-shown") and self.detail is not None:
-            pane.show(self.detail.tensors, pair=self.model.pair, step=self.detail.row.step)
+            pane.show(self.detail.tensors, pair=self.model.pair, step=self.detail.row.step, note=self.detail.pointer)
 
     def action_sample(self, delta: int) -> None:
         """Open the previous/next sample (in the samples pane's order)."""

@@ -265,13 +265,21 @@ class ViewModel:
         r = got[0]
         a_heads = tuple(self.a.heads_at(rm.sample, r.a_step)) if r.a_step is not None else ()
         b_heads = tuple(self.b.heads_at(rm.sample, r.b_step)) if self.b is not None and r.b_step is not None else ()
-        eps = None
+        eps = evidence = pointer = None
         if rm.diff is not None and rm.diff.steps.num_rows:
-            e = rm.diff.steps["epsilon"][int(rm.base(np.array([row]))[0])].as_py()
+            i = int(rm.base(np.array([row]))[0])
+            e = rm.diff.steps["epsilon"][i].as_py()
             eps = None if e is None or math.isnan(e) else e
+            if r.verdict in ("flip", "divergent") and "shift" in rm.diff.steps.column_names:
+                evidence = near_tie_line(rm.diff.steps, i)
         lines = tensor_lines(self.a, self.b, rm.sample, r.a_step, r.b_step, rm.diff)
+        d = rm.diff
+        if (d is not None and d.culprit and d.culprit_step is not None and r.step == d.first_step
+                and d.culprit_step != r.a_step):
+            pointer = (f"the first divergence has no tensor beyond tolerance at this step; the culprit "
+                       f"{d.culprit} was recorded at step {d.culprit_step} (g {d.culprit_step} goes there)")
         return StepDetail(rm.sample, r, a_heads, b_heads, tuple(lines), eps, f"{self.a.label} ({self.a.describe})",
-                          f"{self.b.label} ({self.b.describe})" if self.b is not None else None)
+                          f"{self.b.label} ({self.b.describe})" if self.b is not None else None, evidence, pointer)
 
     # ------------------------------------------------------------------ scans
     def _margins(self, rm: RowMap, base: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -362,3 +370,21 @@ class ViewModel:
 def _bucket_min(out: np.ndarray, idx: np.ndarray, vals: np.ndarray) -> None:
     """``out[idx] = min(out[idx], vals)`` per bucket, vectorised (NaN values ignored)."""
     np.minimum.at(out, idx, np.where(np.isnan(vals), np.inf, vals))
+
+
+def near_tie_line(steps: pa.Table, i: int) -> str:
+    """One line of the near-tie evidence of steps-table row ``i``: shift, noise, ε and the rule."""
+    def val(name: str) -> float | None:
+        v = steps[name][i].as_py()
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    def g(v: float | None) -> str:
+        return "–" if v is None else f"{v:.3g}"
+
+    rule = steps["near_tie_rule"][i].as_py() if "near_tie_rule" in steps.column_names else None
+    why = {"grid": "near tie: within the grid's ε", "coin_toss": "near tie: a coin toss",
+           "noise": "near tie: within the pair's noise", "epsilon": "near tie: within --epsilon"}.get(rule or "",
+                                                                                                 "not explained")
+    return (f"shift {g(val('shift'))} = gaps {g(val('a_gap'))} + {g(val('b_gap'))} · noise {g(val('noise'))} · "
+            f"ε {g(val('epsilon'))} → {why}")
+

@@ -25,6 +25,8 @@ class SampleDiff:
     first_step: int | None
     drift_step: int | None
     mapping: Any = None
+    culprit: str | None = None
+    culprit_step: int | None = None
 
 
 def escape_glob(name: str) -> str:
@@ -43,7 +45,8 @@ def slice_sample(pair: Any, sample: str, vocab_head: str) -> SampleDiff:
     if tt is not None:
         tt = tt.filter(pc.equal(tt["sample"], sample))
     res = next((p for p in pair.per_sample if p.sample == sample), None)
-    return SampleDiff(t, tt, res.first_step if res else None, res.drift_step if res else None, pair.mapping)
+    return SampleDiff(t, tt, res.first_step if res else None, res.drift_step if res else None, pair.mapping,
+                      res.culprit if res else None, res.culprit_step if res else None)
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,8 @@ class StepDetail:
     epsilon: float | None = None
     a_label: str = "A"
     b_label: str | None = None
+    evidence: str | None = None  # flip/divergent rows: the numbers that decided it (docs/differ.md §4)
+    pointer: str | None = None  # a divergence whose tensors live at an earlier step: where the culprit is
 
 
 @dataclass(frozen=True)

@@ -130,9 +130,11 @@ def render_detail(d: StepDetail, width: int) -> RenderableType:
     elif shown:
         title.append(" · ")
         title.append(shown, style=VERDICT_STYLE.get(shown, ""))
-    if d.epsilon is not None and shown in ("flip", "divergent"):
+    if d.epsilon is not None and shown in ("flip", "divergent") and d.evidence is None:
         title.append(f" · ε {d.epsilon:.3g}", style="dim")
     parts: list[RenderableType] = [title]
+    if d.evidence is not None and shown in ("flip", "divergent"):
+        parts.append(Text(d.evidence, style="dim", overflow="fold"))
     pair = d.b_label is not None
     side_w = (width - 3) // 2 if pair else min(width, 40)
     t = Table.grid(padding=(0, 1))
@@ -168,6 +170,8 @@ def render_detail(d: StepDetail, width: int) -> RenderableType:
     if d.tensors:
         parts.append(Text("tensors in execution order (t: pane with values)", style="dim", overflow="ellipsis"))
         parts.append(_tensors(d, width))
+    if d.pointer:
+        parts.append(Text(d.pointer, style="yellow", overflow="fold"))
     return Group(*parts)
 
 

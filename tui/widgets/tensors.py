@@ -38,8 +38,9 @@ class TensorsPane(Vertical):
         yield DataTable(cursor_type="row", zebra_stripes=True, id="tensor-table")
         yield Static("", id="tensor-preview")
 
-    def show(self, lines: tuple[TensorLine, ...], *, pair: bool, step: int) -> None:
-        """List ``lines`` (the tensors of reference step ``step``)."""
+    def show(self, lines: tuple[TensorLine, ...], *, pair: bool, step: int, note: str | None = None) -> None:
+        """List ``lines`` (the tensors of reference step ``step``); ``note`` says where to look
+        when the culprit of this step's divergence was recorded at an earlier step."""
         self.lines = lines
         self._pair = pair
         table = self.query_one(DataTable)
@@ -79,7 +80,7 @@ class TensorsPane(Vertical):
                          "shape": "x".join(map(str, a.shape)) if a else ""}
             table.add_row(ln.order, name, *(cells[label] for label, _ in rest))
         self.border_title = f"tensors at step {step} ({len(lines)})"
-        self.query_one("#tensor-preview", Static).update("")
+        self.query_one("#tensor-preview", Static).update(Text(note, style="yellow") if note else "")
         if lines:
             pick = next((i for i, ln in enumerate(lines) if ln.culprit), 0)
             table.move_cursor(row=pick, animate=False)
