@@ -184,6 +184,7 @@ def run_script(
     k: int = 8,
     command: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    recorder: Callable[..., ScriptRecorder] = ScriptRecorder,
 ) -> ScriptResult:
     """Run a script (or ``-m`` module) in this process and record it into ``trace``.
 
@@ -201,6 +202,8 @@ def run_script(
         k: top-k candidates per decision.
         command: the recording command line, for the trace's metadata.
         progress: called with the number of steps decided after each step.
+        recorder: the :class:`ScriptRecorder` class (or a factory taking its arguments) that
+            records the run; ``trace triage`` passes one that also transplants.
 
     Returns:
         The :class:`ScriptResult` (the script's exit status, its error and traceback, counts).
@@ -218,7 +221,7 @@ def run_script(
     meta = {"command": list(command) if command else None, "model": shown,
             "tags": {"steptrace.record.script": shown, "steptrace.record.logits": ",".join(logits) or "-",
                      "steptrace.record.modules": ",".join(modules) or "-", "steptrace.record.tensors": tensors}}
-    hooks = ScriptRecorder(trace, modules=modules, logits=logits, tensors=tensors, reference=teacher, sample=sample,
+    hooks = recorder(trace, modules=modules, logits=logits, tensors=tensors, reference=teacher, sample=sample,
                            k=k, mode="overwrite" if overwrite else "create", metadata=meta, progress=progress)
     undo: list[Callable[[], None]] = []
 

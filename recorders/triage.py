@@ -1,0 +1,647 @@
+"""Transplant triage: the root cause of a divergence, not its first symptom.
+
+    from recorders.triage import triage
+    from recorders.triagerun import TorchRun
+
+    def run_fn(rec):                       # one teacher-forced run of the candidate
+        tokens = list(prompt)
+        for _ in range(steps):
+            with rec.step():
+                tokens.append(rec.decide(model(torch.tensor([tokens]))[0, -1]))
+
+    report = triage("ref.trace", TorchRun(model, run_fn, modules=["layers.*"]))
+    print(report.sentence())
+
+Algorithm (docs/triage.md): the candidate is re-run teacher-forced on the reference's tokens,
+twice without transplant (the second run checks it is deterministic). The target is the first
+token divergence of the reference against the candidate trace (or the plain re-run), or the
+step asked for. The tensors recorded at the target step, in execution order, are searched by
+bisection for the earliest one whose transplant (the reference's values in place of the
+candidate's, at the target step or ``from_step..step``) restores the decision; the trial of its
+predecessor gives its *local* error (its output when fed the reference's inputs), the plain
+re-run its *propagated* error. Components (``{"encoder": "encoder*"}``) are transplanted alone
+and in every combination.
+
+"Restored" is decided in one place, :func:`is_restored`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import itertools
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from differ import DiffOptions, Policy, compare_values, diff
+from differ.policy import grid_dtype
+from tracefmt import TraceReader
+from tracefmt.errors import TraceNotFoundError
+
+from .errors import NotDeterministicError, NotRerunnableError, ReferenceValuesError, TriageError
+from .reference import Reference
+from .triagereport import ComponentRow, ModuleError, RootCause, Trial, TriageReport
+from .triagerun import Runner, is_excluded
+
+__all__ = ["DEFAULT_BUDGET", "Noise", "check_rerunnable", "is_restored", "logit_errors", "triage"]
+
+#: Transplant re-runs allowed by default (a chain of 1,000 tensors needs about 12).
+DEFAULT_BUDGET = 24
+#: Components at most in a component table (2**n - 1 re-runs).
+MAX_COMPONENTS = 4
+
+
+class _Exhausted(Exception):
+    """The transplant budget is spent (internal: ends the search)."""
+
+
+# ---------------------------------------------------------------------- decisions
+@dataclass(frozen=True)
+class Rows:
+    """One trace's decisions of one sample and head as dense columns (top-k padded with id -1).
+
+    Attributes:
+        step: step index per row.
+        chosen: the token used.
+        argmax: the run's own token.
+        ids: ``(rows, k)`` top-k ids.
+        logits: ``(rows, k)`` their logits (float64).
+        lse: logsumexp per row.
+    """
+
+    step: np.ndarray
+    chosen: np.ndarray
+    argmax: np.ndarray
+    ids: np.ndarray
+    logits: np.ndarray
+    lse: np.ndarray
+
+    def at(self, step: int) -> int | None:
+        """Row index of ``step``, or None."""
+        i = int(np.searchsorted(self.step, step))
+        return i if i < self.step.size and self.step[i] == step else None
+
+
+def _dense(col: pa.ChunkedArray, fill: float, dtype: type) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    k = int(lengths.max()) if lengths.size else 0
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(dtype)
+    out = np.full((lengths.size, k), fill, dtype=dtype)
+    rows = np.repeat(np.arange(lengths.size), lengths)
+    cols = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = flat
+    return out
+
+
+def read_rows(reader: TraceReader, sample: str, head: str) -> Rows:
+    """Read the decisions of ``sample`` and ``head`` as :class:`Rows` (sorted by step).
+
+    Args:
+        reader: an open trace.
+        sample: the sample id.
+        head: the decision head.
+
+    Returns:
+        The rows (empty arrays when there are none).
+    """
+    t = reader.decisions(sample=sample, head=head,
+                         columns=["step", "chosen", "argmax", "topk_ids", "topk_logits", "logsumexp"], derive=False)
+    return Rows(t["step"].to_numpy().astype(np.int64), t["chosen"].to_numpy().astype(np.int64),
+                t["argmax"].to_numpy().astype(np.int64), _dense(t["topk_ids"], -1, np.int64),
+                _dense(t["topk_logits"], np.nan, np.float64),
+                t["logsumexp"].to_numpy(zero_copy_only=False).astype(np.float64))
+
+
+def logit_errors(a: Rows, ia: np.ndarray, b: Rows, ib: np.ndarray) -> np.ndarray:
+    """Max |Δ| over the logits of ids in both top-k lists, and of logsumexp, per row pair —
+    the differ's ``logit_diff`` (``decisions.logit_noise`` is its spread on agreeing steps).
+
+    Args:
+        a: reference rows.
+        ia: row indices into ``a``.
+        b: candidate rows.
+        ib: row indices into ``b`` (same length).
+
+    Returns:
+        float64 array, one error per pair (0 where nothing finite is shared).
+    """
+    ai, bi = a.ids[ia], b.ids[ib]
+    al, bl = a.logits[ia], b.logits[ib]
+    shared = (ai[:, :, None] == bi[:, None, :]) & (ai[:, :, None] >= 0)
+    with np.errstate(invalid="ignore"):
+        d = np.abs(al[:, :, None] - bl[:, None, :])
+        same_inf = np.isinf(al[:, :, None]) & (al[:, :, None] == bl[:, None, :])
+        d = np.where(same_inf, 0.0, d)
+        d = np.where(shared & np.isnan(d), np.inf, d)
+        err = np.where(shared, d, 0.0).max(axis=(1, 2)) if ai.size else np.zeros(len(ia))
+        lse = np.abs(a.lse[ia] - b.lse[ib])
+    lse = np.where(np.isfinite(lse), lse, 0.0)
+    return np.fmax(err, lse)
+
+
+@dataclass(frozen=True)
+class Noise:
+    """The logit error a step may keep and still count as restored.
+
+    Attributes:
+        pair: the largest logit error on steps before the target where the re-run's own token
+            equals the reference's (None: no such step).
+        floor: the differ's logit tolerance for this head at the target's logit magnitude.
+    """
+
+    pair: float | None
+    floor: float
+
+    @property
+    def bound(self) -> float:
+        """The larger of the two."""
+        return self.floor if self.pair is None else max(self.pair, self.floor)
+
+
+def is_restored(ref_token: int, token: int, logit_error: float, noise: Noise) -> bool:
+    """Whether a re-run restores the reference's decision at the target step: its own token is
+    the reference's and its logit error is back within the pair's noise.
+
+    This is the only place the judgement is made.
+
+    Args:
+        ref_token: the reference's token at the target step.
+        token: the re-run's own token (argmax) there.
+        logit_error: the re-run's logit error there (:func:`logit_errors`).
+        noise: the pair's :class:`Noise`.
+
+    Returns:
+        True when restored.
+    """
+    return token == ref_token and logit_error <= noise.bound
+
+
+# ---------------------------------------------------------------------- traces
+def check_rerunnable(reader: TraceReader, what: str) -> None:
+    """Refuse a trace whose run steptrace cannot repeat (imported from JSONL, Core ML off macOS).
+
+    Args:
+        reader: the trace.
+        what: how to call it in the message (``the candidate``).
+
+    Raises:
+        NotRerunnableError: with what to do instead.
+    """
+    import sys
+
+    meta = reader.manifest
+    tags = meta.get("tags") or {}
+    runtime = (meta.get("runtime") or {}).get("name") if isinstance(meta.get("runtime"), dict) else meta.get("runtime")
+    if "steptrace.capture" not in tags:
+        raise NotRerunnableError(
+            f"{what} {reader.path} was imported (JSONL, runtime {runtime or 'unknown'}), so steptrace cannot re-run it. "
+            "Do the component swaps in your own runtime: feed it the reference's recorded outputs of one component "
+            "at a time (`trace export REF --format jsonl` has them with --tensors full), record each swap to JSONL, "
+            "`trace import` it and `trace diff REF SWAP` — or give triage a Python script that runs the candidate")
+    if runtime == "coreml" and sys.platform != "darwin":
+        raise NotRerunnableError(f"{what} {reader.path} ran on Core ML, whose predict needs macOS; re-run the triage on "
+                                 "a Mac (Core ML cannot run a model on this machine)")
+
+
+def _fingerprint(reader: TraceReader, before: int | None = None) -> tuple[pa.Table, pa.Table]:
+    t = reader.tensors(columns=["sample", "step", "name", "call", "digest"])
+    d = reader.decisions(columns=["sample", "step", "head", "argmax", "topk_ids", "topk_logits"], derive=False)
+    if before is not None:
+        t = t.filter(pc.less(t["step"], before))
+        d = d.filter(pc.less(d["step"], before))
+    keys = [("sample", "ascending"), ("step", "ascending"), ("name", "ascending"), ("call", "ascending")]
+    return t.sort_by(keys).combine_chunks(), d.combine_chunks()
+
+
+def _same(a: tuple[pa.Table, pa.Table], b: tuple[pa.Table, pa.Table]) -> bool:
+    return a[0].equals(b[0]) and a[1].equals(b[1])
+
+
+def _values_command(reader: TraceReader, names: Sequence[str]) -> str:
+    cmd = reader.manifest.get("command")
+    if isinstance(cmd, list) and cmd[:2] == ["trace", "record"]:
+        out, skip = [], False
+        for part in cmd:
+            if skip:
+                skip = False
+                continue
+            if part == "--tensors":
+                skip = True
+                continue
+            out.append(part)
+        i = out.index("-o") + 2 if "-o" in out else 2
+        return " ".join([*out[:i], "--tensors", "full", *out[i:]])
+    globs = sorted({n.rsplit(".", 1)[0] + ".*" if "." in n else n for n in names})
+    return f"trace record -o REF.trace --tensors full --modules '{','.join(globs)}' --logits ... script.py"
+
+
+# ---------------------------------------------------------------------- the search
+class _Session:
+    """The state of one triage: the reference, the re-runs made, the target."""
+
+    def __init__(self, ref: Reference, runner: Runner, workdir: Path, budget: int, policy: Policy,
+                 progress: Callable[[str], None] | None) -> None:
+        self.ref = ref
+        self.runner = runner
+        self.workdir = workdir
+        self.budget = budget
+        self.policy = policy
+        self.progress = progress
+        self.trials: list[Trial] = []
+        self.cache: dict[tuple[str, ...], tuple[Trial, TraceReader]] = {}
+        self.readers: list[TraceReader] = []
+        self.used = 0
+        self.sample = ""
+        self.head = "token"
+        self.step = 0
+        self.steps: list[int] = []
+        self.ref_rows: Rows | None = None
+        self.noise = Noise(None, 0.0)
+        self.before = 0.0
+        self.plain_fp: tuple[pa.Table, pa.Table] | None = None
+
+    def say(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress(text)
+
+    def record(self, names: Sequence[str], label: str) -> tuple[TraceReader, float]:
+        path = str(self.workdir / f"run-{len(self.trials) + 1:03d}.trace")
+        t0 = time.perf_counter()
+        steps = None if not names else set(self.steps)
+        self.runner.rerun(path, self.ref, list(names), steps)
+        reader = TraceReader(path)
+        self.readers.append(reader)
+        return reader, time.perf_counter() - t0
+
+    def plain(self, purpose: str) -> TraceReader:
+        self.say(f"re-run {len(self.trials) + 1}: {purpose} (teacher-forced, nothing transplanted)")
+        reader, secs = self.record([], purpose)
+        self.trials.append(Trial(len(self.trials) + 1, purpose, [], -1, [], False, -1, math.nan, math.nan, secs))
+        return reader
+
+    def outcome(self, reader: TraceReader) -> tuple[int, float]:
+        rows = read_rows(reader, self.sample, self.head)
+        i, j = rows.at(self.step), self.ref_rows.at(self.step)  # type: ignore[union-attr]
+        if i is None or j is None:
+            raise TriageError(f"the re-run has no {self.head!r} decision at sample {self.sample!r} step {self.step}; "
+                              "the candidate must run at least as many steps as the reference")
+        err = float(logit_errors(self.ref_rows, np.array([j]), rows, np.array([i]))[0])  # type: ignore[arg-type]
+        return int(rows.argmax[i]), err
+
+    def trial(self, names: Sequence[str], purpose: str) -> tuple[Trial, TraceReader]:
+        key = tuple(names)
+        if key in self.cache:
+            return self.cache[key]
+        if self.used >= self.budget:
+            raise _Exhausted
+        self.used += 1
+        n = len(self.trials) + 1
+        reader, secs = self.record(names, purpose)
+        if self.plain_fp is not None and not _same(_fingerprint(reader, min(self.steps)),
+                                                    _fingerprint_before(self.plain_fp, min(self.steps))):
+            raise NotDeterministicError(
+                f"re-run {n} differs from the plain re-run before step {min(self.steps)}, where nothing was "
+                "transplanted: the candidate is not deterministic (seed its randomness, disable dropout, fix thread "
+                "counts and non-deterministic kernels) and triage cannot compare its re-runs")
+        token, err = self.outcome(reader)
+        ref_token = int(self.ref_rows.chosen[self.ref_rows.at(self.step)])  # type: ignore[union-attr]
+        ok = is_restored(ref_token, token, err, self.noise)
+        t = Trial(n, purpose, list(names), self.step, list(self.steps), ok, token, self.before, err, secs)
+        self.trials.append(t)
+        self.say(f"re-run {n} ({self.used}/{self.budget}): {purpose} {', '.join(names) or '(nothing)'} → "
+                 f"{'restored' if ok else 'not restored'} (token {token}, logit error {err:.3g}, {secs:.2f} s)")
+        self.cache[key] = (t, reader)
+        return t, reader
+
+    def tensor_error(self, reader: TraceReader, name: str, dtypes: Mapping[str, str]) -> tuple[float | None, bool]:
+        """(max |Δ|, within tolerance) of ``name`` at the target step in ``reader`` vs the reference."""
+        try:
+            a = self.ref.reader.tensor(self.sample, self.step, name, call=0)
+            b = reader.tensor(self.sample, self.step, name, call=0)
+        except TraceNotFoundError:  # not recorded by this re-run (or the reference): nothing to compare
+            return None, True
+        m = compare_values(np.asarray(a), np.asarray(b), self.policy.tensor(name, dtypes.get(name, "float32")))
+        return (0.0 if m.bitexact else m.max_abs), bool(m.within)
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+
+def _fingerprint_before(fp: tuple[pa.Table, pa.Table], before: int) -> tuple[pa.Table, pa.Table]:
+    t, d = fp
+    return t.filter(pc.less(t["step"], before)), d.filter(pc.less(d["step"], before))
+
+
+def _target(ref_path: str, other: str, sample: str | None) -> tuple[str, int, str, str | None] | None:
+    """(sample, step, head, culprit) of the first token divergence the differ finds, or None."""
+    rep = diff(ref_path, [other], DiffOptions()).to_json()
+    for s in rep.get("per_sample", []):
+        if sample is not None and s["sample"] != sample:
+            continue
+        if s.get("first_step") is not None and s.get("kind") in ("flip", "divergent"):
+            return s["sample"], int(s["first_step"]), s.get("head") or "token", s.get("culprit")
+    return None
+
+
+def triage(
+    reference: str | os.PathLike[str],
+    runner: Runner,
+    *,
+    candidate: str | os.PathLike[str] | None = None,
+    sample: str | None = None,
+    step: int | None = None,
+    head: str | None = None,
+    from_step: int | None = None,
+    budget: int = DEFAULT_BUDGET,
+    components: Mapping[str, str] | None = None,
+    local_all: bool = False,
+    policy: Policy | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TriageReport:
+    """Find the earliest tensor whose transplant from the reference restores a divergent decision.
+
+    Args:
+        reference: the reference trace (values recorded for the tensors searched).
+        runner: re-runs the candidate (:class:`~recorders.triagerun.TorchRun`,
+            :class:`~recorders.triagerun.OrtRun`, :class:`~recorders.triagerun.ScriptRun`).
+        candidate: a recorded candidate trace whose first divergence is the target (default:
+            the first plain re-run's).
+        sample: the sample to triage (default: the first that diverges).
+        step: the target step (default: the first token divergence).
+        head: the decision head at ``step`` (default: the trace's vocabulary head).
+        from_step: transplant at every step from this one to the target (state carried over
+            steps: KV caches, recurrent state); default: the target step only.
+        budget: transplant re-runs allowed (the two plain re-runs are not counted).
+        components: component name -> glob (``{"encoder": "encoder*"}``): the component table.
+        local_all: measure the local error of every searched tensor (one re-run each).
+        policy: the differ's tolerance policy (default: built-in).
+        workdir: where the re-runs' traces go (default: a temporary directory, removed after).
+        progress: called with one line per re-run.
+
+    Returns:
+        The :class:`~recorders.triagereport.TriageReport`.
+
+    Raises:
+        NotDeterministicError: two plain re-runs differ.
+        ReferenceValuesError: the reference lacks values of tensors to transplant.
+        NotRerunnableError: the candidate trace was imported (JSONL) or ran on Core ML off macOS.
+        RerunFailedError: a re-run failed.
+        TriageError: a bad option (unknown sample, step outside the run, component matching nothing).
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise TriageError(f"budget={budget!r}: allow at least 1 transplant re-run")
+    comps = dict(components or {})
+    if len(comps) > MAX_COMPONENTS:
+        raise TriageError(f"{len(comps)} components: the table tries every combination, give at most {MAX_COMPONENTS}")
+    t_start = time.perf_counter()
+    ref = Reference(reference)
+    own_dir = workdir is None
+    wd = Path(tempfile.mkdtemp(prefix="steptrace-triage-")) if own_dir else Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    pol = policy or Policy()
+    s = _Session(ref, runner, wd, budget, pol, progress)
+    report = TriageReport(str(reference), None if candidate is None else str(candidate), runner.label, runner.runtime,
+                          budget=budget, components=comps)
+    try:
+        if candidate is not None:
+            with TraceReader(candidate) as cr:
+                check_rerunnable(cr, "the candidate")
+        _run(s, report, candidate, sample, step, head, from_step, comps, local_all)
+    except _Exhausted:
+        report.exhausted = True
+    finally:
+        report.trials = s.trials
+        report.seconds = time.perf_counter() - t_start
+        s.close()
+        ref.close()
+        if own_dir:
+            shutil.rmtree(wd, ignore_errors=True)
+    if report.exhausted and not report.found:
+        tried = [t for t in s.trials if t.transplanted]
+        report.message = (f"the budget of {budget} transplant re-runs ran out before any transplant restored token "
+                          f"{report.ref_token} at step {report.step}; tried {', '.join(', '.join(t.transplanted) for t in tried) or 'nothing'}. "
+                          "Raise --budget, or narrow --modules")
+    return report
+
+
+def _run(s: _Session, report: TriageReport, candidate: Any, sample: str | None, step: int | None, head: str | None,
+         from_step: int | None, comps: dict[str, str], local_all: bool) -> None:
+    ref = s.ref
+    p1 = s.plain("plain")
+    p2 = s.plain("determinism")
+    fp1 = _fingerprint(p1)
+    if not _same(fp1, _fingerprint(p2)):
+        raise NotDeterministicError(
+            "two plain re-runs of the candidate (same inputs, teacher-forced on the reference) recorded different "
+            "tensors or decisions: it is not deterministic, so transplant trials cannot be compared. Seed its "
+            "randomness, disable dropout, fix thread counts and non-deterministic kernels, then run triage again")
+    s.plain_fp = fp1
+    vocab_head = ref.reader.manifest.get("vocab_head") or "token"
+    culprit = None
+    if step is None:
+        found = _target(ref.path, str(candidate) if candidate is not None else str(p1.path), sample)
+        if found is None:
+            report.message = ("the reference and the candidate choose the same tokens"
+                              + (f" on sample {sample!r}" if sample else "") + ": nothing diverges, nothing to triage")
+            return
+        sample, step, found_head, culprit = found
+        head = head or found_head
+    if sample is None:
+        samples = ref.reader.samples()
+        if not samples:
+            raise TriageError(f"the reference {ref.path} holds no samples")
+        sample = samples[0]
+    head = head or vocab_head
+    s.sample, s.head, s.step = sample, head, int(step)
+    if from_step is not None and not 0 <= from_step <= s.step:
+        raise TriageError(f"--from-step {from_step} must lie between 0 and the target step {s.step}")
+    s.steps = list(range(from_step, s.step + 1)) if from_step is not None else [s.step]
+    report.sample, report.step, report.head, report.from_step = sample, s.step, head, from_step
+    s.ref_rows = read_rows(ref.reader, sample, head)
+    j = s.ref_rows.at(s.step)
+    if j is None:
+        raise TriageError(f"the reference has no {head!r} decision at sample {sample!r} step {s.step}")
+    plain_rows = read_rows(p1, sample, head)
+    i = plain_rows.at(s.step)
+    if i is None:
+        raise TriageError(f"the re-run has no {head!r} decision at sample {sample!r} step {s.step}")
+    report.ref_token = int(s.ref_rows.chosen[j])
+    report.cand_token = int(plain_rows.argmax[i])
+    s.before = float(logit_errors(s.ref_rows, np.array([j]), plain_rows, np.array([i]))[0])
+    report.logit_error = s.before
+    s.noise = _noise(s.ref_rows, plain_rows, s.step, s.policy, head, ref.reader)
+    report.noise = s.noise.bound
+    for k, reader in enumerate((p1, p2)):
+        token, err = s.outcome(reader)
+        s.trials[k] = dataclasses.replace(s.trials[k], step=s.step, token=token, logit_error_before=s.before,
+                                          logit_error_after=err,
+                                          restored=is_restored(report.ref_token, token, err, s.noise))
+    if is_restored(report.ref_token, report.cand_token, s.before, s.noise):
+        report.message = (f"teacher-forced on the reference's tokens the candidate chooses token {report.cand_token} "
+                          f"at step {s.step} as the reference does (logit error {s.before:.3g}, noise "
+                          f"{s.noise.bound:.3g}): the divergence comes from the tokens fed back, not from its numbers")
+        report.step = None
+        return
+    # the tensors to search: recorded at the target step, in execution order
+    t = p1.tensors(sample=sample, step=s.step, columns=["name", "call", "order", "source", "dtype"])
+    t = t.filter(pc.equal(t["call"], 0)).sort_by("order")
+    names = [n for n in t["name"].to_pylist() if not is_excluded(n, s.runner.excluded)]
+    sources = dict(zip(t["name"].to_pylist(), t["source"].to_pylist()))
+    dtypes = dict(zip(t["name"].to_pylist(), t["dtype"].to_pylist()))
+    orders = {n: k for k, n in enumerate(names)}
+    if not names:
+        raise TriageError(f"the re-run recorded no tensor at sample {sample!r} step {s.step} to transplant; record "
+                          "the modules to search (--modules GLOB)")
+    _check_values(ref, names, sample, s.steps)
+    report.candidates = len(names)
+    prop = {n: s.tensor_error(p1, n, dtypes) for n in names}
+    symptom = next((n for n in names if not prop[n][1]), None)
+    if culprit in orders and (symptom is None or orders[culprit] < orders[symptom]):
+        symptom = culprit
+    if comps:
+        _components(s, report, names, comps)
+    root = _bisect(s, names)
+    # local errors around the boundary (and of the first symptom)
+    want = set(range(len(names))) if local_all else set()
+    if root is not None:
+        want |= {k for k in (root - 1, root, root + 1) if 0 <= k < len(names)}
+    if symptom is not None:
+        want.add(orders[symptom])
+    local: dict[str, tuple[float | None, bool]] = {}
+    for k in sorted(want):
+        name = names[k]
+        try:
+            reader = p1 if k == 0 else s.trial([names[k - 1]], "local")[1]
+        except _Exhausted:
+            report.exhausted = True
+            break
+        local[name] = s.tensor_error(reader, name, dtypes)
+    if symptom is not None and symptom != (names[root] if root is not None else None):
+        try:
+            s.trial([symptom], "symptom")
+        except _Exhausted:
+            report.exhausted = True
+    tried = {tuple(tr.transplanted): tr for tr in s.trials if len(tr.transplanted) == 1}
+    modules = []
+    for k in sorted(want | ({orders[symptom]} if symptom else set())):
+        n = names[k]
+        tol = s.policy.tensor(n, dtypes.get(n, "float32")).atol
+        tr = tried.get((n,))
+        loc = local.get(n, (None, None))
+        modules.append(ModuleError(n, k, sources.get(n), loc[0], prop[n][0], tol, loc[1] if loc[0] is not None else None,
+                                   None if tr is None else tr.restored, None if tr is None else tr.logit_error_after,
+                                   _role(k, root, loc, prop, names)))
+    report.modules = modules
+    by_name = {m.name: m for m in modules}
+    if symptom is not None:
+        report.first_symptom = by_name.get(symptom)
+    if root is not None:
+        n = names[root]
+        m = by_name[n]
+        tr = tried[(n,)]
+        report.root_cause = RootCause(n, sample, s.step, sources.get(n), m.local_error, m.tolerance, True,
+                                      report.ref_token, s.before, tr.logit_error_after,
+                                      m.local_within is False)
+    elif not report.found:
+        report.message = (f"no single transplant restores token {report.ref_token} at step {s.step}, not even of "
+                          f"{names[-1]}, the last tensor searched; the error enters after it (the decided logits?) or "
+                          "through state from earlier steps: try --from-step 0, or record more modules")
+
+
+def _noise(ref_rows: Rows, rows: Rows, step: int, policy: Policy, head: str, reader: TraceReader) -> Noise:
+    common, ia, ib = np.intersect1d(ref_rows.step, rows.step, return_indices=True)
+    keep = (common < step) & (ref_rows.chosen[ia] == rows.argmax[ib])
+    errs = logit_errors(ref_rows, ia[keep], rows, ib[keep])
+    j = ref_rows.at(step)
+    top = ref_rows.logits[j, 0] if j is not None and ref_rows.logits.shape[1] else 0.0
+    grid = grid_dtype(reader.manifest.get("precision"))
+    floor = float(np.asarray(policy.for_head(head).logit_tolerance(grid, np.abs(np.array([top]))))[0])
+    return Noise(float(errs.max()) if errs.size else None, floor)
+
+
+def _check_values(ref: Reference, names: Sequence[str], sample: str, steps: Sequence[int]) -> None:
+    t = ref.reader.tensors(sample=sample, columns=["step", "name", "call", "has_values"])
+    t = t.filter(pc.and_(pc.equal(t["call"], 0), pc.is_in(t["step"], pa.array(list(steps), pa.int32()))))
+    have = {(st, n) for st, n, hv in zip(t["step"].to_pylist(), t["name"].to_pylist(), t["has_values"].to_pylist()) if hv}
+    missing = [n for n in names if any((st, n) not in have for st in steps)]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ReferenceValuesError(
+            f"the reference {ref.path} holds no values of {shown} at sample {sample!r} step(s) "
+            f"{steps[0]}{'..' + str(steps[-1]) if len(steps) > 1 else ''} (statistics only, or not recorded), so they "
+            f"cannot be transplanted. Re-record it with values: {_values_command(ref.reader, missing)} "
+            "(or give --ref-script to let triage re-record it)")
+
+
+def _bisect(s: _Session, names: Sequence[str]) -> int | None:
+    """Index of the earliest tensor whose transplant restores the target, found by bisection
+    (each boundary found is checked against its predecessor; a predecessor that restores too
+    resumes the search below it). None when the last tensor does not restore it."""
+    last, _ = s.trial([names[-1]], "bisect")
+    if not last.restored:
+        return None
+    lo, hi = 0, len(names) - 1
+    while True:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if s.trial([names[mid]], "bisect")[0].restored:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo == 0:
+            return 0
+        if not s.trial([names[lo - 1]], "boundary")[0].restored:
+            return lo
+        lo, hi = 0, lo - 1
+
+
+def _role(k: int, root: int | None, local: tuple[float | None, bool | None], prop: Mapping[str, tuple[float | None, bool]],
+          names: Sequence[str]) -> str:
+    if k == root:
+        return "root cause"
+    err, within = local
+    p_err, p_within = prop[names[k]]
+    if err is not None and within is False:
+        return "harmless drift: its own error, but transplanting it does not restore the decision" \
+            if root is None or k < root else "adds its own error downstream of the root cause"
+    if p_within:
+        return "within tolerance"
+    up = prop[names[k - 1]][0] if k > 0 else None
+    if err is not None and up and p_err is not None and p_err > 2 * up:
+        return "amplifies upstream error"
+    return "carries upstream error"
+
+
+def _components(s: _Session, report: TriageReport, names: Sequence[str], comps: Mapping[str, str]) -> None:
+    members = {c: [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in glob.split("|"))]
+               for c, glob in comps.items()}
+    empty = [c for c, m in members.items() if not m]
+    if empty:
+        raise TriageError(f"component(s) {', '.join(empty)} match no tensor recorded at step {s.step}; names are "
+                          f"{', '.join(names[:12])}")
+    rows = [ComponentRow([], [], False, report.cand_token or -1, s.before)]
+    for size in range(1, len(comps) + 1):
+        for combo in itertools.combinations(comps, size):
+            swap = [n for c in combo for n in members[c]]
+            tr, _ = s.trial(list(dict.fromkeys(swap)), "component")
+            rows.append(ComponentRow(list(combo), tr.transplanted, tr.restored, tr.token, tr.logit_error_after))
+    report.component_rows = rows
+    restoring = [r for r in rows if r.restored]
+    if restoring:
+        smallest = min(len(r.from_reference) for r in restoring)
+        deciders = [c for r in restoring if len(r.from_reference) == smallest for c in r.from_reference]
+        report.decided_by = list(dict.fromkeys(deciders))
