@@ -616,8 +616,7 @@ def _role(k: int, root: int | None, local: tuple[float | None, bool | None], pro
     err, within = local
     p_err, p_within = prop[names[k]]
     if err is not None and within is False:
-        return "harmless drift: its own error, but transplanting it does not restore the decision" \
-            if root is None or k < root else "adds its own error downstream of the root cause"
+        return "harmless drift" if root is None or k < root else "adds its own error after the root cause"
     if p_within:
         return "within tolerance"
     up = prop[names[k - 1]][0] if k > 0 else None

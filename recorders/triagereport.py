@@ -90,8 +90,10 @@ class ModuleError:
         local_within: the local error is within tolerance (None: not measured).
         restores: transplanting it restores the decision (None: not tried).
         logit_error_after: logit error at the target with it transplanted (None: not tried).
-        role: ``root cause``, ``harmless drift``, ``amplifies upstream error``, ``carries upstream
-            error``, ``within tolerance``.
+        role: ``root cause``; ``harmless drift`` (its own error, but transplanting it does not
+            restore the decision); ``adds its own error after the root cause``; ``amplifies
+            upstream error`` (local error within tolerance, propagated error over twice its
+            predecessor's); ``carries upstream error``; ``within tolerance``.
     """
 
     name: str
