@@ -54,6 +54,7 @@ class TransplantOrtRecorder(OrtRecorder):
         self.transplant = list(transplant)
         self._steps = transplant_steps
         self._cut: Any = None
+        self._opened: Any = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if self.transplant:
             self._tmp = tempfile.TemporaryDirectory(prefix="steptrace-cut-")
@@ -73,7 +74,18 @@ class TransplantOrtRecorder(OrtRecorder):
             ReferenceNotFoundError: the reference lacks a transplanted value at this step.
             TransplantMismatchError: a reference value of another dtype or shape.
         """
-        key = self._begin_run()
+        key = self._opened = self._begin_run()
+        try:
+            return self._run_at(key, output_names, input_feed, run_options)
+        finally:
+            self._opened = None
+
+    def _begin_run(self) -> Any:
+        """The step :meth:`run` opened, while it runs (OrtRecorder.run asks again)."""
+        return self._opened if self._opened is not None else super()._begin_run()
+
+    def _run_at(self, key: Any, output_names: Sequence[str] | None, input_feed: Mapping[str, Any],
+                run_options: Any) -> list[np.ndarray]:
         if self._cut is None or (self._steps is not None and key.index not in self._steps):
             return super().run(output_names, input_feed, run_options)
         cut = self._cut

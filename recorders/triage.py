@@ -156,13 +156,19 @@ class Noise:
     """The logit error a step may keep and still count as restored.
 
     Attributes:
-        pair: the largest logit error on steps before the target where the re-run's own token
-            equals the reference's (None: no such step).
+        pair: the largest logit error (the differ's ``logit_noise`` max) on the steps where the
+            plain re-run's own token equals the reference's: those before the target when there
+            are any, else every agreeing step; None when no step agrees.
         floor: the differ's logit tolerance for this head at the target's logit magnitude.
+        steps: how many steps ``pair`` was measured on.
+        basis: which steps (``agreeing steps before the target``, ``agreeing steps``,
+            ``tolerance``).
     """
 
     pair: float | None
     floor: float
+    steps: int = 0
+    basis: str = "tolerance"
 
     @property
     def bound(self) -> float:
@@ -189,12 +195,14 @@ def is_restored(ref_token: int, token: int, logit_error: float, noise: Noise) ->
 
 
 # ---------------------------------------------------------------------- traces
-def check_rerunnable(reader: TraceReader, what: str) -> None:
-    """Refuse a trace whose run steptrace cannot repeat (imported from JSONL, Core ML off macOS).
+def check_rerunnable(reader: TraceReader, what: str, *, script: bool = False) -> None:
+    """Refuse a trace whose run steptrace cannot repeat: one that ran on Core ML off macOS, or
+    (unless a script that runs the candidate is given) one imported from JSONL.
 
     Args:
         reader: the trace.
         what: how to call it in the message (``the candidate``).
+        script: a script that re-runs the candidate is given (its runtime is then Python's).
 
     Raises:
         NotRerunnableError: with what to do instead.
@@ -204,7 +212,7 @@ def check_rerunnable(reader: TraceReader, what: str) -> None:
     meta = reader.manifest
     tags = meta.get("tags") or {}
     runtime = (meta.get("runtime") or {}).get("name") if isinstance(meta.get("runtime"), dict) else meta.get("runtime")
-    if "steptrace.capture" not in tags:
+    if not script and "steptrace.capture" not in tags:
         raise NotRerunnableError(
             f"{what} {reader.path} was imported (JSONL, runtime {runtime or 'unknown'}), so steptrace cannot re-run it. "
             "Do the component swaps in your own runtime: feed it the reference's recorded outputs of one component "
@@ -368,6 +376,7 @@ def triage(
     budget: int = DEFAULT_BUDGET,
     components: Mapping[str, str] | None = None,
     local_all: bool = False,
+    search: str = "bisect",
     policy: Policy | None = None,
     workdir: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -388,6 +397,8 @@ def triage(
         budget: transplant re-runs allowed (the two plain re-runs are not counted).
         components: component name -> glob (``{"encoder": "encoder*"}``): the component table.
         local_all: measure the local error of every searched tensor (one re-run each).
+        search: ``"bisect"`` (default) or ``"linear"`` (one re-run per tensor in execution
+            order until one restores: the baseline of ``bench/bench_triage.py``).
         policy: the differ's tolerance policy (default: built-in).
         workdir: where the re-runs' traces go (default: a temporary directory, removed after).
         progress: called with one line per re-run.
@@ -402,6 +413,8 @@ def triage(
         RerunFailedError: a re-run failed.
         TriageError: a bad option (unknown sample, step outside the run, component matching nothing).
     """
+    if search not in ("bisect", "linear"):
+        raise TriageError(f"search={search!r}: use 'bisect' or 'linear'")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise TriageError(f"budget={budget!r}: allow at least 1 transplant re-run")
     comps = dict(components or {})
@@ -419,8 +432,8 @@ def triage(
     try:
         if candidate is not None:
             with TraceReader(candidate) as cr:
-                check_rerunnable(cr, "the candidate")
-        _run(s, report, candidate, sample, step, head, from_step, comps, local_all)
+                check_rerunnable(cr, "the candidate", script=True)
+        _run(s, report, candidate, sample, step, head, from_step, comps, local_all, search)
     except _Exhausted:
         report.exhausted = True
     finally:
@@ -439,7 +452,7 @@ def triage(
 
 
 def _run(s: _Session, report: TriageReport, candidate: Any, sample: str | None, step: int | None, head: str | None,
-         from_step: int | None, comps: dict[str, str], local_all: bool) -> None:
+         from_step: int | None, comps: dict[str, str], local_all: bool, search: str) -> None:
     ref = s.ref
     p1 = s.plain("plain")
     p2 = s.plain("determinism")
@@ -502,42 +515,52 @@ def _run(s: _Session, report: TriageReport, candidate: Any, sample: str | None, 
     names = [n for n in t["name"].to_pylist() if not is_excluded(n, s.runner.excluded)]
     sources = dict(zip(t["name"].to_pylist(), t["source"].to_pylist()))
     dtypes = dict(zip(t["name"].to_pylist(), t["dtype"].to_pylist()))
-    orders = {n: k for k, n in enumerate(names)}
     if not names:
         raise TriageError(f"the re-run recorded no tensor at sample {sample!r} step {s.step} to transplant; record "
                           "the modules to search (--modules GLOB)")
     _check_values(ref, names, sample, s.steps)
-    report.candidates = len(names)
     prop = {n: s.tensor_error(p1, n, dtypes) for n in names}
+    # a tensor equal to the reference's bit for bit carries no error: transplanting it is a no-op
+    recorded, names = names, [n for n in names if prop[n][0] != 0.0]
+    orders = {n: k for k, n in enumerate(names)}
     symptom = next((n for n in names if not prop[n][1]), None)
     if culprit in orders and (symptom is None or orders[culprit] < orders[symptom]):
         symptom = culprit
     if comps:
-        _components(s, report, names, comps)
-    root = _bisect(s, names)
-    # local errors around the boundary (and of the first symptom)
+        _components(s, report, recorded, comps)
+    report.candidates = len(names)
+    if not names:
+        report.message = (f"every tensor recorded at step {s.step} equals the reference's bit for bit, yet token "
+                          f"{report.cand_token} differs from {report.ref_token}: the error enters after them (the "
+                          "decided logits?) or through state from earlier steps: record more modules, or try "
+                          "--from-step 0")
+        return
+    try:
+        root = _search(s, names, search)
+    except _Exhausted:
+        report.exhausted = True
+        root = None
+    # local errors around the boundary (and of the first symptom); single transplants of both
     want = set(range(len(names))) if local_all else set()
     if root is not None:
         want |= {k for k in (root - 1, root, root + 1) if 0 <= k < len(names)}
-    if symptom is not None:
+    if symptom is not None and symptom in orders:
         want.add(orders[symptom])
     local: dict[str, tuple[float | None, bool]] = {}
-    for k in sorted(want):
-        name = names[k]
-        try:
-            reader = p1 if k == 0 else s.trial([names[k - 1]], "local")[1]
-        except _Exhausted:
-            report.exhausted = True
-            break
-        local[name] = s.tensor_error(reader, name, dtypes)
-    if symptom is not None and symptom != (names[root] if root is not None else None):
-        try:
-            s.trial([symptom], "symptom")
-        except _Exhausted:
-            report.exhausted = True
+    singles = [names[root]] if root is not None else []
+    if symptom is not None and symptom in orders and symptom not in singles:
+        singles.append(symptom)
+    try:
+        for name in singles:
+            s.trial([name], "single")
+        for k in sorted(want):
+            reader = p1 if k == 0 else s.trial(names[:k], "local")[1]
+            local[names[k]] = s.tensor_error(reader, names[k], dtypes)
+    except _Exhausted:
+        report.exhausted = True
     tried = {tuple(tr.transplanted): tr for tr in s.trials if len(tr.transplanted) == 1}
     modules = []
-    for k in sorted(want | ({orders[symptom]} if symptom else set())):
+    for k in sorted(want):
         n = names[k]
         tol = s.policy.tensor(n, dtypes.get(n, "float32")).atol
         tr = tried.get((n,))
@@ -552,10 +575,11 @@ def _run(s: _Session, report: TriageReport, candidate: Any, sample: str | None, 
     if root is not None:
         n = names[root]
         m = by_name[n]
-        tr = tried[(n,)]
-        report.root_cause = RootCause(n, sample, s.step, sources.get(n), m.local_error, m.tolerance, True,
-                                      report.ref_token, s.before, tr.logit_error_after,
-                                      m.local_within is False)
+        tr = tried.get((n,))
+        prefix = s.cache[tuple(names[: root + 1])][0]
+        report.root_cause = RootCause(n, sample, s.step, sources.get(n), m.local_error, m.tolerance,
+                                      bool(tr is not None and tr.restored), report.ref_token, s.before,
+                                      (tr or prefix).logit_error_after, m.local_within is False)
     elif not report.found:
         report.message = (f"no single transplant restores token {report.ref_token} at step {s.step}, not even of "
                           f"{names[-1]}, the last tensor searched; the error enters after it (the decided logits?) or "
@@ -564,13 +588,16 @@ def _run(s: _Session, report: TriageReport, candidate: Any, sample: str | None, 
 
 def _noise(ref_rows: Rows, rows: Rows, step: int, policy: Policy, head: str, reader: TraceReader) -> Noise:
     common, ia, ib = np.intersect1d(ref_rows.step, rows.step, return_indices=True)
-    keep = (common < step) & (ref_rows.chosen[ia] == rows.argmax[ib])
+    agree = (ref_rows.chosen[ia] == rows.argmax[ib]) & (common != step)
+    before = agree & (common < step)
+    basis = "agreeing steps before the target" if before.any() else "agreeing steps"
+    keep = before if before.any() else agree
     errs = logit_errors(ref_rows, ia[keep], rows, ib[keep])
     j = ref_rows.at(step)
     top = ref_rows.logits[j, 0] if j is not None and ref_rows.logits.shape[1] else 0.0
     grid = grid_dtype(reader.manifest.get("precision"))
     floor = float(np.asarray(policy.for_head(head).logit_tolerance(grid, np.abs(np.array([top]))))[0])
-    return Noise(float(errs.max()) if errs.size else None, floor)
+    return Noise(float(errs.max()) if errs.size else None, floor, int(keep.sum()), basis if errs.size else "tolerance")
 
 
 def _check_values(ref: Reference, names: Sequence[str], sample: str, steps: Sequence[int]) -> None:
@@ -587,26 +614,30 @@ def _check_values(ref: Reference, names: Sequence[str], sample: str, steps: Sequ
             "(or give --ref-script to let triage re-record it)")
 
 
-def _bisect(s: _Session, names: Sequence[str]) -> int | None:
-    """Index of the earliest tensor whose transplant restores the target, found by bisection
-    (each boundary found is checked against its predecessor; a predecessor that restores too
-    resumes the search below it). None when the last tensor does not restore it."""
-    last, _ = s.trial([names[-1]], "bisect")
-    if not last.restored:
+def _search(s: _Session, names: Sequence[str], search: str) -> int | None:
+    """Index of the earliest tensor ``i`` such that transplanting ``names[:i + 1]`` (it and every
+    tensor before it in execution order) restores the target; None when transplanting all of
+    them does not.
+
+    Transplanting a prefix is monotone where single transplants are not (a residual branch
+    transplanted alone leaves the residual stream's error in place), so a bisection over ``i``
+    needs 1 + ceil(log2 n) re-runs; ``search="linear"`` tries i = 0, 1, ... instead.
+    """
+    if search == "linear":
+        for i in range(len(names)):
+            if s.trial(list(names[: i + 1]), "scan")[0].restored:
+                return i
+        return None
+    if not s.trial(list(names), "bisect")[0].restored:
         return None
     lo, hi = 0, len(names) - 1
-    while True:
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if s.trial([names[mid]], "bisect")[0].restored:
-                hi = mid
-            else:
-                lo = mid + 1
-        if lo == 0:
-            return 0
-        if not s.trial([names[lo - 1]], "boundary")[0].restored:
-            return lo
-        lo, hi = 0, lo - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if s.trial(list(names[: mid + 1]), "bisect")[0].restored:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _role(k: int, root: int | None, local: tuple[float | None, bool | None], prop: Mapping[str, tuple[float | None, bool]],

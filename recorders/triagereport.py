@@ -121,7 +121,8 @@ class ModuleError:
 
 @dataclass(frozen=True)
 class RootCause:
-    """The earliest tensor whose transplant restores the target decision.
+    """The earliest tensor whose transplant, with every tensor before it, restores the target
+    decision.
 
     Attributes:
         name: the tensor.
@@ -130,7 +131,7 @@ class RootCause:
         source: what produced it.
         local_error: its own error (fed the reference's inputs); None if not measured.
         tolerance: its tensor tolerance.
-        restores: transplanting it restores the decision (always True for a root cause).
+        restores: transplanting it alone restores the decision.
         token: the reference's token there, which the transplant restores.
         logit_error_before: the plain re-run's logit error at the target.
         logit_error_after: the logit error with it transplanted.
@@ -268,8 +269,10 @@ class TriageReport:
         else:
             own = (f"its local error {rc.local_error:.3g} is within tolerance {rc.tolerance:.2g}, so the error "
                    "reaches it by another path")
-        text = (f"{rc.name} {'introduces' if rc.introduces else 'is where'} the error at step {rc.step}: {own} and "
-                f"transplanting its output restores token {rc.token}")
+        fix = (f"transplanting its output restores token {rc.token}" if rc.restores else
+               f"transplanting it with every tensor before it restores token {rc.token} (alone it does not: an "
+               "earlier error matters too)")
+        text = f"{rc.name} {'introduces' if rc.introduces else 'is where'} the error at step {rc.step}: {own} and {fix}"
         fs = self.first_symptom
         if fs is not None and fs.name != rc.name and fs.restores is False:
             text += (f"; {fs.name} drifts by {_fmt(fs.propagated_error)} but transplanting it changes nothing"

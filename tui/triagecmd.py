@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> TriageOutcome:
     target = _split(args)
     if args.candidate is not None:
         with TraceReader(args.candidate) as cr:
-            check_rerunnable(cr, "the candidate")
+            check_rerunnable(cr, "the candidate", script=bool(target))
     if not target:
         raise TraceUsageError("give the script that runs the candidate (trace triage REF [options] script.py "
                               "[args ...]) or -m MODULE: triage re-runs it with tensors transplanted")
