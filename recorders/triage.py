@@ -54,7 +54,7 @@ from .reference import Reference
 from .triagereport import ComponentRow, ModuleError, RootCause, Trial, TriageReport
 from .triagerun import Runner, is_excluded
 
-__all__ = ["DEFAULT_BUDGET", "Noise", "check_rerunnable", "is_restored", "logit_errors", "triage"]
+__all__ = ["DEFAULT_BUDGET", "Noise", "check_rerunnable", "is_restored", "logit_errors", "shown", "triage"]
 
 #: Transplant re-runs allowed by default (a chain of 1,000 tensors needs about 12).
 DEFAULT_BUDGET = 24
@@ -328,7 +328,7 @@ class _Session:
         ok = is_restored(ref_token, token, err, self.noise)
         t = Trial(n, purpose, list(names), self.step, list(self.steps), ok, token, self.before, err, secs)
         self.trials.append(t)
-        self.say(f"re-run {n} ({self.used}/{self.budget}): {purpose} {', '.join(names) or '(nothing)'} → "
+        self.say(f"re-run {n} ({self.used}/{self.budget}): {purpose} {shown(names)} → "
                  f"{'restored' if ok else 'not restored'} (token {token}, logit error {err:.3g}, {secs:.2f} s)")
         self.cache[key] = (t, reader)
         return t, reader
@@ -346,6 +346,20 @@ class _Session:
     def close(self) -> None:
         for r in self.readers:
             r.close()
+
+
+def shown(names: Sequence[str]) -> str:
+    """A list of transplanted names for one line: all of up to three, else first … last (count).
+
+    Args:
+        names: tensor names in execution order.
+
+    Returns:
+        The text (``(nothing)`` for none).
+    """
+    if len(names) <= 3:
+        return ", ".join(names) or "(nothing)"
+    return f"{names[0]} … {names[-1]} ({len(names)} tensors)"
 
 
 def _fingerprint_before(fp: tuple[pa.Table, pa.Table], before: int) -> tuple[pa.Table, pa.Table]:

@@ -227,6 +227,8 @@ def _f(v: float | None) -> str:
 def render(report: Any, console: Console) -> None:
     """Print a :class:`~recorders.triagereport.TriageReport`: the finding in one sentence first,
     then the target, the local-vs-propagated table, the component table and the trials."""
+    from recorders.triage import shown
+
     style = "bold green" if report.found else ("bold red" if report.mismatch else "bold")
     head = [Text(report.sentence(), style=style)]
     if report.step is not None:
@@ -267,8 +269,8 @@ def render(report: Any, console: Console) -> None:
         for tr in report.trials:
             steps = "–" if not tr.transplanted else (f"{tr.steps[0]}" if len(tr.steps) == 1
                                                       else f"{tr.steps[0]}..{tr.steps[-1]}")
-            shown = ", ".join(tr.transplanted[:3]) + (f" +{len(tr.transplanted) - 3}" if len(tr.transplanted) > 3 else "")
+            names = shown(tr.transplanted)
             removed = "–" if tr.removed is None or not tr.transplanted else f"{100 * tr.removed:.0f} %"
-            t.add_row(str(tr.index), tr.purpose, shown or "(nothing)", steps, str(tr.token), _f(tr.logit_error_after),
+            t.add_row(str(tr.index), tr.purpose, names, steps, str(tr.token), _f(tr.logit_error_after),
                       removed, "yes" if tr.restored else "no", f"{tr.seconds:.2f}")
         console.print(t)
