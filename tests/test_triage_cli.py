@@ -145,3 +145,16 @@ def test_usage_errors(traces, capsys):
     assert "give the script that runs the candidate" in capsys.readouterr().err
     assert main(["triage", str(traces / "ref.trace"), "--logits", "head", "--components", "enc", SCRIPT]) == EXIT_ERROR
     assert "NAME=GLOB" in capsys.readouterr().err
+
+
+def test_step_and_from_step_choose_the_target_and_the_transplanted_steps(traces, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    code = main(["triage", str(traces / "ref.trace"), *REC, "--step", "6", "--from-step", "3", "--json", str(out),
+                 *BUGGY])
+    assert code == EXIT_OK, capsys.readouterr().err
+    rep = json.loads(out.read_text())
+    assert rep["target"]["step"] == 6 and rep["target"]["from_step"] == 3
+    assert rep["root_cause"]["name"] == "layers.2" and rep["root_cause"]["step"] == 6
+    assert all(t["steps"] == [3, 4, 5, 6] for t in rep["trials"] if t["transplanted"])
+    assert main(["triage", str(traces / "ref.trace"), *REC, "--step", "6", "--from-step", "7", *BUGGY]) == EXIT_ERROR
+    assert "--from-step 7 must lie between 0 and the target step 6" in capsys.readouterr().err
