@@ -158,3 +158,35 @@ def test_step_and_from_step_choose_the_target_and_the_transplanted_steps(traces,
     assert all(t["steps"] == [3, 4, 5, 6] for t in rep["trials"] if t["transplanted"])
     assert main(["triage", str(traces / "ref.trace"), *REC, "--step", "6", "--from-step", "7", *BUGGY]) == EXIT_ERROR
     assert "--from-step 7 must lie between 0 and the target step 6" in capsys.readouterr().err
+
+
+def test_viewer_marks_the_root_cause_in_the_tensors_pane(traces, tmp_path, capsys):
+    pytest.importorskip("textual")
+    import view_fixtures as vf
+
+    from tui.app import ViewApp
+    from tui.viewcmd import load_triage
+    from tui.widgets import TensorsPane
+
+    out = tmp_path / "t.json"
+    assert main(["triage", str(traces / "ref.trace"), "--candidate", str(traces / "cand.trace"), *REC,
+                 "--json", str(out), *BUGGY]) == EXIT_OK
+    report = load_triage(str(out))
+
+    async def check() -> None:
+        app = ViewApp([traces / "ref.trace", traces / "cand.trace"], triage=report)
+        async with app.run_test(size=(120, 32)) as pilot:
+            await vf.settle(pilot)
+            await pilot.press("t")
+            await vf.settle(pilot)
+            pane = app.query_one(TensorsPane)
+            names = [ln.name for ln in pane.lines]
+            assert "layers.2 ◆ root cause" in names
+            assert [ln.name for ln in pane.lines if ln.culprit] == ["layers.0"]  # the first symptom stays marked
+            assert app.table.row(app.table.cursor).step == 4  # the view opens at the root cause's step
+
+    vf.run_async(check)()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "steptrace.diff/1"}')
+    assert main(["view", str(traces / "ref.trace"), str(traces / "cand.trace"), "--triage", str(bad)]) == EXIT_ERROR
+    assert "not a `trace triage --json` report" in capsys.readouterr().err
