@@ -25,7 +25,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import RerunFailedError
+from .errors import RecorderUsageError, RerunFailedError
 from .outputs import element_at, elements, replace_element
 from .reference import Reference
 from .scripthooks import ScriptRecorder
@@ -184,6 +184,23 @@ class TransplantScriptRecorder(ScriptRecorder):
         self.transplant_steps = transplant_steps
         self._calls: dict[str, int] = {}
         self._calls_key: Any = None
+
+    def ort_run(self, session: Any, output_names: Any, feed: Any, run: Callable[[list[str]], list[Any]]) -> list[Any]:
+        """Record an ONNX Runtime run as :meth:`ScriptRecorder.ort_run`; refuse to transplant its
+        values (scripts are transplanted at torch modules only).
+
+        Raises:
+            RecorderUsageError: a transplanted name is a value of this session.
+        """
+        if self.transplant:
+            values = {o.name for o in session.get_outputs()} | {i.name for i in session.get_inputs()}
+            hit = sorted(n for n in self.transplant if n in values or n.split(".", 1)[-1] in values)
+            if hit:
+                raise RecorderUsageError(
+                    f"cannot transplant ONNX Runtime value(s) {', '.join(hit[:4])} inside a script: `trace triage` "
+                    "replaces torch module outputs in scripts; triage an ONNX Runtime model from Python with "
+                    "recorders.triagerun.OrtRun (docs/triage.md), or narrow --modules to torch modules")
+        return super().ort_run(session, output_names, feed, run)
 
     def torch_post(self, module: Any, output: Any) -> Any:
         """Record as :meth:`ScriptRecorder.torch_post`, then return the output with the

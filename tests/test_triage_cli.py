@@ -190,3 +190,25 @@ def test_viewer_marks_the_root_cause_in_the_tensors_pane(traces, tmp_path, capsy
     bad.write_text('{"schema": "steptrace.diff/1"}')
     assert main(["view", str(traces / "ref.trace"), str(traces / "cand.trace"), "--triage", str(bad)]) == EXIT_ERROR
     assert "not a `trace triage --json` report" in capsys.readouterr().err
+
+
+def test_logit_error_is_the_differs_logit_noise_on_agreeing_steps(traces, tmp_path):
+    from differ import diff
+    from recorders.triagejudge import is_restored, logit_errors, Noise, read_rows
+    from tracefmt import TraceReader
+
+    forced = tmp_path / "forced.trace"
+    assert main(["record", "-o", str(forced), *REC, "--teacher", str(traces / "ref.trace"), *BUGGY]) == EXIT_OK
+    rep = diff(str(traces / "ref.trace"), [str(forced)]).to_json()
+    noise = rep["candidates"][0]["decisions"]["logit_noise"]["max"]
+    a = read_rows(TraceReader(traces / "ref.trace"), "0", "token")
+    b = read_rows(TraceReader(forced), "0", "token")
+    agree = np.flatnonzero(a.chosen == b.argmax)
+    assert agree.size and agree.size < a.step.size  # some steps agree, the bug's do not
+    errs = logit_errors(a, agree, b, agree)
+    assert errs.max() == pytest.approx(noise, rel=1e-6)
+    # restored: the reference's token and a logit error within the noise bound, both needed
+    bound = Noise(float(errs.max()), 1e-6)
+    assert is_restored(3, 3, float(errs.max()), bound)
+    assert not is_restored(3, 31, 0.0, bound)
+    assert not is_restored(3, 3, 2 * float(errs.max()), bound)
