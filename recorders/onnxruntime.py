@@ -584,4 +584,21 @@ def session_like(path: str | os.PathLike[str], session: ort.InferenceSession) ->
     so = ort.SessionOptions()
     so.graph_optimization_level = session.get_session_options().graph_optimization_level
     return ort.InferenceSession(str(path), so, providers=session.get_providers())
+
+
+def run_unrouted(session: ort.InferenceSession, names: Sequence[str], feed: Mapping[str, Any]) -> list[Any]:
+    """Run ``session`` with ONNX Runtime's own ``run``, past :func:`patch_sessions`' routing
+    (a session the recorder opens itself while a script is recorded).
+
+    Args:
+        session: the session.
+        names: outputs to fetch.
+        feed: input name -> array.
+
+    Returns:
+        The outputs.
+    """
+    from onnxruntime.capi.onnxruntime_inference_collection import Session
+
+    return Session.run(session, list(names), dict(feed))
 # ---------------------------------------------------------------------- end graph cuts

@@ -21,9 +21,13 @@ import contextlib
 import functools
 import io
 import os
+import tempfile
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
+
+import numpy as np
 
 from .errors import RecorderUsageError, RerunFailedError
 from .outputs import element_at, elements, replace_element
@@ -165,7 +169,8 @@ class OrtRun:
 
 class TransplantScriptRecorder(ScriptRecorder):
     """A :class:`~recorders.scripthooks.ScriptRecorder` that also replaces the outputs of named
-    torch modules (or output elements, ``name.0``) by the reference's at chosen steps.
+    torch modules (or output elements, ``name.0``) and ONNX Runtime values by the reference's at
+    chosen steps.
 
     The module's own output is recorded first (as ``trace record`` records it); the script
     then receives the reference's values in its place.
@@ -184,23 +189,65 @@ class TransplantScriptRecorder(ScriptRecorder):
         self.transplant_steps = transplant_steps
         self._calls: dict[str, int] = {}
         self._calls_key: Any = None
+        self._cuts: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def ort_run(self, session: Any, output_names: Any, feed: Any, run: Callable[[list[str]], list[Any]]) -> list[Any]:
-        """Record an ONNX Runtime run as :meth:`ScriptRecorder.ort_run`; refuse to transplant its
-        values (scripts are transplanted at torch modules only).
+        """Record an ONNX Runtime run as :meth:`ScriptRecorder.ort_run`; at a transplant step a
+        copy of the session's model cut at the transplanted values runs instead, fed the
+        reference's values there (:func:`recorders.onnxruntime.cut_model`).
 
         Raises:
-            RecorderUsageError: a transplanted name is a value of this session.
+            TraceError: recording failed, the reference lacks a transplanted value, or the
+                session's model file cannot be cut (opened from bytes).
         """
-        if self.transplant:
-            values = {o.name for o in session.get_outputs()} | {i.name for i in session.get_inputs()}
-            hit = sorted(n for n in self.transplant if n in values or n.split(".", 1)[-1] in values)
-            if hit:
-                raise RecorderUsageError(
-                    f"cannot transplant ONNX Runtime value(s) {', '.join(hit[:4])} inside a script: `trace triage` "
-                    "replaces torch module outputs in scripts; triage an ONNX Runtime model from Python with "
-                    "recorders.triagerun.OrtRun (docs/triage.md), or narrow --modules to torch modules")
-        return super().ort_run(session, output_names, feed, run)
+        info = self._session(session)
+        swap = [n for n in self.transplant if n.startswith(info.prefix) and n[len(info.prefix):] in info.outputs]
+        if not swap:
+            return super().ort_run(session, output_names, feed, run)
+        with self._writing():
+            rec = self._recorder(lambda: info.defaults)
+            if info.logits is not None and self._decided:
+                self._end_step()
+            self._open_step(rec)
+            key = rec.current_step
+            if self.transplant_steps is not None and key.index not in self.transplant_steps:
+                return super().ort_run(session, output_names, feed, run)
+            cut = self._cut_session(session, [n[len(info.prefix):] for n in swap])
+            extra = {n[len(info.prefix):]: np.ascontiguousarray(rec.reference_tensor(n, call=0).values) for n in swap}
+        from .onnxruntime import run_unrouted
+
+        return super().ort_run(session, output_names, feed, lambda names: run_unrouted(cut, names, {**feed, **extra}))
+
+    def _cut_session(self, session: Any, names: list[str]) -> Any:
+        key = (id(session), tuple(names))
+        cut = self._cuts.get(key)
+        if cut is None:
+            from .onnxruntime import cut_model, session_like
+
+            path = getattr(session, "_model_path", None)
+            if not path:
+                raise RecorderUsageError("cannot transplant into an ONNX Runtime session opened from bytes: open it "
+                                         "from a model file so triage can cut the graph")
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="steptrace-cut-")
+            out = Path(self._tmp.name) / f"cut{len(self._cuts)}.onnx"
+            cut = self._cuts[key] = session_like(cut_model(path, names, out), session)
+        return cut
+
+    def close(self) -> Any:
+        """Close as :meth:`ScriptRecorder.close` does and remove the cut models.
+
+        Returns:
+            The writer's :class:`tracefmt.WriteSummary`.
+        """
+        try:
+            return super().close()
+        finally:
+            self._cuts.clear()
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
 
     def torch_post(self, module: Any, output: Any) -> Any:
         """Record as :meth:`ScriptRecorder.torch_post`, then return the output with the

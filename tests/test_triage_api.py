@@ -177,3 +177,21 @@ def test_component_table_shows_the_encoder_decides(tmp_path):
     assert payload["components"]["decided_by"] == ["encoder"]
     assert all({"transplanted", "step", "restored", "logit_error_before", "logit_error_after"} <= set(t)
                for t in payload["trials"])
+
+
+def test_trace_triage_cuts_the_graph_of_an_onnx_runtime_script(onnx_models, tmp_path, capsys):
+    from tui.cli import EXIT_OK, main
+
+    d, bug = onnx_models
+    script = str(Path(__file__).resolve().parent / "scripts" / "triage_onnx.py")
+    rec = ["--logits", "logits", "--modules", "/layers.*"]
+    ref = tmp_path / "ref.trace"
+    assert main(["record", "-o", str(ref), *rec, "--tensors", "full", script, str(d / "chain.exposed.onnx")]) == EXIT_OK
+    out = tmp_path / "t.json"
+    code = main(["triage", str(ref), *rec, "--json", str(out), script, str(bug)])
+    assert code == EXIT_OK, capsys.readouterr().err
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["root_cause"]["name"] == "/layers.2/lin/Add_output_0"
+    assert report["root_cause"]["restores"] is True
