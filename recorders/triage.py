@@ -254,6 +254,8 @@ def triage(
     t_start = time.perf_counter()
     ref = Reference(reference)
     own_dir = workdir is None
+    if not own_dir and Path(workdir).exists() and (not Path(workdir).is_dir() or any(Path(workdir).iterdir())):
+        raise TriageError(f"{workdir} is not an empty directory: give triage a new or empty one for its re-runs")
     wd = Path(tempfile.mkdtemp(prefix="steptrace-triage-")) if own_dir else Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     pol = policy or Policy()
@@ -277,8 +279,9 @@ def triage(
     if report.exhausted and not report.found:
         tried = [t for t in s.trials if t.transplanted]
         report.message = (f"the budget of {budget} transplant re-runs ran out before any transplant restored token "
-                          f"{report.ref_token} at step {report.step}; tried {', '.join(', '.join(t.transplanted) for t in tried) or 'nothing'}. "
-                          "Raise --budget, or narrow --modules")
+                          f"{report.ref_token} at step {report.step}; tried "
+                          f"{'; '.join(shown(t.transplanted) for t in tried) or 'nothing'}. Raise --budget, or narrow "
+                          "--modules")
     return report
 
 

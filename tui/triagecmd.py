@@ -204,8 +204,12 @@ def run(args: argparse.Namespace) -> TriageOutcome:
     tmp = Path(tempfile.mkdtemp(prefix="steptrace-triage-ref-"))
     try:
         ref = _reference_with_values(args, err, modules, logits, tmp)
+        with TraceReader(ref) as rr:
+            ref_samples = rr.samples()
+        # the script's default sample id must be the reference's (a script may set $STEPTRACE_SAMPLE itself)
+        default = ref_samples[0] if len(ref_samples) == 1 else "0"
         runner = ScriptRun(target[0], target[1:], modules=modules, logits=logits, module=args.module is not None,
-                           sample=args.sample or "0", k=args.k)
+                           sample=default, k=args.k)
         report = triage(ref, runner, candidate=args.candidate, sample=args.sample, step=args.step,
                         from_step=args.from_step, budget=args.budget, components=comps,
                         local_all=args.local == "all", workdir=args.keep, progress=_progress(err))
