@@ -349,6 +349,7 @@ def _run(s: _Session, report: TriageReport, candidate: Any, sample: str | None, 
     names = [n for n in t["name"].to_pylist() if not is_excluded(n, s.runner.excluded)]
     sources = dict(zip(t["name"].to_pylist(), t["source"].to_pylist()))
     dtypes = dict(zip(t["name"].to_pylist(), t["dtype"].to_pylist()))
+    trace_order = dict(zip(t["name"].to_pylist(), t["order"].to_pylist()))
     if not names:
         raise TriageError(f"the re-run recorded no tensor at sample {sample!r} step {s.step} to transplant; record "
                           "the modules to search (--modules GLOB)")
@@ -399,7 +400,7 @@ def _run(s: _Session, report: TriageReport, candidate: Any, sample: str | None, 
         tol = s.policy.tensor(n, dtypes.get(n, "float32")).atol
         tr = tried.get((n,))
         loc = local.get(n, (None, None))
-        modules.append(ModuleError(n, k, sources.get(n), loc[0], prop[n][0], tol, loc[1] if loc[0] is not None else None,
+        modules.append(ModuleError(n, int(trace_order[n]), sources.get(n), loc[0], prop[n][0], tol, loc[1] if loc[0] is not None else None,
                                    None if tr is None else tr.restored, None if tr is None else tr.logit_error_after,
                                    _role(k, root, loc, prop, names)))
     report.modules = modules
@@ -415,9 +416,10 @@ def _run(s: _Session, report: TriageReport, candidate: Any, sample: str | None, 
                                       bool(tr is not None and tr.restored), report.ref_token, s.before,
                                       (tr or prefix).logit_error_after, m.local_within is False)
     elif not report.found:
-        report.message = (f"no single transplant restores token {report.ref_token} at step {s.step}, not even of "
-                          f"{names[-1]}, the last tensor searched; the error enters after it (the decided logits?) or "
-                          "through state from earlier steps: try --from-step 0, or record more modules")
+        report.message = (f"no transplant restores token {report.ref_token} at step {s.step}, not even of all "
+                          f"{len(names)} tensors searched (up to {names[-1]}): the error enters after them (the "
+                          "decided logits?) or through state from earlier steps: try --from-step 0, or record more "
+                          "modules")
 
 
 def _check_values(ref: Reference, names: Sequence[str], sample: str, steps: Sequence[int]) -> None:

@@ -212,3 +212,18 @@ def test_logit_error_is_the_differs_logit_noise_on_agreeing_steps(traces, tmp_pa
     assert is_restored(3, 3, float(errs.max()), bound)
     assert not is_restored(3, 31, 0.0, bound)
     assert not is_restored(3, 3, 2 * float(errs.max()), bound)
+
+
+def test_no_transplant_restores_a_bug_after_the_searched_tensors(traces, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    code = main(["triage", str(traces / "ref.trace"), *REC, "--json", str(out), SCRIPT, "--head-bug-from", "2"])
+    assert code == EXIT_MISMATCH
+    rep = json.loads(out.read_text())
+    assert rep["root_cause"] is None and rep["target"]["step"] == 2 and not rep["budget"]["exhausted"]
+    assert "equals the reference's bit for bit" in rep["message"] and "decided logits" in rep["message"]
+    code = main(["triage", str(traces / "ref.trace"), *REC, "--json", str(out), SCRIPT, "--drift", "1e-3",
+                 "--head-bug-from", "2"])
+    assert code == EXIT_MISMATCH
+    rep = json.loads(out.read_text())
+    assert "no transplant restores token" in rep["message"] and rep["candidates"] > 0
+    assert [t["purpose"] for t in rep["trials"]] == ["plain", "determinism", "bisect", "single"]  # + the symptom
