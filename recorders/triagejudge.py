@@ -181,7 +181,8 @@ def check_rerunnable(reader: TraceReader, what: str, *, script: bool = False) ->
 
 def fingerprint(reader: TraceReader, before: int | None = None) -> tuple[pa.Table, pa.Table]:
     """Return what two runs of a deterministic candidate share bit for bit: the tensors' keys
-    and digests, the decisions' own tokens and top-k.
+    and digests, the decisions' own tokens and top-k (logits as their float32 bit patterns, so
+    NaN compares equal to the same NaN).
 
     Args:
         reader: a re-run's trace.
@@ -196,7 +197,12 @@ def fingerprint(reader: TraceReader, before: int | None = None) -> tuple[pa.Tabl
         t = t.filter(pc.less(t["step"], before))
         d = d.filter(pc.less(d["step"], before))
     keys = [("sample", "ascending"), ("step", "ascending"), ("name", "ascending"), ("call", "ascending")]
-    return t.sort_by(keys).combine_chunks(), d.combine_chunks()
+    d = d.combine_chunks()
+    logits = d["topk_logits"].chunk(0) if d["topk_logits"].num_chunks else pa.array([], pa.list_(pa.float32()))
+    values = logits.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    bits = pa.ListArray.from_arrays(logits.offsets, pa.array(values.view(np.int32)))  # NaN equals NaN bit for bit
+    d = d.set_column(d.schema.get_field_index("topk_logits"), "topk_logits", bits)
+    return t.sort_by(keys).combine_chunks(), d
 
 
 def same_run(a: tuple[pa.Table, pa.Table], b: tuple[pa.Table, pa.Table]) -> bool:
