@@ -346,8 +346,9 @@ def _run(s: _Session, report: TriageReport, candidate: Any, sample: str | None, 
     # the tensors to search: recorded at the target step, in execution order
     t = p1.tensors(sample=sample, step=s.step, columns=["name", "call", "order", "source", "dtype"])
     t = t.filter(pc.equal(t["call"], 0)).sort_by("order")
-    names = [n for n in t["name"].to_pylist() if not is_excluded(n, s.runner.excluded)]
     sources = dict(zip(t["name"].to_pylist(), t["source"].to_pylist()))
+    # the decided logits are never transplanted, nor a graph's inputs (teacher forcing feeds them)
+    names = [n for n in t["name"].to_pylist() if not is_excluded(n, s.runner.excluded) and sources[n] != "graph input"]
     dtypes = dict(zip(t["name"].to_pylist(), t["dtype"].to_pylist()))
     trace_order = dict(zip(t["name"].to_pylist(), t["order"].to_pylist()))
     if not names:
