@@ -280,6 +280,8 @@ class TriageReport:
                      and abs(fs.logit_error_after - self.logit_error) <= 0.05 * self.logit_error
                      else f"; {fs.name} drifts by {_fmt(fs.propagated_error)} but transplanting it does not restore "
                      "the decision")
+        if self.decided_by:
+            text += f"; of the components, {' + '.join(self.decided_by)} decides it"
         return text
 
     def to_json(self) -> dict[str, Any]:

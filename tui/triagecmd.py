@@ -254,7 +254,7 @@ def render(report: Any, console: Console) -> None:
                       style="bold" if report.root_cause and m.name == report.root_cause.name else None)
         console.print(t)
     if report.component_rows:
-        t = Table(title="component table (ref = the reference's outputs transplanted)", title_justify="left")
+        t = Table(title="components (ref: REF's outputs transplanted)", title_justify="left")
         names = list(report.components)
         for c in names:
             t.add_column(c)
