@@ -486,13 +486,12 @@ def _components(s: _Session, report: TriageReport, names: Sequence[str], comps: 
     if empty:
         raise TriageError(f"component(s) {', '.join(empty)} match no tensor recorded at step {s.step}; names are "
                           f"{', '.join(names[:12])}")
-    rows = [ComponentRow([], [], False, report.cand_token or -1, s.before)]
+    rows = report.component_rows = [ComponentRow([], [], False, report.cand_token or -1, s.before)]
     for size in range(1, len(comps) + 1):
         for combo in itertools.combinations(comps, size):
             swap = [n for c in combo for n in members[c]]
             tr, _ = s.trial(list(dict.fromkeys(swap)), "component")
             rows.append(ComponentRow(list(combo), tr.transplanted, tr.restored, tr.token, tr.logit_error_after))
-    report.component_rows = rows
     restoring = [r for r in rows if r.restored]
     if restoring:
         smallest = min(len(r.from_reference) for r in restoring)

@@ -171,6 +171,7 @@ def test_component_table_shows_the_encoder_decides(tmp_path):
     assert not rows[("predictor",)].restored  # enc_cand + pred_ref -> not
     assert rows[("encoder", "predictor")].restored
     assert report.decided_by == ["encoder"]
+    assert "encoder decides it" in report.sentence()
     assert report.root_cause is not None and report.root_cause.name.startswith("encoder")
     payload = report.to_json()
     assert payload["schema"] == "steptrace.triage/1"
