@@ -15,14 +15,14 @@
 Algorithm (docs/triage.md): the candidate is re-run teacher-forced on the reference's tokens,
 twice without transplant (the second run checks it is deterministic). The target is the first
 token divergence of the reference against the candidate trace (or the plain re-run), or the
-step asked for. The tensors recorded at the target step, in execution order, are searched by
-bisection for the earliest one whose transplant (the reference's values in place of the
-candidate's, at the target step or ``from_step..step``) restores the decision; the trial of its
-predecessor gives its *local* error (its output when fed the reference's inputs), the plain
-re-run its *propagated* error. Components (``{"encoder": "encoder*"}``) are transplanted alone
-and in every combination.
+step asked for. The tensors recorded at the target step that differ from the reference's, in
+execution order, are searched by bisection over prefixes for the earliest one whose transplant
+together with every tensor before it (the reference's values in place of the candidate's, at the
+target step or ``from_step..step``) restores the decision; that prefix trial without it gives its
+*local* error (its output when fed the reference's inputs), the plain re-run its *propagated*
+error. Components (``{"encoder": "encoder*"}``) are transplanted alone and in every combination.
 
-"Restored" is decided in one place, :func:`is_restored`.
+"Restored" is decided in one place, :func:`recorders.triagejudge.is_restored`.
 """
 
 from __future__ import annotations

@@ -29,10 +29,12 @@ HELP = "find the root cause of a divergence: transplant bisection over re-runs o
 DESCRIPTION = """\
 Re-run the candidate script teacher-forced on REF's tokens, then replace candidate tensors by REF's
 recorded values at the divergent step and re-run again, bisecting over execution order for the
-earliest tensor whose transplant restores REF's decision (same token, logit error back within the
-pair's noise). The trial of its predecessor gives its local error (fed REF's inputs) next to its
-propagated error. --components transplants whole components alone and in combination (seed 003's
-"enc_ref + pred_cand" table).
+earliest tensor whose transplant (with every tensor before it) restores REF's decision (same
+token, logit error back within the pair's noise). The trial that transplants every tensor before
+it gives its local error (fed REF's inputs) next to its propagated error. --components
+transplants whole components alone and in combination (seed 003's "enc_ref + pred_cand" table).
+torch module outputs and ONNX Runtime values (exposed in the model file the script opens) can be
+transplanted.
 
 The target is REF's first token divergence against --candidate CAND, or against a first plain
 re-run; --sample/--step choose another. REF needs values (--tensors full) of the tensors searched;
