@@ -21,11 +21,13 @@ from .report import (
     DiffReport,
     DriftOnset,
     FirstDivergence,
+    NearTieEvidence,
     PairReport,
     SampleResult,
     TraceInfo,
     WatchedToken,
 )
+from .reportjson import load_report, report_from_json
 from .verdict import VERDICTS
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "IncompatibleTracesError",
     "MappingError",
     "NameMapping",
+    "NearTieEvidence",
     "PairReport",
     "Policy",
     "PolicyError",
@@ -57,5 +60,7 @@ __all__ = [
     "guess_mapping",
     "load_mapping",
     "load_policy",
+    "load_report",
     "parse_policy",
+    "report_from_json",
 ]

@@ -201,8 +201,9 @@ class DecisionDiff:
     b_rank_of_a: np.ndarray
     a_gap: np.ndarray  # A's logit(a_tok) - A's logit(b_tok); NaN if unknown
     b_gap: np.ndarray  # B's logit(b_tok) - B's logit(a_tok)
-    epsilon: np.ndarray
-    near_tie: np.ndarray
+    epsilon: np.ndarray  # the grid's near-tie threshold (or the fixed --epsilon)
+    scale: np.ndarray  # the step's logit scale: max |top logit| of both sides, at least 1
+    gap_noise: np.ndarray  # same-token rows: max change of a shared id's logit relative to the top's; else NaN
     logit_diff: np.ndarray  # max |delta| over shared top-k ids (and logsumexp)
     logit_tol: np.ndarray
     bitexact: np.ndarray
@@ -210,6 +211,9 @@ class DecisionDiff:
     kld: np.ndarray
     dp: np.ndarray
     watched: dict[int, dict[str, np.ndarray]]
+    near_tie: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # set by differ.neartie
+    rule: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # which near-tie rule held
+    noise: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the pair's noise of the row's head
 
 
 def compare_decisions(A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, head: np.ndarray, heads: list[str],
@@ -235,10 +239,11 @@ def compare_decisions(A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, head: np
         # every row present on both sides is written by _block; the others keep the fill
         a_rank_of_b=_filled(n, np.int64, -1, both), b_rank_of_a=_filled(n, np.int64, -1, both),
         a_gap=_filled(n, np.float64, np.nan, both), b_gap=_filled(n, np.float64, np.nan, both),
-        epsilon=_filled(n, np.float64, np.nan, both), near_tie=np.zeros(n, bool),
-        logit_diff=_filled(n, np.float64, np.nan, both), logit_tol=_filled(n, np.float64, np.nan, both),
+        epsilon=_filled(n, np.float64, np.nan, both), scale=_filled(n, np.float64, np.nan, both),
+        gap_noise=_filled(n, np.float64, np.nan, both), logit_diff=_filled(n, np.float64, np.nan, both), logit_tol=_filled(n, np.float64, np.nan, both),
         bitexact=np.zeros(n, bool), drift=np.zeros(n, bool), kld=_filled(n, np.float64, np.nan, both),
         dp=_filled(n, np.float64, np.nan, both), watched={},
+        near_tie=np.zeros(n, bool), rule=np.zeros(n, np.int8), noise=np.full(n, np.nan),
     )
     rows_both = np.flatnonzero(both)
     for lo in range(0, rows_both.size, BLOCK):
@@ -305,13 +310,14 @@ def _block(out: DecisionDiff, A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, 
     rest = np.flatnonzero(~ident)
     at_r = slice(int(r[0]), int(r[-1]) + 1) if r[-1] - r[0] == r.size - 1 else r  # usually a range
     out.epsilon[at_r] = eps
+    out.scale[at_r] = np.maximum(np.nan_to_num(mag, nan=1.0, posinf=1.0), 1.0)
     out.logit_tol[at_r] = ltol
     out.bitexact[at_r] = bitexact
     res: dict[str, np.ndarray] = {}
     if rest.size:
         sub = slice(None) if rest.size == r.size else rest
         res = _general(A, B, ia[sub], ib[sub], a_ids[:, sub], b_ids[:, sub], a_raw[:, sub], b_raw[:, sub], at[sub],
-                       bt[sub], la[sub], lb[sub], eps[sub], ltol[sub], same[sub], bitexact[sub])
+                       bt[sub], la[sub], lb[sub], ltol[sub], same[sub], bitexact[sub])
     for name, value in _IDENTICAL_ROW.items():
         col = getattr(out, name)
         if rest.size == r.size:
@@ -324,24 +330,31 @@ def _block(out: DecisionDiff, A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, 
 
 
 #: What the comparison gives a row that is the same decision bit for bit (see :func:`_block`).
-_IDENTICAL_ROW = {"a_rank_of_b": 0, "b_rank_of_a": 0, "a_gap": 0.0, "b_gap": 0.0, "near_tie": False,
+_IDENTICAL_ROW = {"a_rank_of_b": 0, "b_rank_of_a": 0, "a_gap": 0.0, "b_gap": 0.0, "gap_noise": 0.0,
                   "logit_diff": 0.0, "drift": False, "kld": 0.0, "dp": 0.0}
 
 
 def _general(A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, a_ids: np.ndarray, b_ids: np.ndarray,
              a_raw: np.ndarray, b_raw: np.ndarray, at: np.ndarray, bt: np.ndarray, la: np.ndarray, lb: np.ndarray,
-             eps: np.ndarray, ltol: np.ndarray, same: np.ndarray, bitexact: np.ndarray) -> dict[str, np.ndarray]:
-    """Ranks, gaps, near ties, logit difference, drift, KLD and Δp of rows (rank-major blocks)."""
+             ltol: np.ndarray, same: np.ndarray, bitexact: np.ndarray) -> dict[str, np.ndarray]:
+    """Ranks, gaps, gap noise, logit difference, drift, KLD and Δp of rows (rank-major blocks).
+
+    Near ties are judged later (:mod:`differ.neartie`), against the noise of the whole pair.
+    """
     a_log, b_log = a_raw.astype(np.float64), b_raw.astype(np.float64)
     la_b, ra_b = logit_of(a_ids, a_log, bt, A.chosen[ia], A.chosen_logit[ia], A.chosen_rank[ia])
     lb_a, rb_a = logit_of(b_ids, b_log, at, B.chosen[ib], B.chosen_logit[ib], B.chosen_rank[ib])
     a_top, b_top = a_log[0], b_log[0]
     with np.errstate(invalid="ignore"):  # -inf - -inf (masked logits) is NaN: not a near tie
         a_gap, b_gap = a_top - la_b, b_top - lb_a
-        near = (~same) & (ra_b >= 0) & (rb_a >= 0) & (a_gap <= eps) & (b_gap <= eps)
     # logits of ids present in both top-k lists
     b_on_a, has = match(a_ids, b_ids, b_log)
     with np.errstate(invalid="ignore"):
+        # how far each shared id moved relative to the chosen token: the noise that can swap two
+        # tokens (a shift common to every logit changes no decision)
+        rel = np.abs((a_log - a_top) - (b_on_a - lb_a))
+        gap_noise = np.fmax.reduce(np.where(has & np.isfinite(rel), rel, np.nan), axis=0)
+        gap_noise = np.where(same, np.nan_to_num(gap_noise, nan=0.0), np.nan)
         delta = np.abs(a_log - b_on_a)
         both_nan = np.isnan(a_log) & np.isnan(b_on_a) & has
         delta = np.where(both_nan, 0.0, np.where(has & np.isnan(delta), np.inf, delta))
@@ -353,7 +366,7 @@ def _general(A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, a_ids: np.ndarray
     with np.errstate(invalid="ignore"):
         drift = same & ~bitexact & (ldiff > ltol)
     return {"a_rank_of_b": ra_b, "b_rank_of_a": rb_a, "a_gap": np.where(same, 0.0, a_gap),
-            "b_gap": np.where(same, 0.0, b_gap), "near_tie": near, "logit_diff": ldiff, "drift": drift,
+            "b_gap": np.where(same, 0.0, b_gap), "gap_noise": gap_noise, "logit_diff": ldiff, "drift": drift,
             "kld": kld, "dp": dp}
 
 

@@ -18,9 +18,20 @@ from .align import A_ONLY, B_ONLY, BOTH, Alignment, align_keys, align_resync, al
 from .decisions import DecisionDiff, Side, compare_decisions, load_side
 from .errors import IncompatibleTracesError
 from .mapping import NameMapping, guess_mapping
+from .metrics import BASIS_STATS
 from .policy import Policy, coarser, grid_dtype
-from .report import Culprit, DriftOnset, FirstDivergence, PairReport, SampleResult, TraceInfo, WatchedToken
-from .sequence import char_codes, edit_distance, pieces_to_text, word_codes
+from .neartie import RULES, ulps
+from .report import (
+    Culprit,
+    DriftOnset,
+    FirstDivergence,
+    NearTieEvidence,
+    PairReport,
+    SampleResult,
+    TraceInfo,
+    WatchedToken,
+)
+from .sequence import char_codes, ctc_keep, edit_distance, pieces_to_text, word_codes
 from .summary import (
     decision_summary,
     distinct_steps,
@@ -33,7 +44,7 @@ from .summary import (
     tensor_summary,
     watched_summary,
 )
-from .tensors import Progress, TensorDiff, compare_tensors, step_signature, to_table
+from .tensors import BASES, Progress, TensorDiff, compare_tensors, step_signature, to_table
 from .verdict import DRIFT, FLIP, VERDICTS, StepStatus, judge_rows, tensor_status
 
 #: When fewer candidate tensor names than this fraction exist in the reference, guess a mapping.
@@ -54,6 +65,11 @@ class DiffOptions:
         values: compare tensor values where both sides recorded them (else statistics only).
         jobs: worker processes for value comparisons.
         fail_on: the verdict from which the diff is a mismatch.
+        open_loop: heads whose decisions are not fed back, on top of those the traces declare
+            (manifest ``open_loop``): their rows are compared to the end of each sample.
+        ctc_blank: collapse each sample's token sequence as CTC does (merge repeats, drop this
+            blank id) before the sequence, WER and CER figures; the vocabulary head is then
+            open-loop.
     """
 
     align: str = "step"
@@ -65,6 +81,8 @@ class DiffOptions:
     values: bool = True
     jobs: int = 1
     fail_on: str = "drift"
+    open_loop: list[str] | None = None
+    ctc_blank: int | None = None
 
 
 @dataclass
@@ -78,7 +96,8 @@ class _Reference:
 
 
 def trace_info(reader: TraceReader) -> TraceInfo:
-    """Describe a trace for the report (its logits' grid from recorded logits or precision)."""
+    """Describe a trace for the report; its logits' grid is the coarser of its precision, its
+    declared ``logits_dtype`` and a recorded ``logits:<head>`` tensor's dtype."""
     m = reader.metadata
     head = m.vocab_head or "token"
     logits_dtype = None
@@ -86,7 +105,7 @@ def trace_info(reader: TraceReader) -> TraceInfo:
         dt = reader.tensors(name=f"logits:{head}", columns=["dtype"])
         logits_dtype = dt["dtype"][0].as_py() if dt.num_rows else None
     return TraceInfo(str(reader.path), m.runtime, m.precision, m.model, reader.complete,
-                     grid_dtype(m.precision, logits_dtype))
+                     grid_dtype(m.precision, m.logits_dtype, logits_dtype))
 
 
 def check_compatible(ra: TraceReader, rb: TraceReader, heads: list[str] | None,
@@ -191,15 +210,22 @@ def compare_pair(ref: _Reference, side_a: Side, rb: TraceReader, opts: DiffOptio
             if bothrows.any() else np.zeros((3, 0), np.int64)
         bo = al.gap == B_ONLY
         bonly = np.unique(np.stack([al.sample[bo], al.b_step[bo]]), axis=1) if bo.any() else np.zeros((2, 0), np.int64)
+        cross = grid if ref.info.grid != info_b.grid else None  # runs computed at different precisions
         td = compare_tensors(ref.reader, rb, samples, (pairs[0], pairs[1], pairs[2]), (bonly[0], bonly[1]),
-                             opts.policy, mapping, use_values=opts.values, jobs=opts.jobs, progress=progress)
+                             opts.policy, mapping, use_values=opts.values, jobs=opts.jobs, progress=progress,
+                             cross_grid=cross)
         tf, tfirst, texact, tcount = tensor_status(al, td.cols["sample"], td.cols["a_step"], td.cols["order"],
                                                    td.cols["within"], td.cols["bitexact"])
     else:
         n = al.rows
         tf, tfirst, texact, tcount = np.zeros(n, bool), np.full(n, -1), np.ones(n, bool), np.zeros(n, np.int64)
-    st = judge_rows(al, dd, tf, tfirst, texact, tcount)
-    return _report(ref, rb, info_b, A, B, al, dd, td, st, heads, vocab_head, watched, mapping, samples, opts), B
+    declared = set(opts.open_loop or []) | set(ref.reader.metadata.open_loop) | set(rb.metadata.open_loop)
+    if opts.ctc_blank is not None:  # CTC frames are never fed back
+        declared.add(vocab_head_name)
+    open_loop = np.array([h in declared for h in heads], bool)
+    st = judge_rows(al, dd, tf, tfirst, texact, tcount, heads=heads, policy=opts.policy, open_loop=open_loop)
+    return _report(ref, rb, info_b, A, B, al, dd, td, st, heads, vocab_head, watched, mapping, samples, opts,
+                   open_loop), B
 
 
 def _guess(ra: TraceReader, rb: TraceReader) -> NameMapping | None:
@@ -235,7 +261,7 @@ def _culprit(td: TensorDiff | None, idx: int) -> Culprit | None:
 
 def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Side, al: Alignment, dd: DecisionDiff,
             td: TensorDiff | None, st: StepStatus, heads: list[str], vocab_head: int, watched: dict[str, int],
-            mapping: NameMapping, samples: list[str], opts: DiffOptions) -> PairReport:
+            mapping: NameMapping, samples: list[str], opts: DiffOptions, open_loop: np.ndarray) -> PairReport:
     v, after = st.verdict, st.after
     fresh = ~after
     bounds = np.searchsorted(al.sample, np.arange(len(samples) + 1))
@@ -245,9 +271,15 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
     va, vb = A.head == vocab_head, B.head == vocab_head
     sa_b = np.searchsorted(A.sample[va], np.arange(len(samples) + 1))
     sb_b = np.searchsorted(B.sample[vb], np.arange(len(samples) + 1))
-    seq_a, seq_b = A.chosen[va], B.chosen[vb]
-    pieces_a = _pieces(ref.reader, A, np.flatnonzero(va))
-    pieces_b = _pieces(rb, B, np.flatnonzero(vb))
+    rows_a, rows_b = np.flatnonzero(va), np.flatnonzero(vb)
+    if opts.ctc_blank is not None:  # CTC: sequences, WER and CER on the collapsed text
+        rows_a = rows_a[ctc_keep(A.chosen[rows_a], sa_b, opts.ctc_blank)]
+        rows_b = rows_b[ctc_keep(B.chosen[rows_b], sb_b, opts.ctc_blank)]
+        sa_b = np.searchsorted(A.sample[rows_a], np.arange(len(samples) + 1))
+        sb_b = np.searchsorted(B.sample[rows_b], np.arange(len(samples) + 1))
+    seq_a, seq_b = A.chosen[rows_a], B.chosen[rows_b]
+    pieces_a = _pieces(ref.reader, A, rows_a)
+    pieces_b = _pieces(rb, B, rows_b)
     texts = pieces_a is not None and pieces_b is not None
     ns = len(samples)
     a_steps, b_steps = distinct_steps(al.sample, al.a_step, ns), distinct_steps(al.sample, al.b_step, ns)
@@ -261,6 +293,8 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
     first_drifted = first_in_segments(np.flatnonzero(st.drifted & fresh), bounds)
     bad_rows = np.flatnonzero(mism)
     bad_at = np.searchsorted(bad_rows, bounds)
+    grid = coarser(ref.info.grid, info_b.grid)
+    lookback = Lookback(td)
     per_sample: list[SampleResult] = []
     fds: list[tuple[int, int, FirstDivergence, DriftOnset | None]] = []
     hist_steps: list[int] = []
@@ -311,7 +345,8 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
                                _culprit(td, int(st.t_first[i])) if st.t_fail[i] else None, _opt(dd.logit_diff[i]))
         fd = None
         if fd_row >= 0:
-            fd = _first_divergence(fd_row, samples[s], al, dd, st, td, heads, A, B, ref.reader, rb, id_to_name, resync)
+            fd = _first_divergence(fd_row, samples[s], al, dd, st, td, heads, A, B, ref.reader, rb, id_to_name, resync,
+                                   opts.policy, grid, lookback)
             if fd.kind != "drift":
                 hist_steps.append(fd.step)
             if fd.culprit:
@@ -359,16 +394,43 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
         watched=watched_summary(watched_bias, watched),
         per_sample=per_sample,
         alignment={"mode": al.mode, "approximate_samples": [samples[i] for i in al.approximate],
-                   "teacher_forced": bool(A.forced.any() or B.forced.any()), "grid": coarser(ref.info.grid, info_b.grid)},
+                   "teacher_forced": bool(A.forced.any() or B.forced.any()), "grid": grid,
+                   "open_loop": [h for h, o in zip(heads, open_loop) if o], "ctc_blank": opts.ctc_blank},
         steps_table=steps_table(al, dd, st, samples, heads, id_to_name),
         tensors_table=to_table(td, samples) if td is not None else None,
         mapping=mapping,
     )
 
 
+class Lookback:
+    """Finds, for a step without a tensor beyond tolerance, the tensors that fed it: the latest
+    earlier step of the sample with a tensor beyond tolerance, and there the first such tensor in
+    execution order (an encoder run once at step 0 whose frames are decided at later steps)."""
+
+    def __init__(self, td: TensorDiff | None) -> None:
+        self.idx = np.zeros(0, np.int64)
+        self.key = np.zeros(0, np.int64)
+        if td is not None and td.rows:
+            c = td.cols
+            bad = np.flatnonzero(~c["within"])
+            # sort by (sample, step, order): the first entry of a (sample, step) is its first in order
+            order = np.lexsort((c["order"][bad], c["a_step"][bad], c["sample"][bad]))
+            self.idx = bad[order]
+            self.key = (c["sample"][self.idx].astype(np.int64) << 32) | c["a_step"][self.idx].astype(np.int64)
+
+    def __call__(self, sample: int, step: int) -> int:
+        """Return the tensor comparison index to name for ``(sample, step)``, -1 when none."""
+        pos = int(np.searchsorted(self.key, (sample << 32) | step)) - 1  # the last key before the step
+        if pos < 0 or int(self.key[pos]) >> 32 != sample:
+            return -1
+        first = int(np.searchsorted(self.key, self.key[pos]))  # that step's first tensor in order
+        return int(self.idx[first])
+
+
 def _first_divergence(i: int, sample: str, al: Alignment, dd: DecisionDiff, st: StepStatus, td: TensorDiff | None,
                       heads: list[str], A: Side, B: Side, ra: TraceReader, rb: TraceReader,
-                      id_to_name: dict[int, str], resync: bool) -> FirstDivergence:
+                      id_to_name: dict[int, str], resync: bool, policy: Policy, grid: str,
+                      lookback: Lookback) -> FirstDivergence:
     kind = VERDICTS[int(st.verdict[i])]
     detail = None
     gap = int(al.gap[i])
@@ -384,6 +446,22 @@ def _first_divergence(i: int, sample: str, al: Alignment, dd: DecisionDiff, st: 
         if tok in (a_tok, b_tok) or (gap != BOTH and (w["a_rank"][i] >= 0 or w["b_rank"][i] >= 0)):
             watched.append(WatchedToken(id_to_name.get(tok, str(tok)), int(tok), _opt(w["a_rank"][i]), _opt(w["b_rank"][i]),
                                         _opt(w["a_lost_by"][i]), _opt(w["b_lost_by"][i]), _opt(w["b_bias"][i])))
+    evidence = None
+    if gap == BOTH and a_tok != b_tok:
+        h = int(al.head[i])
+        tol = policy.for_head(heads[h] if heads else "")
+        hn = st.noise.get(h)
+        a_u, b_u = ulps(dd, i, grid)
+        evidence = NearTieEvidence(
+            rule=RULES[int(dd.rule[i])] or None, shift=_opt(dd.a_gap[i] + dd.b_gap[i]),
+            noise=hn.value if hn else None, noise_percentile=tol.noise_percentile, noise_steps=hn.steps if hn else 0,
+            noise_cap=tol.noise_cap, grid=grid, grid_epsilon=_opt(dd.epsilon[i]),
+            coin_toss=_opt(min(tol.coin_toss * dd.scale[i], tol.noise_cap)), a_gap_ulps=a_u, b_gap_ulps=b_u)
+    culprit = _culprit(td, int(st.t_first[i])) if st.t_fail[i] else None
+    if culprit is None and td is not None and a_step is not None:
+        culprit = _culprit(td, lookback(int(al.sample[i]), a_step))
+    confirm = _confirm(td, int(al.sample[i]), culprit.step if culprit else a_step,
+                       culprit.order if culprit else None)
     return FirstDivergence(
         sample=sample, step=int(step), a_step=a_step, b_step=b_step, head=heads[al.head[i]] if heads else None,
         kind=kind, detail=detail, a_token=a_tok, b_token=b_tok,
@@ -392,5 +470,24 @@ def _first_divergence(i: int, sample: str, al: Alignment, dd: DecisionDiff, st: 
         a_rank_of_b=_opt(dd.a_rank_of_b[i]) if gap == BOTH and a_tok != b_tok else None,
         b_rank_of_a=_opt(dd.b_rank_of_a[i]) if gap == BOTH and a_tok != b_tok else None,
         a_gap=_opt(dd.a_gap[i]), b_gap=_opt(dd.b_gap[i]), epsilon=_opt(dd.epsilon[i]),
-        culprit=_culprit(td, int(st.t_first[i])) if st.t_fail[i] else None, watched=watched,
+        culprit=culprit, watched=watched, evidence=evidence, confirm_with_values=confirm,
     )
+
+
+#: At most this many tensors are named for a values re-recording.
+CONFIRM_MAX = 8
+
+
+def _confirm(td: TensorDiff | None, sample: int, step: int | None, order: int | None) -> list[str]:
+    """Tensors judged from statistics alone at ``step`` up to the culprit (execution ``order``),
+    the nearest ``CONFIRM_MAX`` of them: their metrics are lower bounds, so one of them may be the
+    real first culprit. Recording their values settles it."""
+    if td is None or step is None or not td.rows:
+        return []
+    c = td.cols
+    m = (c["sample"] == sample) & (c["a_step"] == step) & (c["basis"] == BASES.index(BASIS_STATS))
+    if order is not None:
+        m &= c["order"] <= order
+    idx = np.flatnonzero(m)
+    idx = idx[np.argsort(c["order"][idx], kind="stable")]
+    return list(dict.fromkeys(td.names[int(c["name"][j])] for j in idx))[-CONFIRM_MAX:]  # nearest the culprit

@@ -39,25 +39,41 @@ PRECISION_GRID = {
 
 #: Default near-tie threshold in units in the last place of the logits' dtype.
 DEFAULT_EPSILON_ULPS = 4.0
+#: A swap whose two gaps are both within this fraction of the step's logit scale is a coin toss
+#: (0.5 %: about one bfloat16 ulp relative to the logits' magnitude).
+DEFAULT_COIN_TOSS = 5e-3
+#: The pair's logit noise is this percentile of the per-step noise on agreeing steps.
+DEFAULT_NOISE_PERCENTILE = 90.0
+#: No shift beyond this many logits (nats) is explained by noise, however noisy the pair.
+DEFAULT_NOISE_CAP = 1.0
+#: Agreeing steps a head needs before its measured noise counts as evidence.
+MIN_NOISE_STEPS = 10
 #: Default elementwise tensor tolerance, in ulps of 1.0 of the tensor's dtype (atol and rtol).
 DEFAULT_TENSOR_ULPS = 32.0
 
 
-def grid_dtype(precision: str | None, logits_dtype: str | None = None) -> str:
-    """Return the floating dtype whose grid a trace's logits live on.
+def grid_dtype(precision: str | None, *dtypes: str | None) -> str:
+    """Return the floating dtype whose grid a trace's logits were computed on.
+
+    The grid comes from the precision of the computation, not from the container: it is the
+    coarser of the manifest's ``precision`` (float32 when unknown) and every dtype given (the
+    manifest's ``logits_dtype``, a recorded ``logits:<head>`` tensor's dtype). A float64
+    container (JSON numbers, a widened copy) therefore never makes the grid finer than float32,
+    and recording more tensors never changes it.
 
     Args:
         precision: the manifest's ``precision`` (``fp32``, ``fp16``, ``q8``, ...), or None.
-        logits_dtype: dtype of recorded ``logits:<head>`` tensors, which wins when known.
+        *dtypes: further evidence of the logits' dtype; None and non-float names are ignored.
 
     Returns:
-        One of ``float64``, ``float32``, ``float16``, ``bfloat16`` (``float32`` when unknown).
+        One of ``float32``, ``float16``, ``bfloat16``, or ``float64`` only when ``precision``
+        says so and nothing coarser is known.
     """
-    if logits_dtype in SIGNIFICAND_BITS:
-        return logits_dtype
-    if precision:
-        return PRECISION_GRID.get(precision.strip().lower(), "float32")
-    return "float32"
+    grid = PRECISION_GRID.get(precision.strip().lower(), "float32") if precision else "float32"
+    for dt in dtypes:
+        if dt in SIGNIFICAND_BITS:
+            grid = coarser(grid, dt)
+    return grid
 
 
 def coarser(a: str, b: str) -> str:
@@ -81,9 +97,15 @@ class DecisionTolerance:
     """Thresholds for comparing two decisions of one head.
 
     Attributes:
-        epsilon: near-tie threshold in logits; None = ``epsilon_ulps`` ulps of the logits' grid
-            at the magnitude of the two competing logits (per step).
-        epsilon_ulps: the ulps used when ``epsilon`` is None.
+        epsilon: a fixed near-tie threshold in logits: when set, a flip is a near tie exactly
+            when both gaps are within it (no other rule applies). None = the evidence rule of
+            docs/differ.md §4: grid, coin toss, or the pair's measured noise.
+        epsilon_ulps: the grid rule's threshold, in ulps of the logits' grid at the magnitude
+            of the two competing logits (per step).
+        coin_toss: the coin-toss rule's threshold, as a fraction of the step's logit scale.
+        noise_percentile: which percentile of the per-step noise on agreeing steps is the
+            pair's noise.
+        noise_cap: the largest shift (logits) the noise rule may explain.
         logit_atol: largest change of a shared top-k logit (and of logsumexp) for a step with the
             same token to stay ``equivalent``; None = the grid's tensor default (32 ulps of 1.0).
         logit_rtol: plus ``logit_rtol * |logit|``; None = the same grid default.
@@ -93,6 +115,9 @@ class DecisionTolerance:
     epsilon_ulps: float = DEFAULT_EPSILON_ULPS
     logit_atol: float | None = None
     logit_rtol: float | None = None
+    coin_toss: float = DEFAULT_COIN_TOSS
+    noise_percentile: float = DEFAULT_NOISE_PERCENTILE
+    noise_cap: float = DEFAULT_NOISE_CAP
 
     def logit_tolerance(self, dtype: str, magnitude: np.ndarray) -> np.ndarray:
         """Return the per-step logit drift tolerance ``atol + rtol * |logit|``."""
@@ -179,6 +204,8 @@ def _decision_tolerance(d: Mapping[str, Any], where: str, base: DecisionToleranc
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise PolicyError(f"{where}: {k} must be a number >= 0 (or \"auto\"), got {v!r}")
+        if k == "noise_percentile" and v > 100:
+            raise PolicyError(f"{where}: noise_percentile must be between 0 and 100, got {v!r}")
         kw[k] = float(v)
     return replace(base, **kw)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -102,6 +103,48 @@ class WatchedToken:
 
 
 @dataclass(frozen=True)
+class NearTieEvidence:
+    """The numbers that decided whether a token flip is a near tie (docs/differ.md §4).
+
+    Attributes:
+        rule: the rule that explained the swap (``grid``, ``coin_toss``, ``noise``,
+            ``epsilon``), or None: nothing did (``divergent``).
+        shift: how far the two tokens' logit difference moved between the runs (both gaps added).
+        noise: the pair's logit noise on agreeing steps of this head (its ``percentile``), or
+            None when too few steps agree to measure it.
+        noise_steps: agreeing steps it was measured on (every sample of the pair).
+        noise_cap: the largest shift noise may explain.
+        grid: the computation grid (coarser side) of the logits.
+        grid_epsilon: 4 ulps of that grid at the logits' magnitude (or the fixed ``--epsilon``).
+        coin_toss: the coin-toss threshold at this step (0.5 % of the logit scale, at most the cap).
+        a_gap_ulps, b_gap_ulps: both gaps in ulps of the grid at the logits' magnitude.
+    """
+
+    rule: str | None
+    shift: float | None
+    noise: float | None
+    noise_percentile: float
+    noise_steps: int
+    noise_cap: float
+    grid: str
+    grid_epsilon: float | None
+    coin_toss: float | None
+    a_gap_ulps: float | None
+    b_gap_ulps: float | None
+
+    def __str__(self) -> str:
+        noise = (f"noise {_fmt(self.noise)} (p{self.noise_percentile:g} of {self.noise_steps} agreeing steps)"
+                 if self.noise is not None else f"noise unmeasured ({self.noise_steps} agreeing steps)")
+        why = {"grid": "within the grid ε", "coin_toss": "a coin toss", "noise": "explained by the pair's noise",
+               "epsilon": "within --epsilon"}.get(self.rule or "", "not explained")
+        return (f"shift {_fmt(self.shift)} needed; {noise}; grid {self.grid} ε {_fmt(self.grid_epsilon)}: {why}")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the fields as a JSON object."""
+        return _j(dict(self.__dict__))
+
+
+@dataclass(frozen=True)
 class FirstDivergence:
     """Where a sample's decisions first part (or, if they never do, where numbers first drift).
 
@@ -128,6 +171,8 @@ class FirstDivergence:
     epsilon: float | None
     culprit: Culprit | None
     watched: list[WatchedToken] = field(default_factory=list)
+    evidence: NearTieEvidence | None = None  # what decided flip vs divergent (different tokens only)
+    confirm_with_values: list[str] = field(default_factory=list)  # stats-only tensors to re-record with values
 
     def __str__(self) -> str:
         head = f"/{self.head}" if self.head else ""
@@ -334,6 +379,17 @@ class DiffReport:
             "policy": _j(self.policy),
             "seconds": round(self.seconds, 3),
         }
+
+    @classmethod
+    def load(cls, path: str | Path) -> DiffReport:
+        """Read a report saved by ``trace diff --json FILE`` (see :func:`differ.reportjson.load_report`).
+
+        Raises:
+            DiffFormatError: the file cannot be read or is not a diff report.
+        """
+        from .reportjson import load_report
+
+        return load_report(path)
 
     def dumps(self) -> str:
         """Return the JSON report as text (sorted keys inside objects are not reordered)."""

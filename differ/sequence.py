@@ -147,3 +147,19 @@ def word_codes(texts: list[str]) -> list[np.ndarray]:
 def char_codes(text: str) -> np.ndarray:
     """Return the text's characters as code points."""
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+
+
+def ctc_keep(seq: np.ndarray, bounds: np.ndarray, blank: int) -> np.ndarray:
+    """Return which positions of each segment survive CTC collapse (repeats merged, blanks dropped).
+
+    Args:
+        seq: the concatenated per-frame token ids of every sample.
+        bounds: sample ``s`` is ``seq[bounds[s]:bounds[s + 1]]``.
+        blank: the blank id.
+    """
+    keep = seq != blank
+    if seq.size > 1:
+        repeat = np.r_[False, seq[1:] == seq[:-1]]
+        repeat[bounds[:-1][bounds[:-1] < seq.size]] = False  # a sample's first frame repeats nothing
+        keep &= ~repeat
+    return keep

@@ -13,6 +13,7 @@ import pyarrow as pa
 from .align import BOTH, Alignment
 from .decisions import DecisionDiff, Side
 from .mapping import NameMapping
+from .neartie import RULES
 from .tensors import TensorDiff
 from .verdict import FLIP, VERDICTS, StepStatus
 
@@ -95,6 +96,8 @@ def decision_summary(al: Alignment, dd: DecisionDiff, st: StepStatus, A: Side, B
         "kld": {**quantiles(dd.kld[m]), "basis": "topk"},
         "dp_rms": float(np.sqrt(np.nanmean(dd.dp[m] ** 2))) if m.any() and not np.isnan(dd.dp[m]).all() else None,
         "logit_noise": quantiles(dd.logit_diff[m][same]),
+        "gap_noise": {hn.head: hn.to_json() for hn in st.noise.values()},
+        "near_ties": {RULES[c]: int(((st.verdict[m] == FLIP) & (dd.rule[m] == c)).sum()) for c in range(1, len(RULES))},
         "epsilon": {"min": float(np.nanmin(eps)) if eps.size else None, "max": float(np.nanmax(eps)) if eps.size else None},
         "margin_histogram": {
             "edges": MARGIN_EDGES,
@@ -160,7 +163,9 @@ def steps_table(al: Alignment, dd: DecisionDiff, st: StepStatus, samples: list[s
         "verdict": pa.DictionaryArray.from_arrays(pa.array(st.verdict.astype(np.int32)), pa.array(list(VERDICTS))),
         "after": st.after, "a_token": dd.a_tok, "b_token": dd.b_tok, "a_chosen": dd.a_chosen, "b_chosen": dd.b_chosen,
         "a_margin": dd.a_margin, "b_margin": dd.b_margin, "a_rank_of_b": dd.a_rank_of_b, "b_rank_of_a": dd.b_rank_of_a,
-        "a_gap": dd.a_gap, "b_gap": dd.b_gap, "epsilon": dd.epsilon, "logit_diff": dd.logit_diff, "kld": dd.kld,
+        "a_gap": dd.a_gap, "b_gap": dd.b_gap, "shift": dd.a_gap + dd.b_gap, "epsilon": dd.epsilon,
+        "near_tie_rule": pa.DictionaryArray.from_arrays(pa.array(dd.rule.astype(np.int32)), pa.array(list(RULES))),
+        "noise": dd.noise, "gap_noise": dd.gap_noise, "logit_diff": dd.logit_diff, "kld": dd.kld,
         "dp": dd.dp, "tensors": st.t_count, "tensor_beyond": st.t_fail, "first_beyond": st.t_first,
     }
     for tok, w in dd.watched.items():

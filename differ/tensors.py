@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from typing import Any
 
@@ -23,7 +23,7 @@ from .columns import codes, combined, merge_sorted, numpy_col, pack_pair
 from .errors import DiffFormatError
 from .mapping import NameMapping
 from .metrics import BASIS_DIGEST, BASIS_STATS, BASIS_VALUES, TensorMetrics, compare_values
-from .policy import SIGNIFICAND_BITS, Policy, TensorTolerance, coarser
+from .policy import SIGNIFICAND_BITS, Policy, TensorTolerance, coarser, default_tensor_tolerance
 
 TENSOR_COLUMNS = ["sample", "step", "name", "call", "order", "dtype", "shape", "numel", "min", "max", "mean", "std",
                   "abs_max", "l2", "nan_count", "inf_count", "digest", "has_values"]
@@ -173,12 +173,19 @@ class TensorDiff:
         )
 
 
-def _tolerance_dtype(da: str, db: str) -> str:
+def _tolerance_dtype(da: str, db: str, grid: str | None = None) -> str:
+    """The dtype whose tolerance judges a tensor pair: the coarser float side, and for a pair of
+    runs computed at different precisions also no finer than the coarser run's grid (a float32
+    tensor downstream of float16 kernels carries float16 error)."""
     if da in SIGNIFICAND_BITS and db in SIGNIFICAND_BITS:
-        return coarser(da, db)
-    if da in SIGNIFICAND_BITS:
-        return da
-    return db if db in SIGNIFICAND_BITS else da
+        dt = coarser(da, db)
+    elif da in SIGNIFICAND_BITS:
+        dt = da
+    else:
+        dt = db if db in SIGNIFICAND_BITS else da
+    if grid is not None and dt in SIGNIFICAND_BITS:
+        dt = coarser(dt, grid)
+    return dt
 
 
 # ---------------------------------------------------------------------------- value jobs
@@ -218,6 +225,7 @@ def compare_tensors(
     use_values: bool = True,
     jobs: int = 1,
     progress: Progress | None = None,
+    cross_grid: str | None = None,
 ) -> TensorDiff:
     """Compare every tensor recorded by both traces.
 
@@ -232,6 +240,10 @@ def compare_tensors(
         use_values: compare values where both sides recorded them (else statistics only).
         jobs: worker processes for value comparisons (1: in-process).
         progress: ``progress(stage, done, total)`` callback.
+        cross_grid: for runs computed at different precisions, the coarser run's grid: every
+            tensor is judged at least at that grid's tolerance, and a default absolute tolerance
+            scales with the reference's magnitude (``abs_max``) below 1 — what the coarser
+            precision explains relative to the tensor's own scale (docs/differ.md §5).
     """
     rename = mapping.rename if (mapping.names or mapping.rules) else None
     names = sorted(set(tensor_names(ra)) | set(tensor_names(rb, rename)))
@@ -292,7 +304,8 @@ def compare_tensors(
     triple = (cols["name"] * nd + cols["dtype_a"]) * nd + cols["dtype_b"]
     uniq, tol_idx = np.unique(triple, return_inverse=True)
     tols: list[TensorTolerance] = [
-        policy.tensor(names[int(u) // (nd * nd)], _tolerance_dtype(dtypes[int(u) // nd % nd], dtypes[int(u) % nd]))
+        policy.tensor(names[int(u) // (nd * nd)],
+                      _tolerance_dtype(dtypes[int(u) // nd % nd], dtypes[int(u) % nd], cross_grid))
         for u in uniq
     ]
     atol = np.array([t.atol for t in tols])[tol_idx] if n else np.zeros(0)
@@ -301,6 +314,15 @@ def compare_tensors(
     # statistics: lower bounds of the errors
     sa = {k: v[ia] for k, v in A.stats.items()}
     sb = {k: v[ib] for k, v in B.stats.items()}
+    scaled = np.zeros(n, bool)
+    if cross_grid is not None and n:
+        # across precisions, a built-in absolute tolerance is relative to the reference's scale
+        builtin = np.array([t.atol == default_tensor_tolerance(
+            _tolerance_dtype(dtypes[int(u) // nd % nd], dtypes[int(u) % nd], cross_grid)).atol
+            for t, u in zip(tols, uniq)], bool)[tol_idx]
+        scale = np.clip(np.nan_to_num(sa["abs_max"], nan=1.0, posinf=1.0), 2.0**-14, 1.0)
+        scaled = builtin & (scale < 1.0)
+        atol = np.where(scaled, atol * scale, atol)
     with np.errstate(invalid="ignore", divide="ignore"):
         lb_max = np.fmax.reduce([np.abs(sa["max"] - sb["max"]), np.abs(sa["min"] - sb["min"]),
                                  np.abs(sa["mean"] - sb["mean"]), np.abs(sa["std"] - sb["std"]),
@@ -344,24 +366,102 @@ def compare_tensors(
     if use_values:
         need = np.flatnonzero(~bitexact & ~skip & shape_ok & A.values[ia] & B.values[ib])
         if need.size:
-            _values_pass(ra, rb, samples, names, A, B, ia, ib, need, cols, tols, tol_idx, dig_ok, jobs, progress)
+            row_tol = [replace(tols[tol_idx[i]], atol=float(atol[i])) if scaled[i] else tols[tol_idx[i]]
+                       for i in need.tolist()]
+            _values_pass(ra, rb, samples, names, A, B, ia, ib, need, cols, row_tol, dig_ok, jobs, progress)
+    cols["positions"] = np.zeros(n, np.int64)
+    if use_values:
+        _compare_positions(ra, rb, samples, names, A, B, ia, ib, np.flatnonzero(~shape_ok & ~skip), cols,
+                           lambda i: replace(tols[tol_idx[i]], atol=float(atol[i])) if scaled[i] else tols[tol_idx[i]])
     return TensorDiff(cols, names, unmatched_a, unmatched_b)
+
+
+def _shape_rows(col: pa.ChunkedArray, rows: np.ndarray, rank: int) -> np.ndarray:
+    """The shapes of ``rows`` of a shape column, as an ``(rows, rank)`` int64 matrix (every
+    row must have that rank)."""
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(combined(col).take(pa.array(rows, pa.int64())))
+    return flat.to_numpy(zero_copy_only=False).astype(np.int64).reshape(rows.size, rank)
+
+
+def _compare_positions(ra: TraceReader, rb: TraceReader, samples: list[str], names: list[str], A: _TSide, B: _TSide,
+                       ia: np.ndarray, ib: np.ndarray, rows: np.ndarray, cols: dict[str, np.ndarray],
+                       tolerance: Callable[[int], TensorTolerance]) -> None:
+    """Compare, from values, the positions both runs computed, for pairs whose shapes differ.
+
+    The rule (docs/differ.md, "Incremental and full computations"): when two tensors have the
+    same rank and differ in the size of exactly one axis — a full recompute's ``[1, T, d]``
+    against an incremental run's ``[1, 1, d]``, or a cache holding history against a shorter
+    one — the last ``n = min(Ta, Tb)`` positions of that axis are compared (both runs end at
+    the newest position). The pair is judged by :func:`~differ.metrics.compare_values` on those
+    positions and ``cols["positions"]`` holds ``n``. Pairs without values on both sides keep
+    their shape mismatch (statistics cover different positions).
+
+    Args:
+        ra, rb: the readers; samples, names: the code universes.
+        A, B: both sides' columns; ia, ib: the matched rows of each side.
+        rows: indices into the matched pairs whose (squeezed) shapes differ.
+        cols: the comparison columns, updated in place.
+        tolerance: the tolerance of pair ``i``.
+    """
+    import pyarrow.compute as pc
+
+    rows = rows[A.values[ia[rows]] & B.values[ib[rows]]]
+    if not rows.size:
+        return
+    ra_rank = pc.list_value_length(combined(A.table["shape"]).take(pa.array(ia[rows]))).to_numpy(zero_copy_only=False)
+    rb_rank = pc.list_value_length(combined(B.table["shape"]).take(pa.array(ib[rows]))).to_numpy(zero_copy_only=False)
+    b_names = combined(B.table["name"])
+    for rank in np.unique(ra_rank[ra_rank == rb_rank]).tolist():
+        sel = rows[(ra_rank == rank) & (rb_rank == rank)]
+        if rank == 0 or not sel.size:
+            continue
+        sa, sb = _shape_rows(A.table["shape"], ia[sel], rank), _shape_rows(B.table["shape"], ib[sel], rank)
+        differs = sa != sb
+        one = (differs.sum(axis=1) == 1)
+        axis = differs.argmax(axis=1)
+        keep = np.minimum(sa[np.arange(sel.size), axis], sb[np.arange(sel.size), axis])
+        for i, ax, n in zip(sel[one & (keep > 0)].tolist(), axis[one & (keep > 0)].tolist(),
+                            keep[one & (keep > 0)].tolist()):
+            a_row, b_row = int(ia[i]), int(ib[i])
+            sample = samples[int(A.sample[a_row])]
+            try:
+                a = ra.tensor(sample, int(A.step[a_row]), names[int(A.name[a_row])], call=int(A.call[a_row]))
+                b = rb.tensor(sample, int(B.step[b_row]), b_names[b_row].as_py(), call=int(B.call[b_row]))
+            except ValuesNotRecordedError:
+                continue
+            cut = (slice(None),) * ax + (slice(-n, None),)
+            m = compare_values(a[cut], b[cut], tolerance(i))
+            cols["basis"][i] = BASES.index(BASIS_VALUES)
+            cols["bitexact"][i] = False  # the tensors differ in shape: never bit-exact as a whole
+            cols["within"][i] = m.within
+            cols["reason"][i] = REASONS.index(m.reason)
+            for key in ("max_abs", "mean_abs", "max_rel", "cosine", "sqnr_db"):
+                v = getattr(m, key)
+                cols[key][i] = np.nan if v is None else v
+            cols["bad"][i] = -1 if m.bad is None else m.bad
+            cols["nan_mismatch"][i] = m.nan_mismatch
+            cols["inf_mismatch"][i] = m.inf_mismatch
+            cols["shape_mismatch"][i] = False
+            cols["numel"][i] = m.numel
+            cols["positions"][i] = n
 
 
 def _values_pass(ra: TraceReader, rb: TraceReader, samples: list[str], names: list[str], A: _TSide, B: _TSide,
                  ia: np.ndarray, ib: np.ndarray, need: np.ndarray, cols: dict[str, np.ndarray],
-                 tols: list[TensorTolerance], tol_idx: np.ndarray, dig_ok: np.ndarray, jobs: int,
+                 row_tol: list[TensorTolerance], dig_ok: np.ndarray, jobs: int,
                  progress: Progress | None) -> None:
     b_names = combined(B.table["name"]).to_pylist() if need.size else []
     job_rows = []
-    for i in need.tolist():
+    for k, i in enumerate(need.tolist()):
         a_row, b_row = int(ia[i]), int(ib[i])
         l2a, l2b = A.stats["l2"][a_row], B.stats["l2"][b_row]
         sumsq = (None, None) if (np.isnan(l2a) or np.isnan(l2b) or A.nan[a_row] or B.nan[b_row] or A.inf[a_row]
                                  or B.inf[b_row]) else (float(l2a) ** 2, float(l2b) ** 2)
         job_rows.append((
             samples[int(A.sample[a_row])], int(A.step[a_row]), names[int(A.name[a_row])], int(A.call[a_row]),
-            int(B.step[b_row]), b_names[b_row], int(B.call[b_row]), tols[tol_idx[i]],
+            int(B.step[b_row]), b_names[b_row], int(B.call[b_row]), row_tol[k],
             False if dig_ok[i] else None, sumsq,
         ))
     total_elems = int(cols["numel"][need].sum())

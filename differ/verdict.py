@@ -3,18 +3,21 @@
 Row verdicts, best to worst: ``identical`` (bit-exact decisions and digests), ``equivalent``
 (same decision, everything within tolerance), ``drift`` (same decision, something beyond
 tolerance), ``flip`` (different token, a near tie), ``divergent`` (different token, not a near
-tie), ``missing`` (one side has no such step). Once the tokens fed back differ (free-running
-decode), later rows of the sample are marked ``after`` and do not count as fresh mismatches.
+tie, :mod:`differ.neartie`), ``missing`` (one side has no such step). Once the tokens fed back
+differ (free-running decode), later rows of the sample are marked ``after`` and do not count as
+fresh mismatches; rows of open-loop heads (not fed back: CTC frames, VAD chunks) never are.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .align import BOTH, Alignment
 from .decisions import DecisionDiff
+from .neartie import HeadNoise, judge_near_ties, pair_noise
+from .policy import Policy
 
 VERDICTS = ("identical", "equivalent", "drift", "flip", "divergent", "missing")
 IDENTICAL, EQUIVALENT, DRIFT, FLIP, DIVERGENT, MISSING = range(6)
@@ -32,6 +35,7 @@ class StepStatus:
         verdict: the row verdict code.
         after: the row follows a divergence of the fed-back tokens in its sample.
         drifted: something at the step is beyond tolerance (a tensor, or the decision's logits).
+        noise: each head's logit noise on agreeing steps (head code -> :class:`HeadNoise`).
     """
 
     t_fail: np.ndarray
@@ -41,6 +45,7 @@ class StepStatus:
     verdict: np.ndarray
     after: np.ndarray
     drifted: np.ndarray
+    noise: dict[int, HeadNoise] = field(default_factory=dict)
 
 
 def tensor_status(al: Alignment, t_sample: np.ndarray, t_step: np.ndarray, t_order: np.ndarray,
@@ -83,10 +88,29 @@ def tensor_status(al: Alignment, t_sample: np.ndarray, t_step: np.ndarray, t_ord
 
 
 def judge_rows(al: Alignment, dd: DecisionDiff, t_fail: np.ndarray, t_first: np.ndarray, t_exact: np.ndarray,
-               t_count: np.ndarray) -> StepStatus:
-    """Give every aligned row its verdict and its ``after`` flag."""
+               t_count: np.ndarray, *, heads: list[str], policy: Policy,
+               open_loop: np.ndarray | None = None) -> StepStatus:
+    """Give every aligned row its verdict and its ``after`` flag.
+
+    Args:
+        heads: head names (``al.head`` codes index into it).
+        policy: tolerances (the near-tie rule of each head).
+        open_loop: per head code, whether the head's decisions are not fed back: its rows never
+            make later rows "after" a divergence and are never "after" themselves.
+    """
     both = al.gap == BOTH
     same = dd.a_tok == dd.b_tok
+    # a divergence of what was fed back (chosen tokens) or a step on one side only
+    event = ~both | (dd.a_chosen != dd.b_chosen)
+    open_rows = None
+    if open_loop is not None and open_loop.any():
+        open_rows = open_loop[al.head]
+        event &= ~open_rows
+    after = _after(al.sample, al.pos, event)
+    if open_rows is not None:
+        after &= ~open_rows
+    noise = pair_noise(dd, both & same & ~after, al.head, heads, policy)
+    judge_near_ties(dd, both & ~same, al.head, heads, policy, noise)
     v = np.full(al.rows, EQUIVALENT, np.int8)
     drifted = both & (t_fail | dd.drift)
     v[both & same & dd.bitexact & t_exact] = IDENTICAL
@@ -96,10 +120,7 @@ def judge_rows(al: Alignment, dd: DecisionDiff, t_fail: np.ndarray, t_first: np.
     # same own decision, but different tokens were fed back (forced or sampled differently)
     v[both & same & (dd.a_chosen != dd.b_chosen)] = DIVERGENT
     v[~both] = MISSING
-    # a divergence of what was fed back (chosen tokens) or a step on one side only
-    event = ~both | (dd.a_chosen != dd.b_chosen)
-    after = _after(al.sample, al.pos, event)
-    return StepStatus(t_fail, t_first, t_exact, t_count, v, after, drifted)
+    return StepStatus(t_fail, t_first, t_exact, t_count, v, after, drifted, noise)
 
 
 def _after(sample: np.ndarray, pos: np.ndarray, event: np.ndarray) -> np.ndarray:

@@ -44,6 +44,7 @@ from .decisions import Decision, decide, host_logits, write_decision
 from .errors import RecorderUsageError, StepOrderError
 from .hostcopy import Finisher, HostCopy, has_nonfinite
 from .policy import CapturePolicy, PolicyLike
+from .positions import decide_positions as _decide_positions
 from .reference import Reference, RefTensor
 from .ring import Budget, HeldRow, Ring
 from .steps import Step, StepBook, StepKey
@@ -103,7 +104,8 @@ class Recorder(StepBook):
         reference: a reference trace (path, :class:`tracefmt.TraceReader` or
             :class:`Reference`) for teacher forcing and transplant.
         teacher_forcing: with a reference, :meth:`decide` returns the reference's token (and
-            records ``forced=true``). Set False to use the reference for transplant only.
+            records ``forced=true``) for every head but the ``open_loop`` ones. Set False to use
+            the reference for transplant only.
         sample: the sample id of steps that do not name one.
         k: top-k candidates kept per decision.
         watched: watched tokens ``{"eos": 3}``, added to the metadata.
@@ -117,6 +119,11 @@ class Recorder(StepBook):
         mode: ``"create"``, ``"append"`` or ``"overwrite"`` (as :class:`tracefmt.TraceWriter`).
         writer_options: further :class:`tracefmt.TraceWriter` options (``flush_steps``,
             ``queue_bytes``, ``encoding``, ``zstd_level``, ``fsync``, ...).
+        open_loop: heads whose chosen ids are not fed back into the model (CTC frames, VAD
+            chunks, per-position outputs), added to the metadata's ``open_loop`` (SPEC.md §2).
+            The manifest is written when the recorder opens, so declare them here; a head
+            decided with :meth:`decide_positions` must be one of them (or ``fed_back=True``).
+            Teacher forcing never forces an open-loop head.
 
     Raises:
         RecorderUsageError: a bad policy, budget or option.
@@ -141,7 +148,11 @@ class Recorder(StepBook):
         vocab: Sequence[str] | Mapping[int, str] | None = None,
         mode: str = "create",
         writer_options: Mapping[str, Any] | None = None,
+        open_loop: Iterable[str] | None = None,
     ) -> None:
+        open_loop = [open_loop] if isinstance(open_loop, str) else list(open_loop or ())
+        if not all(isinstance(h, str) and h for h in open_loop):
+            raise RecorderUsageError(f"open_loop must list head names (e.g. ['frame']), got {open_loop!r}")
         if budget is not None and not isinstance(budget, Budget):
             raise RecorderUsageError(f"budget must be a recorders.Budget, not {type(budget).__name__}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 2:
@@ -159,6 +170,8 @@ class Recorder(StepBook):
             tags["steptrace.reference"] = self.reference.path
             tags["steptrace.teacher_forcing"] = str(self.teacher_forcing).lower()
         self.metadata = _metadata(metadata, dict(defaults or {}), watched, tags)
+        # a new list: the caller's metadata keeps its own
+        self.metadata.open_loop = list(dict.fromkeys([*self.metadata.open_loop, *open_loop]))
         self._pieces = dict(enumerate(vocab)) if isinstance(vocab, Sequence) else dict(vocab or {})
         self.writer = TraceWriter(trace, metadata=self.metadata, vocab=vocab, mode=mode, **dict(writer_options or {}))
         # rows travel to the writer's thread in batches: each wake-up of that thread costs the
@@ -280,7 +293,9 @@ class Recorder(StepBook):
         """Record the decision of ``head`` at the open step; return the token the run must use.
 
         With teacher forcing, that is the reference's token for this (sample, step, head): the
-        row records it as ``chosen`` with ``forced=true`` and the run's own ``argmax``. The full
+        row records it as ``chosen`` with ``forced=true`` and the run's own ``argmax``. Heads in
+        the metadata's ``open_loop`` are never forced (their ids are not fed back, and forcing
+        would record the reference's ids as this run's). The full
         logits are recorded too when the policy selects the name ``logits:<head>``.
 
         Args:
@@ -305,7 +320,7 @@ class Recorder(StepBook):
         if head in st.heads:
             raise StepOrderError(self._twice(st, head))
         forced = False
-        if self.teacher_forcing:
+        if self.teacher_forcing and head not in self.metadata.open_loop:  # open-loop ids are never fed back
             chosen = self.reference.token(st.key.sample, st.key.index, head=head)  # type: ignore[union-attr]
             forced = True
         if watched is None:
@@ -331,6 +346,52 @@ class Recorder(StepBook):
         if self._logits_mode(head) != "none":
             self.record(f"logits:{head}", logits, source="decision")
         return d.chosen
+
+    def decide_positions(
+        self,
+        logits: Any,
+        *,
+        head: str = "token",
+        watched: Iterable[int] | None = None,
+        fed_back: bool = False,
+        offset: int = 0,
+    ) -> Any:
+        """Decide every position of a ``[T, V]`` (or ``[1, T, V]``) output, one step per position.
+
+        Position 0 is decided at the open step (opening the next one if none is open), each
+        later position at the next step of the same sample, so one call of a CTC encoder over
+        T frames fills T consecutive steps. Tensors recorded before this call stay at the step
+        they were recorded at (the first). The last position's step is then ended, so what is
+        recorded next opens the step after it. Each decision records ``position = offset + t``.
+        Decisions are derived in one vectorised pass (:func:`recorders.decisions.decide_rows`),
+        on the logits' device for torch tensors.
+
+        Several heads over the same positions (the same T): pass ``{head: logits}``; each
+        position's step then holds one decision of each head.
+
+        The ids are the run's own argmax (``forced=false``): teacher forcing does not apply,
+        because ids decided over a whole output are not fed back into the call that made them.
+
+        Args:
+            logits: ``[T, V]`` or ``[1, T, V]`` logits (numpy array or torch tensor), or a
+                mapping head -> such logits (every one with the same T).
+            head: the decision head of a single ``logits``.
+            watched: ids to watch; defaults to the metadata's watched tokens for the vocabulary
+                head and none for other heads.
+            fed_back: the head's ids are fed back into the model although every position is
+                decided (declares the head closed-loop; otherwise it must be in ``open_loop``).
+            offset: the ``position`` of row 0 (a streamed sample's earlier frames).
+
+        Returns:
+            The ids decided, one per position (a dict head -> ids for a mapping).
+
+        Raises:
+            RecorderUsageError: a head neither declared ``open_loop`` nor ``fed_back``; logits
+                of another shape, or heads with different T.
+            StepOrderError: a head was already decided at the open step.
+            TraceUsageError: malformed logits or ids.
+        """
+        return _decide_positions(self, logits, head=head, watched=watched, fed_back=fed_back, offset=offset)
 
     def _logits_mode(self, head: str) -> str:
         """The policy's mode for ``logits:<head>`` (cached: asked at every decision)."""

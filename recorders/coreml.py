@@ -256,7 +256,10 @@ class CoreMLRecorder(RunRecorder):
             ``<state>``, ``<state>:in``) and ``logits:<head>``; default
             :data:`recorders.session.DEFAULT_POLICY` (statistics of every value).
         logits: output name of the ``token`` head, or ``{head: output name}``.
-        position: the decided position of ``[1, T, V]`` logits (-1: the last).
+        position: the decided position of ``[1, T, V]`` logits (-1: the last), or ``"all"``:
+            every position of ``[1, T, V]`` / ``[T, V]`` logits, one step each (see
+            :class:`recorders.session.RunRecorder`); those heads are open-loop unless
+            ``open_loop=`` says otherwise, and teacher forcing is refused.
         compute_units: ``coremltools.ComputeUnit`` when ``model`` is a path (default ALL).
         **options: :class:`recorders.capture.Recorder` options.
 
@@ -273,7 +276,7 @@ class CoreMLRecorder(RunRecorder):
         *,
         tensors: PolicyLike = None,
         logits: str | Mapping[str, str] | None = None,
-        position: int = -1,
+        position: int | str = -1,
         compute_units: ct.ComputeUnit | None = None,
         **options: Any,
     ) -> None:

@@ -73,11 +73,49 @@ def _eos_ids(model: Any) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-def _pieces(tokenizer: Any) -> list[str]:
-    """Decoded text of every id of a Hugging Face tokenizer (one id at a time, as ``piece``)."""
+_REPLACEMENT = "\ufffd"
+#: Tokens one character may take at most when its bytes come one token at a time.
+_MAX_PARTIAL = 8
+
+
+def _pieces(tokenizer: Any) -> tuple[list[str], frozenset[int]]:
+    """Decoded text of every id of a Hugging Face tokenizer (one id at a time, as ``piece``),
+    and the ids that decode to part of a character (byte-fallback pieces such as ``<0xE7>``, or
+    byte-level BPE tokens holding part of a UTF-8 sequence), whose piece is their token string."""
     n = len(tokenizer)
-    return list(tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
-                                       clean_up_tokenization_spaces=False))
+    texts = list(tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
+                                        clean_up_tokenization_spaces=False))
+    partial = frozenset(i for i, t in enumerate(texts) if _REPLACEMENT in t)
+    if partial:
+        ids = sorted(partial)
+        for i, tok in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+            if tok:
+                texts[i] = tok
+    return texts, partial
+
+
+class _PieceJoiner:
+    """Display pieces of one sample's tokens where a character spans several tokens: a token
+    that decodes to part of a character shows its token string (``<0xE7>``) until the token
+    completing the character, whose piece is the whole character (``篇``), decoded from them all."""
+
+    def __init__(self, tokenizer: Any, partial: frozenset[int]) -> None:
+        self.tokenizer = tokenizer
+        self.partial = partial
+        self.held: list[int] = []
+
+    def piece(self, token: int) -> str | None:
+        """The piece to record for ``token`` (None: the vocabulary's)."""
+        if token not in self.partial:
+            self.held = []
+            return None
+        ids = [*self.held, token]
+        text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if text.endswith(_REPLACEMENT):
+            self.held = ids if len(ids) < _MAX_PARTIAL else []
+            return None
+        self.held = []
+        return text
 
 
 def _check_mode(model: Any, kwargs: Mapping[str, Any]) -> None:
@@ -139,8 +177,10 @@ class GenerateRecorder(Recorder):
         for i, e in enumerate(self.eos):
             if e not in watched.values():
                 watched["eos" if i == 0 else f"eos.{i}"] = e
+        self.tokenizer = tokenizer
+        self._partial: frozenset[int] = frozenset()
         if tokenizer is not None and options.get("vocab") is None:
-            options["vocab"] = _pieces(tokenizer)
+            options["vocab"], self._partial = _pieces(tokenizer)
         config = getattr(model, "config", None)
         defaults = {**torch_defaults(model), "model": getattr(config, "name_or_path", None) or type(model).__name__}
         defaults.update(options.pop("defaults", None) or {})
@@ -166,13 +206,16 @@ class GenerateRecorder(Recorder):
 
     def processors(
         self, *, samples: Sequence[str] | None = None, head: str = "token"
-    ) -> tuple[StepTraceLogitsProcessor, StepTraceStoppingCriteria]:
-        """Return a fresh logits processor and stopping criteria for one ``generate`` call.
+    ) -> tuple[LogitsProcessorList, StoppingCriteriaList]:
+        """Return a fresh logits processor and stopping criteria for one ``generate`` call, as
+        the list types ``generate`` takes.
 
-        Pass them to ``generate`` as ``logits_processor=LogitsProcessorList([proc])`` and
-        ``stopping_criteria=StoppingCriteriaList([crit])`` (or use :meth:`generate`). Without the
-        criteria each step is written at the next step, and the last one at :meth:`close` with
-        ``chosen`` = the argmax (exact for greedy decoding only).
+        Pass them as they are: ``generate(..., logits_processor=procs, stopping_criteria=crits)``
+        (or use :meth:`generate`); to add your own, put them first:
+        ``LogitsProcessorList([mine, *procs])``. ``procs[0]`` is the
+        :class:`StepTraceLogitsProcessor`, ``crits[0]`` the :class:`StepTraceStoppingCriteria`.
+        Without the criteria each step is written at the next step, and the last one at
+        :meth:`close` with ``chosen`` = the argmax (exact for greedy decoding only).
 
         Args:
             samples: one sample id per row of the scores (batch × ``num_return_sequences``);
@@ -180,10 +223,10 @@ class GenerateRecorder(Recorder):
             head: the decision head.
 
         Returns:
-            ``(processor, criteria)``.
+            ``(LogitsProcessorList([processor]), StoppingCriteriaList([criteria]))``.
         """
         proc = StepTraceLogitsProcessor(self, samples=samples, head=head)
-        return proc, StepTraceStoppingCriteria(proc)
+        return LogitsProcessorList([proc]), StoppingCriteriaList([StepTraceStoppingCriteria(proc)])
 
     def _take_ids(self, rows: int) -> list[str]:
         ids = [f"{self.prefix}{self._count + i}" for i in range(rows)]
@@ -210,9 +253,10 @@ class GenerateRecorder(Recorder):
             ReferenceNotFoundError: teacher forcing past the reference's last step.
         """
         _check_mode(self.model, kwargs)
-        proc, crit = self.processors(samples=samples, head=head)
-        kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), proc])
-        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), crit])
+        procs, crits = self.processors(samples=samples, head=head)
+        proc = procs[0]
+        kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), *procs])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), *crits])
         finished = False
         try:
             out = self.model.generate(*args, **kwargs)
@@ -264,6 +308,7 @@ class StepTraceLogitsProcessor(LogitsProcessor):
         self._start: int | None = None
         self._finished: list[bool] = []
         self._pending: tuple[int, Any, list[int], set[int], list[int]] | None = None
+        self._joiners: dict[int, _PieceJoiner] = {}
         recorder._live.append(self)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -321,9 +366,16 @@ class StepTraceLogitsProcessor(LogitsProcessor):
         decisions = decide_rows(sub, k=rec.k, chosen=chosen_active, watched=watched)
         keep_logits = rec.policy.mode(f"logits:{self.head}") != "none"
         eos = set(rec.eos)
+        joined = rec._partial and self.head == rec.metadata.vocab_head
         for j, (i, d) in enumerate(zip(active, decisions)):
+            keys = {}
+            if joined:
+                joiner = self._joiners.setdefault(i, _PieceJoiner(rec.tokenizer, rec._partial))
+                piece = joiner.piece(d.chosen)
+                if piece is not None:
+                    keys["piece"] = piece
             with rec.step(sample=self.samples[i], index=step):  # type: ignore[index]
-                rec.record_decision(d, head=self.head, forced=i in forced_rows)
+                rec.record_decision(d, head=self.head, forced=i in forced_rows, **keys)
                 if keep_logits:
                     rec.record(f"logits:{self.head}", sub[j], source="generate scores")
             if d.chosen in eos:

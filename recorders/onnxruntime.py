@@ -129,6 +129,7 @@ def expose_intermediates(
     out_path: str | os.PathLike[str] | None = None,
     *,
     external_data: bool | None = None,
+    constants: bool = False,
 ) -> Exposure:
     """Add the outputs of matching nodes as graph outputs, so a session returns them.
 
@@ -137,7 +138,10 @@ def expose_intermediates(
     shape inference; values without an inferable tensor type are skipped, listed in the
     result's ``skipped`` and in a warning. The saved model records the exposed names in its
     ``metadata_props`` (``steptrace.exposed``). Only the top-level graph is searched (not the
-    bodies of If/Loop/Scan).
+    bodies of If/Loop/Scan). Constants are not exposed unless ``constants=True``: outputs of
+    ``Constant`` nodes and of nodes whose every input is an initializer or such a constant
+    (``Identity``/``Cast``/``DequantizeLinear`` of a weight, shape arithmetic on constants);
+    they are the same at every run. They are listed in ``skipped`` without a warning.
 
     Args:
         model: an ONNX file (its external data next to it) or a ModelProto holding its weights.
@@ -146,13 +150,14 @@ def expose_intermediates(
             temporary directory for a ModelProto).
         external_data: save the weights as ``<out name>.data`` next to it. None: when the
             input used external data or the model exceeds protobuf's 2 GB limit.
+        constants: expose constant values too.
 
     Returns:
         An :class:`Exposure`; ``path, names = expose_intermediates(...)``.
 
     Raises:
-        RecorderUsageError: no model, a pattern that matches nothing, or a ModelProto whose
-            weights are external and not loaded.
+        RecorderUsageError: no model, a pattern that matches nothing (or only constants), or a
+            ModelProto whose weights are external and not loaded.
     """
     pats = [patterns] if isinstance(patterns, str) else list(patterns)
     if not pats or not all(isinstance(p, str) and p for p in pats):
@@ -177,6 +182,7 @@ def expose_intermediates(
     types = _infer_types(full)
     outputs = {o.name for o in g.output}
     names, skipped, seen = [], {}, set()
+    fixed = set() if constants else _constant_values(g)
     for node in _topological(g.node, {i.name for i in g.input} | {t.name for t in g.initializer}):
         by_node = any(fnmatch.fnmatchcase(node.name, p) for p in pats) if node.name else False
         for value in node.output:
@@ -185,6 +191,11 @@ def expose_intermediates(
             seen.add(value)
             if value in outputs:
                 names.append(value)
+                continue
+            if value in fixed:
+                what = ("a Constant node's output" if node.op_type == "Constant"
+                        else f"{node.op_type} of initializers or constants")
+                skipped[value] = f"constant: {what} (constants=True exposes it)"
                 continue
             vi = types.get(value)
             kind = vi.type.WhichOneof("value") if vi is not None else None
@@ -198,9 +209,13 @@ def expose_intermediates(
         sample = [o for n in g.node[:8] for o in n.output if o]
         raise RecorderUsageError(f"pattern(s) {', '.join(map(repr, pats))} match no node output or node name; "
                                  f"values are named like {', '.join(sample[:6]) or '(empty graph)'}")
-    if skipped:
-        warnings.warn(f"{len(skipped)} value(s) not exposed: " +
-                      "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:10]), stacklevel=2)
+    if not names and all(k in fixed for k in skipped):
+        raise RecorderUsageError(f"pattern(s) {', '.join(map(repr, pats))} match only constants ({len(skipped)}: "
+                                 f"{', '.join(list(skipped)[:6])}); pass constants=True to expose them")
+    unusual = {k: v for k, v in skipped.items() if k not in fixed}
+    if unusual:
+        warnings.warn(f"{len(unusual)} value(s) not exposed: " +
+                      "; ".join(f"{k}: {v}" for k, v in list(unusual.items())[:10]), stacklevel=2)
     props = {p.key: p for p in full.metadata_props}
     for key, val in ((_META_EXPOSED, json.dumps(names)), (_META_SKIPPED, json.dumps(skipped))):
         entry = props[key] if key in props else full.metadata_props.add()
@@ -220,6 +235,30 @@ def expose_intermediates(
     else:
         onnx.save_model(full, str(out))
     return Exposure(str(out), names, skipped)
+
+
+def _constant_values(graph: onnx.GraphProto) -> set[str]:
+    """Names of the values a graph computes from constants alone: ``Constant`` node outputs and
+    outputs of deterministic nodes (with at least one input and no subgraph) whose every input
+    is an initializer (not overridable as a graph input) or one of these values."""
+    known = {t.name for t in graph.initializer} - {i.name for i in graph.input}
+    found: set[str] = set()
+    for node in _topological(graph.node, {i.name for i in graph.input} | known):
+        ins = [i for i in node.input if i]
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            constant = True
+        elif not ins or node.op_type in _RANDOM or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                       for a in node.attribute):
+            constant = False
+        else:
+            constant = all(i in known or i in found for i in ins)
+        if constant:
+            found.update(o for o in node.output if o)
+    return found
+
+
+_RANDOM = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                     "Bernoulli", "Dropout"})
 
 
 def _check_recordable(name: str, value: np.ndarray) -> None:
@@ -246,7 +285,10 @@ class OrtRecorder(RunRecorder):
             ``logits:<head>`` copy.
         logits: output name of the ``token`` head, or ``{head: output name}``; None: no
             automatic decisions.
-        position: the decided position of ``[1, T, V]`` logits (-1: the last).
+        position: the decided position of ``[1, T, V]`` logits (-1: the last), or ``"all"``:
+            every position of ``[1, T, V]`` / ``[T, V]`` logits, one step each (see
+            :class:`recorders.session.RunRecorder`); those heads are open-loop unless
+            ``open_loop=`` says otherwise, and teacher forcing is refused.
         model: the session's model (path or ModelProto) for names, topological order and
             sources; default: the path the session was opened from.
         providers: execution providers when ``session`` is a path (default CPU).
@@ -255,7 +297,7 @@ class OrtRecorder(RunRecorder):
             ``"basic"``, ``"extended"``, ``"layout"`` or ``"all"`` (see the module docs).
         **options: :class:`recorders.capture.Recorder` options (``reference``,
             ``teacher_forcing``, ``budget``, ``sample``, ``k``, ``watched``, ``metadata``,
-            ``vocab``, ``mode``, ``writer_options``).
+            ``vocab``, ``mode``, ``writer_options``, ``open_loop``).
 
     Raises:
         RecorderUsageError: a logits name that is not an output of the session, an unknown
@@ -270,7 +312,7 @@ class OrtRecorder(RunRecorder):
         *,
         tensors: PolicyLike = None,
         logits: str | Mapping[str, str] | None = None,
-        position: int = -1,
+        position: int | str = -1,
         model: str | os.PathLike[str] | onnx.ModelProto | None = None,
         providers: Sequence[str] | None = None,
         session_options: ort.SessionOptions | None = None,

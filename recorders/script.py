@@ -56,9 +56,14 @@ class ScriptResult:
         interrupted: the run was stopped by Ctrl-C (the caller re-raises KeyboardInterrupt).
         summary: the closed trace's :class:`tracefmt.WriteSummary`.
         steps: steps decided (calls of the ``logits`` module or session output).
-        notes: things the user should know (tensors skipped, batches, unmatched globs).
-        names: module and value names seen (for messages about globs).
+        notes: things the user should know (tensors skipped, batches, probabilities).
+        names: every module and value name seen, in the order first seen (for messages about
+            globs); ``relative`` maps each to its name after the root's label.
         unmatched_logits: ``logits`` globs that decided nothing.
+        unmatched_modules: ``modules`` globs that recorded nothing.
+        unmatched_sample_per: ``sample_per`` globs that started no sample.
+        samples: samples started by ``sample_per`` calls.
+        relative: full name -> name after its root's label (``GRULM.head`` -> ``head``).
     """
 
     status: int
@@ -70,6 +75,10 @@ class ScriptResult:
     notes: list[str] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     unmatched_logits: list[str] = field(default_factory=list)
+    unmatched_modules: list[str] = field(default_factory=list)
+    unmatched_sample_per: list[str] = field(default_factory=list)
+    samples: int = 0
+    relative: dict[str, str] = field(default_factory=dict)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -181,9 +190,14 @@ def run_script(
     teacher: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     sample: str = "0",
+    sample_per: Sequence[str] = (),
+    sample_ids: Sequence[str] | None = None,
+    scores: str = "logits",
     k: int = 8,
     command: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    all_positions: bool = False,
+    open_loop: Sequence[str] | None = None,
     recorder: Callable[..., ScriptRecorder] = ScriptRecorder,
 ) -> ScriptResult:
     """Run a script (or ``-m`` module) in this process and record it into ``trace``.
@@ -199,9 +213,15 @@ def run_script(
         teacher: a reference trace: the decided logits returned to the script peak at its tokens.
         overwrite: replace an existing trace at ``trace``.
         sample: the sample id when the script does not set ``STEPTRACE_SAMPLE``.
+        sample_per: globs of modules (or ONNX model stems) each call of which starts a sample.
+        sample_ids: the ids of those samples in call order (None: ``"0"``, ``"1"``, ...).
+        scores: what the ``logits`` outputs hold: ``"logits"``, ``"prob"`` or ``"logprob"``.
         k: top-k candidates per decision.
         command: the recording command line, for the trace's metadata.
         progress: called with the number of steps decided after each step.
+        all_positions: decide every position of the logits output, one step per position.
+        open_loop: heads not fed back (manifest ``open_loop``); None: ``["token"]`` with
+            ``all_positions``, none otherwise.
         recorder: the :class:`ScriptRecorder` class (or a factory taking its arguments) that
             records the run; ``trace triage`` passes one that also transplants.
 
@@ -212,17 +232,22 @@ def run_script(
         ScriptNotFoundError: no such script or module.
         TraceExistsError: a trace exists at ``trace`` and ``overwrite`` is False.
         TraceNotFoundError: the ``teacher`` trace does not exist.
-        TraceError: recording failed while the script ran (the writer, or teacher forcing past
-            the reference's last step); the script's own errors are in the result instead.
+        RecorderUsageError: a bad ``scores``, ``sample_ids`` without ``sample_per``.
+        TraceError: recording failed while the script ran (the writer, teacher forcing past
+            the reference's last step, more ``sample_per`` calls than ``sample_ids``); the
+            script's own errors are in the result instead.
     """
     _check_output(trace, overwrite)
     origin, files = _locate(target, module=module)
     shown = f"-m {target}" if module else str(target)
     meta = {"command": list(command) if command else None, "model": shown,
             "tags": {"steptrace.record.script": shown, "steptrace.record.logits": ",".join(logits) or "-",
-                     "steptrace.record.modules": ",".join(modules) or "-", "steptrace.record.tensors": tensors}}
+                     "steptrace.record.modules": ",".join(modules) or "-", "steptrace.record.tensors": tensors,
+                     "steptrace.record.sample_per": ",".join(sample_per) or "-", "steptrace.record.scores": scores}}
     hooks = recorder(trace, modules=modules, logits=logits, tensors=tensors, reference=teacher, sample=sample,
-                           k=k, mode="overwrite" if overwrite else "create", metadata=meta, progress=progress)
+                     sample_per=sample_per, sample_ids=sample_ids, scores=scores, k=k,
+                     mode="overwrite" if overwrite else "create", metadata=meta, progress=progress,
+                     all_positions=all_positions, open_loop=open_loop)
     undo: list[Callable[[], None]] = []
 
     def on_torch(_module: ModuleType) -> None:
@@ -291,5 +316,6 @@ def run_script(
     interrupted = interrupted or hooks.interrupted
     if isinstance(error, TraceError) and error is hooks.error:
         raise error
-    unmatched, _ = hooks.unmatched()
-    return ScriptResult(status, error, text, interrupted, summary, hooks.steps, hooks.notes, hooks.names, unmatched)
+    logits_missed, modules_missed, sample_missed = hooks.unmatched()
+    return ScriptResult(status, error, text, interrupted, summary, hooks.steps, hooks.notes, hooks.names,
+                        logits_missed, modules_missed, sample_missed, hooks.samples_started, dict(hooks.relative))

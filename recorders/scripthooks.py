@@ -3,33 +3,49 @@ ONNX Runtime sessions that turn module calls and session runs into steps, tensor
 Imports no ML framework: :mod:`recorders.torch` and :mod:`recorders.onnxruntime` are imported
 by :mod:`recorders.script` once the script itself imports torch or onnxruntime.
 
-Names. A torch module is named when it is first called: the outermost module of a call (a
-*root*) names its whole tree with ``named_modules()`` paths, as :class:`~recorders.torch.TorchRecorder`
-does; the root itself is named by its class (``GRULM``). Modules of later roots are prefixed
-with that root's class (``Encoder.layers.0``; ``GRULM#1`` for a second root of a class). Tuple
-outputs are recorded as ``name.0``, ``name.1``, dict outputs as ``name.key``. ONNX values keep
-their graph names (the first session's; later sessions are prefixed with their model's stem).
+Names. Every recorded name is ``ROOT.path``, whatever the order of calls. A torch module is
+named when it is first called: the outermost module of a call (a *root*) is named by its class
+(``Encoder``; ``Encoder#1`` for the second root of that class to be called, ``#2`` the third)
+and its whole tree by that label and its ``named_modules()`` path (``Encoder.layers.0``). An
+ONNX session's values are prefixed by its model file's stem (``decoder.logits``; ``decoder#1``
+for a second session of a same-named file). Tuple outputs are recorded as ``name.0``,
+``name.1``, dict outputs as ``name.key``. A glob (``modules``, ``logits``, ``sample_per``)
+matches a name when it matches the full name or the part after the root's label
+(``head`` and ``GRULM.head`` both select ``GRULM.head``; ``Encoder.*`` only the encoder's).
+A module first called on its own keeps the root label of that call when a larger module
+containing it is called later.
 
-Steps. Tensors recorded with no step open open the next step of the current sample (the
-``STEPTRACE_SAMPLE`` environment variable when the script sets it, else the default sample).
+Steps. Tensors recorded with no step open open the next step of the current sample. Samples:
+with ``sample_per`` globs, each call of a matching module (or run of a matching session) ends
+the current sample and starts the next one, whose id is ``ids[n]`` (``sample_ids``) or ``n``
+for the *n*-th call (0-based), so two runs of one corpus get the same ids in the same order;
+calls before the first one (warm-up) are not recorded, and are counted in a note. Without
+``sample_per``: the ``STEPTRACE_SAMPLE`` environment variable when the script sets it, else the
+default sample.
 A call of a module, or a run of a session, whose output matches a ``logits`` glob records a
 decision on its last position (``t[0, ..., 0, -1, :]``; the first row of a batch) and ends the
 step once the outermost module call returns (another logits call before that also ends it).
 
+Scores. ``scores="logits"`` (the default) decides the vector as it is and notes when its rows
+look like probabilities (every value in [0, 1], summing to 1); ``"prob"`` decides ``log(p)``
+(log-probabilities: the same argmax, margins in nats; ``p = 0`` is -inf) and ``"logprob"``
+decides the vector as it is (log-probabilities are logits up to a constant).
+
 Teacher forcing. With a reference, the logits returned to the script are replaced by a copy
 whose decided vector is -inf except at the reference's token (which keeps its own logit), so
 the script's own argmax or sampling takes the reference's token; the trace records
-``forced=true`` and the run's own argmax. The script's control flow is otherwise unchanged.
+``forced=true`` and the run's own argmax. Probabilities (``scores="prob"``) are returned as 1 at
+the reference's token and 0 elsewhere. The script's control flow is otherwise unchanged.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,14 +55,22 @@ from tracefmt.errors import TraceError, UnsupportedDtypeError
 
 from .capture import HostCopy, Recorder, Reference
 from .decisions import is_torch_tensor
+from .errors import RecorderUsageError
 from .outputs import decided_index, element_at, elements, peak_numpy, replace_element
 from .policy import CapturePolicy
+from .scores import SCORES, log_probabilities, looks_like_probabilities
+from .scriptnames import any_match
+from .scriptsessions import SessionHooks, _Session
 
-__all__ = ["SAMPLE_ENV", "ScriptRecorder"]
+__all__ = ["SAMPLE_ENV", "SCORES", "ScriptRecorder", "SampleIdsExhaustedError"]
 
 #: The environment variable a script sets to name the sample of the steps that follow.
 SAMPLE_ENV = "STEPTRACE_SAMPLE"
 _SELF = ()  # logits path: the module output itself (or its first tensor)
+
+
+class SampleIdsExhaustedError(RecorderUsageError):
+    """A ``sample_per`` module was called more often than there are sample ids."""
 
 
 class _HostRecorder(Recorder):
@@ -63,22 +87,14 @@ class _HostRecorder(Recorder):
 @dataclass
 class _Mod:
     name: str
+    rel: str  # the name after its root's label ("" for a root)
     source: str
     mode: str
     logits: tuple | bool | None  # element path, False (never), None (not known before its first output)
+    starts_sample: bool = False
 
 
-@dataclass
-class _Session:
-    prefix: str
-    inputs: list[str]
-    outputs: list[str]
-    order: dict[str, tuple[int, str]]
-    logits: str | None
-    defaults: dict[str, Any] = field(default_factory=dict)
-
-
-class ScriptRecorder:
+class ScriptRecorder(SessionHooks):
     """Records a running script's torch module calls and ONNX Runtime runs into one trace.
 
     :mod:`recorders.script` connects :meth:`torch_pre`/:meth:`torch_post` to global module
@@ -93,13 +109,22 @@ class ScriptRecorder:
         tensors: capture mode of the ``modules`` matches: ``"stats"``, ``"full"`` or ``"none"``.
         reference: a reference trace for teacher forcing (see the module docs).
         sample: the sample id when the script does not set ``STEPTRACE_SAMPLE``.
+        sample_per: globs of modules (or ONNX model stems) each call of which starts a sample.
+        sample_ids: the ids of those samples, in call order (None: ``"0"``, ``"1"``, ...).
+        scores: what the ``logits`` outputs hold: ``"logits"``, ``"prob"`` or ``"logprob"``.
         k: top-k candidates per decision.
         mode: the writer's ``"create"`` or ``"overwrite"``.
         metadata: run metadata (``command``, ``model``, ``tags``, ...).
         progress: called with the number of steps decided after each step.
+        all_positions: decide every position (``t[0, ..., 0, :, :]``, one step each) instead of
+            the last.
+        open_loop: heads not fed back (manifest ``open_loop``); None: ``["token"]`` with
+            ``all_positions``, none otherwise.
 
     Raises:
-        RecorderUsageError: a bad option.
+        RecorderUsageError: a bad option (an unknown ``scores``, ``sample_ids`` without
+            ``sample_per``, repeated sample ids), or a reference (teacher forcing) with an
+            open-loop ``token`` head: ids that are not fed back have nothing to force.
         TraceNotFoundError: the reference trace does not exist.
     """
 
@@ -112,11 +137,33 @@ class ScriptRecorder:
         tensors: str = "stats",
         reference: str | os.PathLike[str] | None = None,
         sample: str = "0",
+        sample_per: Sequence[str] = (),
+        sample_ids: Sequence[str] | None = None,
+        scores: str = "logits",
         k: int = 8,
         mode: str = "create",
         metadata: Mapping[str, Any] | None = None,
         progress: Callable[[int], None] | None = None,
+        all_positions: bool = False,
+        open_loop: Sequence[str] | None = None,
     ) -> None:
+        if scores not in SCORES:
+            raise RecorderUsageError(f"scores {scores!r} is unknown; use one of {', '.join(SCORES)}")
+        if sample_ids is not None and not sample_per:
+            raise RecorderUsageError("sample ids need a module whose calls start the samples (--sample-per MODULE)")
+        if sample_ids is not None and len(set(sample_ids)) != len(sample_ids):
+            dup = sorted(x for x, n in Counter(sample_ids).items() if n > 1)
+            raise RecorderUsageError(f"sample ids must be distinct; repeated: {', '.join(map(str, dup[:8]))}")
+        self.sample_per = list(sample_per)
+        self.sample_ids = None if sample_ids is None else [str(x) for x in sample_ids]
+        self.scores = scores
+        self.samples_started = 0
+        self.skipped_before_samples: dict[str, int] = {}  # outermost calls before the first sample_per call
+        self.all_positions = all_positions
+        self.open_loop = list(open_loop) if open_loop is not None else ["token"] if all_positions else []
+        if reference is not None and (all_positions or "token" in self.open_loop):
+            raise RecorderUsageError("--teacher has nothing to force: the decided head is open-loop (its ids are not "
+                                     "fed back); record without --teacher")
         self.trace = trace
         self.policy = CapturePolicy({g: tensors for g in modules} if tensors != "none" else None)
         self.logits = list(logits)
@@ -142,6 +189,9 @@ class ScriptRecorder:
         self._warned: set[str] = set()
         self._logits_hit: set[str] = set()
         self._recorded: set[str] = set()
+        self._sample_hit: set[str] = set()
+        self._current: str | None = None  # the sample started by the last sample_per call
+        self.relative: dict[str, str] = {}  # full name -> name after the root's label
 
     # ------------------------------------------------------------------ bookkeeping
     def _note(self, key: str, message: str) -> None:
@@ -149,8 +199,13 @@ class ScriptRecorder:
             self._warned.add(key)
             self.notes.append(message)
 
-    def _is_logits(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, g) for g in self.logits)
+    def _is_logits(self, name: str, rel: str = "") -> bool:
+        return any_match(self.logits, name, rel)
+
+    def _mode(self, name: str, rel: str) -> str:
+        """The capture mode of a name: of its full name, else of the name after its root's label."""
+        mode = self.policy.mode(name)
+        return self.policy.mode(rel) if mode == "none" and rel else mode
 
     def _label(self, cls: str) -> str:
         label, n = cls, 1
@@ -163,12 +218,41 @@ class ScriptRecorder:
         if self.rec is None:
             meta = TraceMetadata.coerce(dict(self.metadata))
             self.rec = _HostRecorder(self.trace, policy=self.policy, reference=self.reference, sample=self.sample,
-                                     k=self.k, metadata=meta, defaults=dict(defaults()), mode=self.mode)
+                                     k=self.k, metadata=meta, defaults=dict(defaults()), mode=self.mode,
+                                     open_loop=self.open_loop)
         return self.rec
 
     def _open_step(self, rec: Recorder) -> None:
         if rec.current_step is None:
-            rec.begin_step(sample=os.environ.get(SAMPLE_ENV) or self.sample)
+            rec.begin_step(sample=self._current or os.environ.get(SAMPLE_ENV) or self.sample)
+
+    def _before_first_sample(self, root: str | None) -> bool:
+        """Whether a call comes before the first ``sample_per`` call (it is not recorded:
+        warm-up calls would otherwise make a sample the other run lacks); outermost calls
+        (``root``: the module or session label) are counted for a note."""
+        if not self.sample_per or self._current is not None:
+            return False
+        if root is not None:
+            self.skipped_before_samples[root] = self.skipped_before_samples.get(root, 0) + 1
+        return True
+
+    def _start_sample(self, name: str) -> None:
+        """A ``sample_per`` module or session is called: end the current step; the next steps
+        belong to the next sample.
+
+        Raises:
+            SampleIdsExhaustedError: more calls than ``sample_ids``.
+        """
+        n = self.samples_started
+        if self.sample_ids is not None and n >= len(self.sample_ids):
+            raise SampleIdsExhaustedError(
+                f"{name} was called a {n + 1}th time but only {len(self.sample_ids)} sample id(s) were given; "
+                "give one id per call (a line each in the --sample-from file)")
+        if self._decided or (self.rec is not None and self.rec.current_step is not None):
+            self._end_step()
+        self._current = self.sample_ids[n] if self.sample_ids is not None else str(n)
+        self.samples_started += 1
+        self._sample_hit.add(name)
 
     def _end_step(self) -> None:
         if self.rec is not None:
@@ -207,29 +291,71 @@ class ScriptRecorder:
         if len(shape) >= 3 and shape[0] > 1:
             self._note(f"batch:{name}", f"logits {name} have shape {list(shape)}: `trace record` decides the first "
                        "row of the batch only; record batches with the API (recorders.hf, TorchRecorder.decide)")
-        token = rec.decide(t[decided_index(shape)])
+        if self.all_positions and len(shape) >= 2:
+            rows = t[(0,) * (len(shape) - 2)]
+            if self.scores == "prob":
+                rows = log_probabilities(rows)
+            ids = rec.decide_positions(rows, fed_back=True)
+            self.steps += len(ids) - 1  # _end_step counts one step
+            token = ids[-1] if ids else -1
+        else:
+            row = t[decided_index(shape)]
+            if self.scores == "prob":
+                row = log_probabilities(row)
+            elif self.scores == "logits" and name not in self._logits_hit and looks_like_probabilities(row):
+                self._note(f"prob:{name}", f"{name} looks like probabilities (every value in [0, 1], summing to 1): "
+                           "its margins and top-k are of probabilities, not logits; pass --scores prob to decide "
+                           "log-probabilities")
+            token = rec.decide(row)
         self._decided = True
         self._logits_hit.add(name)
         return token
 
+    def _forced(self, t: Any, token: int) -> Any:
+        """The decided output as the script receives it under teacher forcing: the reference's
+        token peaks (its logit kept, -inf elsewhere; 1 and 0 for probabilities)."""
+        index = decided_index(tuple(t.shape))
+        if is_torch_tensor(t):
+            from .torch import peak_at
+
+            out = peak_at(t, index, token)
+        else:
+            out = peak_numpy(np.asarray(t), index, token)
+        if self.scores == "prob":
+            out[index] = 0.0
+            out[index + (token,)] = 1.0
+        return out
+
     # ------------------------------------------------------------------ torch
+    def _seen(self, name: str, rel: str) -> None:
+        self.names.append(name)
+        self.relative[name] = rel
+
     def _name_tree(self, root: Any) -> None:
         label = self._label(type(root).__name__)
-        prefix = "" if self._roots == 0 else f"{label}."
         self._roots += 1
         for path, mod in root.named_modules():
             if mod in self._mods:
                 continue
-            name = f"{prefix}{path}" if path else label
-            logits = _SELF if self._is_logits(name) else None
-            self._mods[mod] = _Mod(name, type(mod).__name__, self.policy.mode(name), logits)
-            if len(self.names) < 64:
-                self.names.append(name)
+            name = f"{label}.{path}" if path else label
+            logits = _SELF if self._is_logits(name, path) else None
+            starts = any_match(self.sample_per, name, path)
+            self._mods[mod] = _Mod(name, path, type(mod).__name__, self._mode(name, path), logits, starts)
+            self._seen(name, path)
 
     def torch_pre(self, module: Any) -> None:
-        """Before a module's forward: name it (and its tree) at its first call; count depth."""
+        """Before a module's forward: name it (and its tree) at its first call; start a sample
+        at a ``sample_per`` module; count depth.
+
+        Raises:
+            SampleIdsExhaustedError: more ``sample_per`` calls than sample ids.
+        """
         if module not in self._mods:
             self._name_tree(module)
+        info = self._mods.get(module)
+        if info is not None and info.starts_sample:
+            with self._writing():
+                self._start_sample(info.name)
         self._depth += 1
 
     def torch_post(self, module: Any, output: Any) -> Any:
@@ -242,6 +368,8 @@ class ScriptRecorder:
         self._depth = max(self._depth - 1, 0)
         info = self._mods.get(module)
         result = None
+        if info is not None and self._before_first_sample(info.name if self._depth == 0 else None):
+            info = None
         if info is not None and output is not None and (info.mode != "none" or info.logits is not False):
             with self._writing():
                 result = self._torch_output(module, info, output)
@@ -251,7 +379,8 @@ class ScriptRecorder:
 
     def _logits_path(self, info: _Mod, output: Any) -> tuple | None:
         if info.logits is None:  # first output seen: does an element match a logits glob?
-            hits = [p for n, p, _ in elements(info.name, output) if p and self._is_logits(n)]
+            hits = [p for n, p, _ in elements(info.name, output)
+                    if p and self._is_logits(n, n[len(info.name) - len(info.rel):] if info.rel else "")]
             info.logits = hits[0] if hits else False
         if info.logits is False:
             return None
@@ -280,86 +409,23 @@ class ScriptRecorder:
             return None
         t = element_at(output, path)
         hit = info.name if info.logits == _SELF else ".".join([info.name, *map(str, path)])
+        if info.rel and hit != info.name:
+            self.relative[hit] = ".".join([info.rel, *map(str, path)])
         token = self._decide(rec, hit, t)
         if not rec.teacher_forcing:
             return None
-        from .torch import peak_at
-
-        return replace_element(output, path, peak_at(t, decided_index(tuple(t.shape)), token))
-
-    # ------------------------------------------------------------------ ONNX Runtime
-    def _session(self, session: Any) -> _Session:
-        info = self._sessions.get(session)
-        if info is None:
-            from .onnxruntime import session_defaults, session_topology
-
-            defaults = session_defaults(session)
-            stem = os.path.splitext(os.path.basename(defaults.get("model") or "session"))[0]
-            prefix = "" if not self._sessions else f"{self._label(stem)}."
-            outputs = [o.name for o in session.get_outputs()]
-            logits = next((o for o in outputs if self._is_logits(prefix + o)), None)
-            info = _Session(prefix, [i.name for i in session.get_inputs()], outputs, session_topology(session),
-                            logits, defaults)
-            self._sessions[session] = info
-            self.names.extend(prefix + o for o in outputs[:16])
-        return info
-
-    def ort_run(self, session: Any, output_names: Sequence[str] | None, feed: Mapping[str, Any],
-                run: Callable[[list[str]], list[Any]]) -> list[Any]:
-        """One ``InferenceSession.run``: run it (with the logits and recorded outputs added),
-        record inputs and outputs, decide the logits output, end the step.
-
-        Args:
-            session: the session.
-            output_names: the outputs the script asked for (None: all).
-            feed: the script's input feed.
-            run: runs the session for a list of output names.
-
-        Returns:
-            The outputs the script asked for (the logits forced under teacher forcing).
-
-        Raises:
-            TraceError: recording failed, or teacher forcing ran past the reference.
-        """
-        info = self._session(session)
-        wanted = list(info.outputs if output_names is None else output_names)
-        extra = [n for n in info.outputs if n not in wanted
-                 and (n == info.logits or self.policy.mode(info.prefix + n) != "none")]
-        fetch = wanted + extra
-        out = dict(zip(fetch, run(fetch)))
-        recorded = [n for n in info.inputs if self.policy.mode(info.prefix + n) != "none"]
-        outs = sorted((n for n in out if self.policy.mode(info.prefix + n) != "none"),
-                      key=lambda n: info.order.get(n, (len(info.order), ""))[0])
-        if recorded or outs or info.logits is not None:
-            with self._writing():
-                rec = self._recorder(lambda: info.defaults)
-                if info.logits is not None and self._decided:
-                    self._end_step()
-                self._open_step(rec)
-                for name, value, source in ([(n, feed.get(n), "graph input") for n in recorded]
-                                            + [(n, out[n], info.order.get(n, (0, None))[1]) for n in outs]):
-                    arr = value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else value
-                    arr = np.asarray(arr)
-                    if arr.dtype.kind in "OUSVc":
-                        self._note(f"dtype:{name}", f"{info.prefix}{name} not recorded: {arr.dtype} values")
-                        continue
-                    self._record(rec, info.prefix + name, arr, None, source, self.policy.mode(info.prefix + name))
-                if info.logits is not None:
-                    arr = np.asarray(out[info.logits])
-                    token = self._decide(rec, info.prefix + info.logits, arr)
-                    if rec.teacher_forcing:
-                        out[info.logits] = peak_numpy(arr, decided_index(arr.shape), token)
-        if self._depth == 0 and self._decided:
-            self._end_step()
-        return [out[n] for n in wanted]
+        return replace_element(output, path, self._forced(t, token))
 
     # ------------------------------------------------------------------ end
-    def unmatched(self) -> tuple[list[str], list[str]]:
-        """Return the ``logits`` globs that decided nothing and the ``modules`` globs that
-        recorded nothing."""
-        logits = [g for g in self.logits if not any(fnmatch.fnmatchcase(n, g) for n in self._logits_hit)]
-        modules = [g for g, _ in self.policy.rules if not any(fnmatch.fnmatchcase(n, g) for n in self._recorded)]
-        return logits, modules
+    def unmatched(self) -> tuple[list[str], list[str], list[str]]:
+        """Return the ``logits`` globs that decided nothing, the ``modules`` globs that
+        recorded nothing and the ``sample_per`` globs that started no sample."""
+        def missed(globs: Sequence[str], hit: set[str]) -> list[str]:
+            return [g for g in globs if not any(any_match([g], n, self.relative.get(n, "")) for n in hit)]
+
+        recorded = self._recorded | ({"logits:token"} if self._logits_hit else set())  # the decided vector
+        return (missed(self.logits, self._logits_hit), missed([g for g, _ in self.policy.rules], recorded),
+                missed(self.sample_per, self._sample_hit))
 
     def close(self) -> WriteSummary:
         """Close the trace (creating an empty one if the script recorded nothing).
@@ -372,9 +438,14 @@ class ScriptRecorder:
         """
         if self._decided:
             self._end_step()
+        if self.skipped_before_samples:
+            calls = ", ".join(f"{n:,} of {name}" for name, n in self.skipped_before_samples.items())
+            self._note("before-samples", f"calls before the first --sample-per call were not recorded (they belong "
+                       f"to no sample): {calls}")
         rec = self._recorder(dict)
         try:
             return rec.close()
         finally:
             if self.reference is not None:
                 self.reference.close()
+

@@ -7,6 +7,14 @@ forcing and transplant. The only module of steptrace that imports torch.
             logits = model(tokens)
             token = rec.decide(logits[0, -1])  # records the decision, returns the token to use
 
+A CTC (or any per-position) output is decided at every position, one step each, its head
+declared open-loop when the recorder opens::
+
+    with TorchRecorder("ctc.trace", model, modules={"encoder.*": "stats"}, open_loop=["token"]) as rec:
+        for utt, x in batches:
+            rec.set_sample(utt)
+            frames = rec.decide_positions(model(x)[0])   # [T, V]: steps 0..T-1, encoder at step 0
+
 Host copies: CPU tensors are cloned on the model thread (one memcpy) and handed to the writer,
 whose thread computes statistics, digest and compression. Tensors on other devices (CUDA) are
 reduced there — statistics by torch ops into one small tensor — and copied to pinned host
@@ -277,7 +285,7 @@ class TorchRecorder(Recorder):
             recorder thread; None (default) does so for tensors not on the CPU.
         **options: :class:`recorders.capture.Recorder` options (``reference``,
             ``teacher_forcing``, ``budget``, ``sample``, ``k``, ``watched``, ``metadata``,
-            ``vocab``, ``mode``, ``writer_options``).
+            ``vocab``, ``mode``, ``writer_options``, ``open_loop``).
 
     Raises:
         RecorderUsageError: a module glob matches no module, ``step_module`` is not a module of

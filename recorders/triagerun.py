@@ -69,7 +69,9 @@ class Runner(Protocol):
 def _is_excluded(name: str, globs: Sequence[str]) -> bool:
     import fnmatch
 
-    return any(fnmatch.fnmatchcase(name, g) or name.startswith(g + ".") for g in globs)
+    # as `trace record` matches globs: the full name, or the name after its root's label
+    names = [name] + ([name.split(".", 1)[1]] if "." in name else [])
+    return any(fnmatch.fnmatchcase(n, g) or n.startswith(g + ".") for n in names for g in globs)
 
 
 @dataclass
@@ -205,19 +207,26 @@ class TransplantScriptRecorder(ScriptRecorder):
         swap = [n for n in self.transplant if n.startswith(info.prefix) and n[len(info.prefix):] in info.outputs]
         if not swap:
             return super().ort_run(session, output_names, feed, run)
-        with self._writing():
-            rec = self._recorder(lambda: info.defaults)
-            if info.logits is not None and self._decided:
-                self._end_step()
-            self._open_step(rec)
-            key = rec.current_step
-            if self.transplant_steps is not None and key.index not in self.transplant_steps:
-                return super().ort_run(session, output_names, feed, run)
-            cut = self._cut_session(session, [n[len(info.prefix):] for n in swap])
-            extra = {n[len(info.prefix):]: np.ascontiguousarray(rec.reference_tensor(n, call=0).values) for n in swap}
-        from .onnxruntime import run_unrouted
 
-        return super().ort_run(session, output_names, feed, lambda names: run_unrouted(cut, names, {**feed, **extra}))
+        def run_cut(names: list[str]) -> list[Any]:
+            if getattr(self, "sample_per", None) and getattr(self, "_current", None) is None:
+                return run(names)  # before the first sample: not recorded, nothing to transplant
+            with self._writing():
+                rec = self._recorder(lambda: info.defaults)
+                if info.logits is not None and self._decided:
+                    self._end_step()
+                self._open_step(rec)  # the step this run records at (ort_run finds it open)
+                key = rec.current_step
+                if self.transplant_steps is not None and key.index not in self.transplant_steps:
+                    return run(names)
+                cut = self._cut_session(session, [n[len(info.prefix):] for n in swap])
+                extra = {n[len(info.prefix):]: np.ascontiguousarray(rec.reference_tensor(n, call=0).values)
+                         for n in swap}
+            from .onnxruntime import run_unrouted
+
+            return run_unrouted(cut, names, {**feed, **extra})
+
+        return super().ort_run(session, output_names, feed, run_cut)
 
     def _cut_session(self, session: Any, names: list[str]) -> Any:
         key = (id(session), tuple(names))

@@ -73,7 +73,6 @@ def ref_compare(A: Side, B: Side, ia, ib, head, heads, policy, grid) -> dict[str
         ltol[m] = policy.for_head(heads[h]).logit_tolerance(grid, mag[m])
     same = at == bt
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        near = (~same) & (ra_b >= 0) & (rb_a >= 0) & (a_gap <= eps) & (b_gap <= eps)
         match = (a_ids[:, :, None] == b_ids[:, None, :]) & (a_ids[:, :, None] >= 0)
         has = match.any(axis=2)
         b_on_a = np.where(has, b_log[np.arange(r.size)[:, None], match.argmax(axis=2)], np.nan)
@@ -100,8 +99,11 @@ def ref_compare(A: Side, B: Side, ia, ib, head, heads, policy, grid) -> dict[str
         kld = np.maximum(terms.sum(axis=1) + rest, 0.0)
         dp = np.exp(lb_a - lse_b) - np.exp(a_top - lse_a)
         drift = same & ~bitexact & (ldiff > ltol)
+        rel = np.abs((a_log - a_top[:, None]) - (b_on_a - lb_a[:, None]))
+        noise = np.array([np.max(x[ok]) if ok.any() else 0.0 for x, ok in zip(rel, has & np.isfinite(rel))])
+        gap_noise = np.where(same, noise, np.nan)
     return {"a_rank_of_b": ra_b, "b_rank_of_a": rb_a, "a_gap": np.where(same, 0.0, a_gap),
-            "b_gap": np.where(same, 0.0, b_gap), "epsilon": eps, "near_tie": near, "logit_diff": ldiff,
+            "b_gap": np.where(same, 0.0, b_gap), "epsilon": eps, "gap_noise": gap_noise, "logit_diff": ldiff,
             "logit_tol": ltol, "bitexact": bitexact, "drift": drift, "kld": kld, "dp": dp}
 
 

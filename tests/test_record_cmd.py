@@ -120,9 +120,12 @@ def decisions(path: Path) -> list[dict]:
     return sorted(TraceReader(path).decisions(columns=cols).to_pylist(), key=lambda r: (r["sample"], r["step"]))
 
 
-def digests(path: Path) -> dict[tuple, bytes]:
+def digests(path: Path, root: str = "") -> dict[tuple, bytes]:
+    """(sample, step, name, call) -> digest; ``root``: names without that root label's prefix."""
     t = TraceReader(path).tensors(columns=["sample", "step", "name", "call", "digest"]).to_pylist()
-    return {(r["sample"], r["step"], r["name"], r["call"]): r["digest"] for r in t}
+    cut = len(root) + 1 if root else 0
+    return {(r["sample"], r["step"], r["name"][cut:] if root and r["name"].startswith(root + ".") else r["name"],
+             r["call"]): r["digest"] for r in t}
 
 
 def printed(out: str) -> list[int]:
@@ -146,9 +149,10 @@ def test_torch_script_records_what_the_torch_recorder_api_records(scripts, tmp_p
     hooks = torch.nn.modules.module
     assert not hooks._global_forward_hooks and not hooks._global_forward_pre_hooks  # removed after the run
     assert decisions(tmp_path / "script.trace") == decisions(tmp_path / "api.trace")
-    script, api = digests(tmp_path / "script.trace"), digests(tmp_path / "api.trace")
+    script, api = digests(tmp_path / "script.trace", "GRULM"), digests(tmp_path / "api.trace")
     assert {k[2] for k in api} == {"emb", "gru.0", "gru.1", "head", "logits:token"}
-    assert {k[2] for k in script} == {k[2] for k in api} | {"GRULM.0", "GRULM.1"}  # the root, named by its class
+    assert {k[2] for k in script} == {k[2] for k in api} | {"0", "1"}  # the root itself: GRULM.0, GRULM.1
+    assert {k[2] for k in digests(tmp_path / "script.trace")} >= {"GRULM.emb", "GRULM.head", "GRULM.gru.0"}
     assert all(script[k] == v for k, v in api.items())  # same bits, same steps, same call indices
     meta = TraceReader(tmp_path / "script.trace").metadata
     assert meta.runtime == "torch" and meta.command[:2] == ["trace", "record"] and meta.command[-2:] == ["--steps", "8"]
@@ -171,12 +175,12 @@ def test_onnx_script_records_what_the_ort_recorder_api_records(scripts, tmp_path
             api_tokens.append(tok)
     assert tokens == api_tokens
     assert decisions(tmp_path / "script.trace") == decisions(tmp_path / "api.trace")
-    script, api = digests(tmp_path / "script.trace"), digests(tmp_path / "api.trace")
+    script, api = digests(tmp_path / "script.trace", "gru"), digests(tmp_path / "api.trace")
     assert {k[2] for k in script} == {k[2] for k in api} == {"token", "h", "logits", "h_out", "logits:token"}
     assert script == api
     order = TraceReader(tmp_path / "script.trace").tensors(columns=["step", "name", "order"]).to_pylist()
     step0 = [r["name"] for r in sorted(order, key=lambda r: r["order"]) if r["step"] == 0]
-    assert step0[:2] == ["token", "h"]  # inputs first, then outputs in topological order
+    assert step0[:2] == ["gru.token", "gru.h"]  # inputs first, then outputs in topological order
     assert TraceReader(tmp_path / "script.trace").metadata.runtime == "onnxruntime"
 
 
@@ -298,5 +302,6 @@ def test_module_mode_and_usage_errors(scripts, tmp_path, capsys, monkeypatch):
 def test_record_help(trace_cli):
     res = trace_cli("record", "--help")
     assert res.returncode == 0
-    for word in ("--logits", "--modules", "--tensors", "--teacher", "-m MODULE", "STEPTRACE_SAMPLE", "Ctrl-C"):
+    for word in ("--logits", "--modules", "--tensors", "--teacher", "-m MODULE", "STEPTRACE_SAMPLE", "Ctrl-C",
+                 "--sample-per", "--sample-from", "--scores", "ROOT.path"):
         assert word in res.stdout

@@ -156,10 +156,10 @@ def test_tokenizer_pieces_and_the_processor_api(tmp_path):
     with GenerateRecorder(tmp_path / "p.trace", model, tokenizer=tokenizer, prefix="utt") as rec:
         first = rec.generate(input_ids=ids, max_new_tokens=5)
         proc, crit = rec.processors(samples=["by-hand"])  # generate called directly, criteria included
-        second = model.generate(input_ids=ids, max_new_tokens=5, logits_processor=LogitsProcessorList([proc]),
-                                stopping_criteria=StoppingCriteriaList([crit]))
+        assert isinstance(proc, LogitsProcessorList) and isinstance(crit, StoppingCriteriaList)
+        second = model.generate(input_ids=ids, max_new_tokens=5, logits_processor=proc, stopping_criteria=crit)
         proc3, _ = rec.processors(samples=["no-criteria"])  # last step written at close (greedy: exact)
-        model.generate(input_ids=ids, max_new_tokens=5, logits_processor=LogitsProcessorList([proc3]))
+        model.generate(input_ids=ids, max_new_tokens=5, logits_processor=LogitsProcessorList([*proc3]))
     got = rows(tmp_path / "p.trace", "chosen", "piece")
     for sample in ("utt0", "by-hand", "no-criteria"):
         mine = [r for r in got if r["sample"] == sample]
@@ -207,3 +207,59 @@ def test_cuda_generate_is_decided_on_the_device_and_forced_there(tmp_path):
     assert [r["chosen"] for r in got] == [r["chosen"] for r in rows(tmp_path / "cpu.trace", "chosen")]
     assert all(r["forced"] for r in got)
     assert TraceReader(tmp_path / "gpu.trace").metadata.device.startswith("cuda")
+
+
+class ForceTokens(LogitsProcessor):
+    """A user's processor that makes generate say ``tokens``, one per step."""
+
+    def __init__(self, tokens: list[int], start: int) -> None:
+        self.tokens, self.start = tokens, start
+
+    def __call__(self, input_ids, scores):
+        t = input_ids.shape[1] - self.start
+        out = torch.full_like(scores, -float("inf"))
+        out[:, self.tokens[min(t, len(self.tokens) - 1)]] = 0.0
+        return out
+
+
+def byte_fallback_tokenizer():
+    """A byte-fallback BPE tokenizer built in code: <0x00>..<0xFF>, then a few words."""
+    from tokenizers import Tokenizer, decoders
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    for w in ("</s>", "a", "hi"):
+        vocab[w] = len(vocab)
+    tk = Tokenizer(BPE(vocab, [], byte_fallback=True))
+    tk.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="</s>")
+
+
+def test_processors_pass_as_they_are_with_the_users_own(tmp_path):
+    model = gpt2()
+    with GenerateRecorder(tmp_path / "p.trace", model) as rec:
+        procs, crits = rec.processors(samples=["s"])
+        out = model.generate(input_ids=PROMPTS[:1], max_new_tokens=3, do_sample=False,
+                             logits_processor=LogitsProcessorList([ForceTokens([7, 8, 9], 4), *procs]),
+                             stopping_criteria=crits)
+    assert out[0, 4:].tolist() == [7, 8, 9]
+    assert [r["chosen"] for r in rows(tmp_path / "p.trace", "chosen")] == [7, 8, 9]
+
+
+def test_byte_fallback_pieces_are_merged_into_their_character(tmp_path):
+    tok = byte_fallback_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=32, eos_token_id=256,
+                     pad_token_id=256, bos_token_id=256)
+    model = GPT2LMHeadModel(cfg).eval()
+    says = [257, 0xE7, 0xAF, 0x87, 258, 0xC3, 0xA9]  # a 篇 hi é
+    assert tok.decode(says) == "a篇hié"
+    with GenerateRecorder(tmp_path / "b.trace", model, tokenizer=tok) as rec:
+        rec.generate(input_ids=torch.tensor([[257]]), max_new_tokens=len(says), do_sample=False,
+                     logits_processor=LogitsProcessorList([ForceTokens(says, 1)]))
+    got = rows(tmp_path / "b.trace", "chosen", "piece")
+    assert [r["chosen"] for r in got] == says
+    assert [r["piece"] for r in got] == ["a", "<0xE7>", "<0xAF>", "篇", "hi", "<0xC3>", "é"]
+    vocab = TraceReader(tmp_path / "b.trace").vocab
+    assert vocab[0xE7] == "<0xE7>" and vocab[0x41] == "A" and vocab[257] == "a"  # no '\ufffd' in the vocabulary

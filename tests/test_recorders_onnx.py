@@ -1,6 +1,6 @@
 """OrtRecorder and expose_intermediates on real ONNX Runtime sessions of tiny torch models
 exported with torch.onnx.export(dynamo=False): steps, topological order, decisions vs the numpy
-reference, teacher forcing of an int8 quantize_dynamic copy, optimisation metadata, external
+reference, teacher forcing of a deliberately biased int8 quantize_dynamic copy, optimisation metadata, external
 data, and clear errors."""
 
 from __future__ import annotations
@@ -30,15 +30,31 @@ PROMPT = [1, 5, 9]
 H = 32
 
 
+def first_runner_up() -> int:
+    """The token GRULM(0) ranks second at its first step (fed token 1), in fp32 torch."""
+    with torch.no_grad():
+        return int(GRULM(0).eval()(torch.tensor([1]))[0][0].argsort(descending=True)[1])
+
+
+#: The bias that makes the candidate's first step pick :func:`first_runner_up`: GRULM(0)'s first
+#: margin is 0.45 logits, so the biased token wins by about 1 logit, far beyond what int8 kernels move.
+BIAS = 1.5
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """gru.onnx (one token per run, hidden state in/out), tlm.onnx ([1, T] -> [1, T, V]), and
-    gru_int8.onnx (quantize_dynamic of gru.onnx)."""
+    """gru.onnx (one token per run, hidden state in/out), tlm.onnx ([1, T] -> [1, T, V]),
+    gru_int8.onnx (quantize_dynamic of gru.onnx) and gru_bias_int8.onnx (the int8 copy of a GRULM
+    whose head adds BIAS to the first step's runner-up: a deliberate divergence)."""
     d = tmp_path_factory.mktemp("onnx")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(GRULM(0).eval(), (torch.tensor([1]), torch.zeros(1, 1, H)), str(d / "gru.onnx"),
                           dynamo=False, input_names=["token", "h"], output_names=["logits", "h_out"], opset_version=17)
+        torch.onnx.export(GRULM(0, bias={first_runner_up(): BIAS}).eval(), (torch.tensor([1]), torch.zeros(1, 1, H)),
+                          str(d / "gru_bias.onnx"), dynamo=False, input_names=["token", "h"],
+                          output_names=["logits", "h_out"], opset_version=17)
+        quantize_dynamic(str(d / "gru_bias.onnx"), str(d / "gru_bias_int8.onnx"), weight_type=QuantType.QInt8)
         torch.onnx.export(TransformerLM(0).eval(), (torch.tensor([PROMPT]),), str(d / "tlm.onnx"), dynamo=False,
                           input_names=["tokens"], output_names=["logits"], opset_version=17,
                           dynamic_axes={"tokens": {1: "T"}, "logits": {1: "T"}})
@@ -189,10 +205,14 @@ def test_teacher_forcing_keeps_an_int8_copy_aligned_with_a_torch_reference(model
                 lg, h = model(torch.tensor([tok]), h)
                 tok = rec.decide(lg[0])
     ref_tokens = TraceReader(ref).decisions()["chosen"].to_pylist()
-    with OrtRecorder(tmp_path / "free.trace", models / "gru_int8.onnx", logits="logits") as rec:
+    alt = first_runner_up()
+    with torch.no_grad():  # the planted bias decides the first step in fp32, by far more than int8 moves
+        biased = GRULM(0, bias={alt: BIAS}).eval()(torch.tensor([1]))[0][0].sort(descending=True)
+    assert int(biased.indices[0]) == alt != ref_tokens[0] and float(biased.values[0] - biased.values[1]) > 0.5
+    with OrtRecorder(tmp_path / "free.trace", models / "gru_bias_int8.onnx", logits="logits") as rec:
         free, _ = gru_decode(rec, steps)
-    assert free != ref_tokens  # the int8 copy diverges when free-running: forcing has work to do
-    with OrtRecorder(tmp_path / "cand.trace", models / "gru_int8.onnx", logits="logits", reference=ref,
+    assert free[0] == alt and free != ref_tokens  # the candidate diverges when free-running: forcing has work to do
+    with OrtRecorder(tmp_path / "cand.trace", models / "gru_bias_int8.onnx", logits="logits", reference=ref,
                      tensors={"token": "full", "*": "stats"}) as rec:
         forced, _ = gru_decode(rec, steps)
         with pytest.raises(ReferenceNotFoundError):
@@ -201,7 +221,7 @@ def test_teacher_forcing_keeps_an_int8_copy_aligned_with_a_torch_reference(model
     r = TraceReader(tmp_path / "cand.trace")
     d = r.decisions().slice(0, steps)
     assert all(d["forced"].to_pylist()) and d["chosen"].to_pylist() == ref_tokens
-    assert d["argmax"].to_pylist() != ref_tokens  # its own argmax still disagrees somewhere
+    assert d["argmax"].to_pylist()[0] == alt  # its own argmax still disagrees where the bias decides
     fed = [int(r.tensor("0", t, "token")[0]) for t in range(1, 4)]
     assert fed == ref_tokens[:3]  # the run was fed the reference's tokens
 

@@ -132,13 +132,13 @@ def test_torch_model_rebuilt_from_onnx_matches_ort(lm):
 
 
 def test_int8_copy_differs_from_fp32_on_a_demo_prompt(int8_lm, fp32_runs):
-    flips = 0
     for prompt, ref in fp32_runs.items():
         q = int8_lm.greedy(ortlm.prompt_ids(prompt), MAX_NEW, use_cache=True, on_step=_forcer(ref.tokens))
         assert q.tokens == ref.tokens[: len(q.tokens)]  # teacher forcing keeps the runs aligned
-        assert not np.array_equal(q.logits, ref.logits[: len(q.logits)])  # int8 is never bit-identical
-        flips += sum(a != b for a, b in zip(q.argmax, ref.tokens[:40]))
-    assert flips >= 1, "int8 should flip at least one near-tie within 40 steps on the demo prompts"
+        # 8-bit weights (one scale per tensor) move these logits (scale ~14) by 0.07-0.5 at every step, on
+        # any CPU; which near ties that flips depends on the CPU's int8 kernels, so no flip count is asserted
+        err = np.abs(np.asarray(q.logits) - np.asarray(ref.logits[: len(q.logits)])).max()
+        assert err > 0.01, f"{prompt!r}: the int8 copy moved the logits by only {err:.2g}"
 
 
 def test_training_and_export_round_trip(tmp_path):

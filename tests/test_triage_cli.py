@@ -44,7 +44,7 @@ def test_triage_names_the_later_bug_where_diff_names_the_early_drift(traces, tmp
     assert main(["diff", str(d / "ref.trace"), str(d / "cand.trace"), "--json", str(tmp_path / "diff.json")]) != EXIT_OK
     capsys.readouterr()
     fd = json.loads((tmp_path / "diff.json").read_text())["first_divergence"]
-    assert fd["step"] == 4 and fd["culprit"]["name"] == "layers.0"  # the first symptom
+    assert fd["step"] == 4 and fd["culprit"]["name"] == "ChainLM.layers.0"  # the first symptom
     out = tmp_path / "triage.json"
     code = main(["triage", str(d / "ref.trace"), "--candidate", str(d / "cand.trace"), *REC, "--json", str(out),
                  *BUGGY])
@@ -53,11 +53,11 @@ def test_triage_names_the_later_bug_where_diff_names_the_early_drift(traces, tmp
     rep = json.loads(out.read_text())
     assert rep["schema"] == "steptrace.triage/1"
     rc = rep["root_cause"]
-    assert (rc["name"], rc["step"], rc["sample"]) == ("layers.2", 4, "0")
+    assert (rc["name"], rc["step"], rc["sample"]) == ("ChainLM.layers.2", 4, "0")
     assert rc["restores"] is True and rc["introduces"] is True
     assert rc["local_error"] > 1.0 > 1e-3 > rc["tolerance"]
     fs = rep["first_symptom"]
-    assert fs["name"] == "layers.0" and fs["restores"] is False
+    assert fs["name"] == "ChainLM.layers.0" and fs["restores"] is False
     assert fs["logit_error_after"] == pytest.approx(rep["target"]["logit_error"], rel=0.01)  # changes nothing
     assert rep["target"]["ref_token"] != rep["target"]["cand_token"]
     for t in rep["trials"]:
@@ -65,7 +65,7 @@ def test_triage_names_the_later_bug_where_diff_names_the_early_drift(traces, tmp
     bisect = [t for t in rep["trials"] if t["purpose"] == "bisect"]
     assert 1 < len(bisect) <= 1 + int(np.ceil(np.log2(rep["candidates"])))
     # the report's first screen says it in one sentence, the progress went to stderr
-    assert captured.out.lstrip().splitlines()[1].count("layers.2 introduces the error at step 4")
+    assert captured.out.lstrip().splitlines()[1].count("ChainLM.layers.2 introduces the error at step 4")
     assert captured.err.count("triage: re-run") == len(rep["trials"])
     # the user's traces were only read
     assert {p: _snapshot(d / p) for p in ("ref.trace", "cand.trace")} == before
@@ -75,7 +75,7 @@ def test_first_divergence_of_a_plain_rerun_is_the_default_target(traces, tmp_pat
     out = tmp_path / "t.json"
     assert main(["triage", str(traces / "ref.trace"), *REC, "--json", str(out), *BUGGY]) == EXIT_OK
     rep = json.loads(out.read_text())
-    assert rep["candidate"] is None and rep["root_cause"]["name"] == "layers.2"
+    assert rep["candidate"] is None and rep["root_cause"]["name"] == "ChainLM.layers.2"
 
 
 def test_budget_exhausted_says_what_was_tried_and_exits_1(traces, tmp_path, capsys):
@@ -94,11 +94,11 @@ def test_reference_without_values_names_the_command_or_is_rerecorded(traces, tmp
     code = main(["triage", str(traces / "ref_stats.trace"), *REC, *BUGGY])
     err = capsys.readouterr().err
     assert code == EXIT_ERROR
-    assert "holds no values of layers." in err and "--tensors full" in err and "trace record" in err
+    assert "holds no values of ChainLM.layers." in err and "--tensors full" in err and "trace record" in err
     out = tmp_path / "t.json"
     code = main(["triage", str(traces / "ref_stats.trace"), "--ref-script", SCRIPT, *REC, "--json", str(out), *BUGGY])
     assert code == EXIT_OK, capsys.readouterr().err
-    assert json.loads(out.read_text())["root_cause"]["name"] == "layers.2"
+    assert json.loads(out.read_text())["root_cause"]["name"] == "ChainLM.layers.2"
 
 
 def test_jsonl_candidate_cannot_be_rerun(traces, tmp_path, capsys):
@@ -154,7 +154,7 @@ def test_step_and_from_step_choose_the_target_and_the_transplanted_steps(traces,
     assert code == EXIT_OK, capsys.readouterr().err
     rep = json.loads(out.read_text())
     assert rep["target"]["step"] == 6 and rep["target"]["from_step"] == 3
-    assert rep["root_cause"]["name"] == "layers.2" and rep["root_cause"]["step"] == 6
+    assert rep["root_cause"]["name"] == "ChainLM.layers.2" and rep["root_cause"]["step"] == 6
     assert all(t["steps"] == [3, 4, 5, 6] for t in rep["trials"] if t["transplanted"])
     assert main(["triage", str(traces / "ref.trace"), *REC, "--step", "6", "--from-step", "7", *BUGGY]) == EXIT_ERROR
     assert "--from-step 7 must lie between 0 and the target step 6" in capsys.readouterr().err
@@ -184,8 +184,8 @@ def test_viewer_marks_the_root_cause_in_the_tensors_pane(traces, tmp_path, capsy
                 if pane.lines:
                     break
             names = [ln.name for ln in pane.lines]
-            assert "layers.2 ◆ root cause" in names
-            assert [ln.name for ln in pane.lines if ln.culprit] == ["layers.0"]  # the first symptom stays marked
+            assert "ChainLM.layers.2 ◆ root cause" in names
+            assert [ln.name for ln in pane.lines if ln.culprit] == ["ChainLM.layers.0"]  # the first symptom stays marked
             assert app.table.row(app.table.cursor).step == 4  # the view opens at the root cause's step
 
     vf.run_async(check)()
@@ -238,7 +238,7 @@ def test_local_all_measures_every_searched_tensor(traces, tmp_path, capsys):
     rep = json.loads(out.read_text())
     mods = {m["name"]: m for m in rep["modules"]}
     assert len(mods) == rep["candidates"] and all(m["local_error"] is not None for m in mods.values())
-    assert mods["layers.2"]["role"] == "root cause" and mods["layers.0"]["role"] == "harmless drift"
+    assert mods["ChainLM.layers.2"]["role"] == "root cause" and mods["ChainLM.layers.0"]["role"] == "harmless drift"
     # after the root cause the layers only carry its error: their own is within tolerance
-    assert mods["layers.3"]["local_within"] is True and mods["layers.3"]["propagated_error"] > 1.0
-    assert mods["layers.3"]["role"] in ("carries upstream error", "amplifies upstream error")
+    assert mods["ChainLM.layers.3"]["local_within"] is True and mods["ChainLM.layers.3"]["propagated_error"] > 1.0
+    assert mods["ChainLM.layers.3"]["role"] in ("carries upstream error", "amplifies upstream error")

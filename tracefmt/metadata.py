@@ -14,6 +14,10 @@ from .errors import TraceFormatError, TraceNotFoundError, TraceUsageError, Trace
 from .schema import FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION, MANIFEST
 
 
+#: Dtypes a ``logits_dtype`` may name: the precision the logits were computed in (SPEC.md §2).
+LOGITS_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
 def utc_now() -> str:
     """Return the current time as an ISO 8601 UTC string with microseconds."""
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -42,6 +46,8 @@ class TraceMetadata:
     tags: dict[str, str] = field(default_factory=dict)
     watched: dict[str, int] = field(default_factory=dict)
     vocab_head: str = "token"
+    open_loop: list[str] = field(default_factory=list)
+    logits_dtype: str | None = None
     producer: str = "steptrace"
     producer_version: str = field(default_factory=_producer_version)
     created: str = field(default_factory=utc_now)
@@ -91,6 +97,11 @@ class TraceMetadata:
             raise TraceUsageError("metadata tags must map strings to strings")
         if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in self.watched.items()):
             raise TraceUsageError("metadata watched must map token names to integer ids, e.g. {'eos': 3}")
+        if not (isinstance(self.open_loop, list) and all(isinstance(h, str) for h in self.open_loop)):
+            raise TraceUsageError("metadata open_loop must be a list of head names, e.g. ['frame']")
+        if self.logits_dtype is not None and self.logits_dtype not in LOGITS_DTYPES:
+            raise TraceUsageError(f"metadata logits_dtype must be one of {', '.join(LOGITS_DTYPES)}, "
+                                  f"got {self.logits_dtype!r}")
 
     def to_manifest(self, *, vocab: str | None = None) -> dict[str, Any]:
         """Return the JSON object SPEC.md §2 defines for ``steptrace.json``."""
@@ -112,6 +123,10 @@ class TraceMetadata:
                 "vocab_head": self.vocab_head,
             }
         )
+        if self.open_loop:
+            doc["open_loop"] = list(self.open_loop)
+        if self.logits_dtype is not None:
+            doc["logits_dtype"] = self.logits_dtype
         return doc
 
     @classmethod
@@ -122,7 +137,7 @@ class TraceMetadata:
             TraceFormatError: a known key has the wrong type.
         """
         known = {"format", "version", "created", "producer", "runtime", "model", "precision", "device",
-                 "command", "tags", "watched", "vocab", "vocab_head"}
+                 "command", "tags", "watched", "vocab", "vocab_head", "open_loop", "logits_dtype"}
         try:
             producer = doc.get("producer") or {}
             runtime = doc.get("runtime") or {}
@@ -136,6 +151,8 @@ class TraceMetadata:
                 tags=dict(doc.get("tags") or {}),
                 watched=dict(doc.get("watched") or {}),
                 vocab_head=doc.get("vocab_head") or "token",
+                open_loop=list(doc.get("open_loop") or []),
+                logits_dtype=doc.get("logits_dtype"),
                 producer=producer.get("name") or "unknown",
                 producer_version=producer.get("version") or "unknown",
                 created=doc.get("created") or "",

@@ -205,7 +205,8 @@ class ViewApp(KeyActions, App[None]):
             return
         self._show_samples()
         if self.sample is not None:
-            self._load_sample_diff(self.sample, self.current_step, self._pending_first)
+            step = self.current_step if self.current_step is not None else self.start_step
+            self._load_sample_diff(self.sample, step, self._pending_first)
         self._subtitle()
 
     def on_failed(self, msg: Failed) -> None:

@@ -56,6 +56,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "or decision key columns, e.g. frame,emission (transducers) or chunk (streaming)")
     g.add_argument("--heads", metavar="H[,H]", help="compare only these decision heads")
     g.add_argument("--samples", metavar="GLOB", action="append", help="compare only matching samples (repeatable)")
+    g.add_argument("--open-loop", metavar="HEAD", action="append", default=[],
+                   help="HEAD's decisions are not fed back (CTC frames, VAD chunks): compare its rows to the end "
+                        "of each sample (repeatable; adds to the heads the traces declare)")
+    g.add_argument("--ctc", metavar="blank=ID",
+                   help="collapse token sequences as CTC does (merge repeats, drop blank ID) for sequence, WER "
+                        "and CER figures; implies --open-loop for the vocabulary head")
     t = p.add_argument_group("tolerance")
     t.add_argument("--policy", metavar="FILE", help="tolerance policy (TOML; see docs/differ.md)")
     t.add_argument("--epsilon", type=float, metavar="LOGITS",
@@ -114,7 +120,23 @@ def options(args: argparse.Namespace) -> DiffOptions:
         values=not args.stats_only,
         jobs=args.jobs or max(1, min(4, os.cpu_count() or 1)),
         fail_on=args.fail_on,
+        open_loop=list(args.open_loop) or None,
+        ctc_blank=_ctc_blank(args.ctc),
     )
+
+
+def _ctc_blank(text: str | None) -> int | None:
+    """Parse ``--ctc blank=ID``.
+
+    Raises:
+        TraceUsageError: malformed text.
+    """
+    if text is None:
+        return None
+    key, _, value = text.partition("=")
+    if key.strip() != "blank" or not value.strip().isdigit():
+        raise TraceUsageError(f"--ctc {text!r}: write --ctc blank=ID, e.g. --ctc blank=0")
+    return int(value)
 
 
 def run(args: argparse.Namespace) -> DiffOutcome:

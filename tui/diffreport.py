@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from differ import DiffReport, FirstDivergence, PairReport
+from differ import DiffReport, FirstDivergence, NearTieEvidence, PairReport
 
 STYLE = {"identical": "bold green", "equivalent": "green", "drift": "yellow", "flip": "magenta",
          "divergent": "bold red", "missing": "red"}
@@ -50,17 +50,43 @@ def _divergence(fd: FirstDivergence) -> list[Text | Table]:
                   f"{_num(fd.b_rank_of_a, 'd') if fd.b_rank_of_a is not None else '> top-k'}, {_num(fd.b_gap)}"
                   if fd.kind in ("flip", "divergent") else "")
         out.append(t)
-    if fd.kind in ("flip", "divergent") and fd.epsilon is not None:
-        out.append(Text(f"  near-tie threshold ε = {fd.epsilon:.3g} logits", style="dim"))
+    ev = fd.evidence
+    if ev is not None:
+        out += _evidence(fd, ev)
     for w in fd.watched:
         out.append(Text(f"  {w}"))
     if fd.culprit:
+        at = (f" (recorded at step {fd.culprit.step}: nothing beyond tolerance at step {fd.step})"
+              if fd.culprit.step != fd.step else "")
         out.append(Text.assemble(("  culprit: ", "bold"), (fd.culprit.name, "bold cyan"),
-                                 f"{f' (call {fd.culprit.call})' if fd.culprit.call else ''}  {fd.culprit.metrics}"))
+                                 f"{f' (call {fd.culprit.call})' if fd.culprit.call else ''}{at}  {fd.culprit.metrics}"))
     elif fd.kind != "missing":
-        out.append(Text("  culprit: no tensor beyond tolerance at this step"
-                        " (none recorded, or the drift started earlier)", style="dim"))
+        out.append(Text("  culprit: no tensor beyond tolerance at this step or before it"
+                        " (none recorded, or all within tolerance)", style="dim"))
+    if fd.confirm_with_values:
+        names = fd.confirm_with_values
+        mods = " ".join(f"--modules '{n}'" for n in names[:3]) + (" ..." if len(names) > 3 else "")
+        out.append(Text(f"  judged from statistics only (lower bounds; a culprit before it may hide): record "
+                        f"values to confirm — {', '.join(names)} (trace record --tensors full {mods})", style="dim"))
     return out
+
+
+def _evidence(fd: FirstDivergence, ev: NearTieEvidence) -> list[Text]:
+    """The numbers that made this flip a near tie or a divergence, in two lines."""
+    ulps = f" ({_num(ev.a_gap_ulps, '.3g')} / {_num(ev.b_gap_ulps, '.3g')} ulps of {ev.grid})"
+    noise = (f"pair's noise {_num(ev.noise)} (p{ev.noise_percentile:g} of {ev.noise_steps:,} agreeing steps, "
+             f"cap {ev.noise_cap:g})" if ev.noise is not None
+             else f"pair's noise unmeasured ({ev.noise_steps:,} agreeing steps)")
+    why = {"grid": f"both gaps within the {ev.grid} grid's ε {_num(ev.grid_epsilon)}",
+           "coin_toss": f"both gaps within 0.5 % of the logit scale ({_num(ev.coin_toss)}): a coin toss",
+           "noise": "the shift is within the noise this pair shows where it agrees",
+           "epsilon": f"both gaps within --epsilon {_num(ev.grid_epsilon)}"}.get(ev.rule or "")
+    verdict = (Text.assemble(("  near tie: ", "bold"), why) if why else
+               Text.assemble(("  not a near tie: ", "bold"),
+                             f"the shift exceeds the noise, the grid ε {_num(ev.grid_epsilon)} and the "
+                             f"coin-toss bound {_num(ev.coin_toss)}"))
+    return [Text(f"  shift needed to swap them {_num(ev.shift)} = gaps {_num(fd.a_gap)} + {_num(fd.b_gap)}{ulps}; "
+                 f"{noise}", style="dim"), verdict]
 
 
 def first_screen(report: DiffReport) -> Panel:
