@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import itertools
-import math
 import os
 import shutil
 import tempfile
@@ -43,18 +42,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from differ import DiffOptions, Policy, compare_values, diff
+from differ import DiffOptions, Policy, diff
 from tracefmt import TraceReader
-from tracefmt.errors import TraceNotFoundError
 
 from .errors import NotDeterministicError, ReferenceValuesError, TriageError
 from .reference import Reference
 from .triagejudge import (
     Noise,
-    Rows,
     check_rerunnable,
     fingerprint,
-    fingerprint_before,
     is_restored,
     logit_errors,
     pair_noise,
@@ -62,8 +58,9 @@ from .triagejudge import (
     same_run,
     values_command,
 )
-from .triagereport import ComponentRow, ModuleError, RootCause, Trial, TriageReport
+from .triagereport import ComponentRow, ModuleError, RootCause, TriageReport
 from .triagerun import Runner, is_excluded
+from .triagesession import Exhausted, Session, shown
 
 __all__ = ["DEFAULT_BUDGET", "Noise", "check_rerunnable", "is_restored", "logit_errors", "shown", "triage"]
 
@@ -71,117 +68,6 @@ __all__ = ["DEFAULT_BUDGET", "Noise", "check_rerunnable", "is_restored", "logit_
 DEFAULT_BUDGET = 24
 #: Components at most in a component table (2**n - 1 re-runs).
 MAX_COMPONENTS = 4
-
-
-class _Exhausted(Exception):
-    """The transplant budget is spent (internal: ends the search)."""
-
-
-# ---------------------------------------------------------------------- the search
-class _Session:
-    """The state of one triage: the reference, the re-runs made, the target."""
-
-    def __init__(self, ref: Reference, runner: Runner, workdir: Path, budget: int, policy: Policy,
-                 progress: Callable[[str], None] | None) -> None:
-        self.ref = ref
-        self.runner = runner
-        self.workdir = workdir
-        self.budget = budget
-        self.policy = policy
-        self.progress = progress
-        self.trials: list[Trial] = []
-        self.cache: dict[tuple[str, ...], tuple[Trial, TraceReader]] = {}
-        self.readers: list[TraceReader] = []
-        self.used = 0
-        self.sample = ""
-        self.head = "token"
-        self.step = 0
-        self.steps: list[int] = []
-        self.ref_rows: Rows | None = None
-        self.noise = Noise(None, 0.0)
-        self.before = 0.0
-        self.plain_fp: tuple[pa.Table, pa.Table] | None = None
-
-    def say(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress(text)
-
-    def record(self, names: Sequence[str], label: str) -> tuple[TraceReader, float]:
-        path = str(self.workdir / f"run-{len(self.trials) + 1:03d}.trace")
-        t0 = time.perf_counter()
-        steps = None if not names else set(self.steps)
-        self.runner.rerun(path, self.ref, list(names), steps)
-        reader = TraceReader(path)
-        self.readers.append(reader)
-        return reader, time.perf_counter() - t0
-
-    def plain(self, purpose: str) -> TraceReader:
-        self.say(f"re-run {len(self.trials) + 1}: {purpose} (teacher-forced, nothing transplanted)")
-        reader, secs = self.record([], purpose)
-        self.trials.append(Trial(len(self.trials) + 1, purpose, [], -1, [], False, -1, math.nan, math.nan, secs))
-        return reader
-
-    def outcome(self, reader: TraceReader) -> tuple[int, float]:
-        rows = read_rows(reader, self.sample, self.head)
-        i, j = rows.at(self.step), self.ref_rows.at(self.step)  # type: ignore[union-attr]
-        if i is None or j is None:
-            raise TriageError(f"the re-run has no {self.head!r} decision at sample {self.sample!r} step {self.step}; "
-                              "the candidate must run at least as many steps as the reference")
-        err = float(logit_errors(self.ref_rows, np.array([j]), rows, np.array([i]))[0])  # type: ignore[arg-type]
-        return int(rows.argmax[i]), err
-
-    def trial(self, names: Sequence[str], purpose: str) -> tuple[Trial, TraceReader]:
-        key = tuple(names)
-        if key in self.cache:
-            return self.cache[key]
-        if self.used >= self.budget:
-            raise _Exhausted
-        self.used += 1
-        n = len(self.trials) + 1
-        reader, secs = self.record(names, purpose)
-        if self.plain_fp is not None and not same_run(fingerprint(reader, min(self.steps)),
-                                                    fingerprint_before(self.plain_fp, min(self.steps))):
-            raise NotDeterministicError(
-                f"re-run {n} differs from the plain re-run before step {min(self.steps)}, where nothing was "
-                "transplanted: the candidate is not deterministic (seed its randomness, disable dropout, fix thread "
-                "counts and non-deterministic kernels) and triage cannot compare its re-runs")
-        token, err = self.outcome(reader)
-        ref_token = int(self.ref_rows.chosen[self.ref_rows.at(self.step)])  # type: ignore[union-attr]
-        ok = is_restored(ref_token, token, err, self.noise)
-        t = Trial(n, purpose, list(names), self.step, list(self.steps), ok, token, self.before, err, secs)
-        self.trials.append(t)
-        self.say(f"re-run {n} ({self.used}/{self.budget}): {purpose} {shown(names)} → "
-                 f"{'restored' if ok else 'not restored'} (token {token}, logit error {err:.3g}, {secs:.2f} s)")
-        self.cache[key] = (t, reader)
-        return t, reader
-
-    def tensor_error(self, reader: TraceReader, name: str, dtypes: Mapping[str, str]) -> tuple[float | None, bool]:
-        """(max |Δ|, within tolerance) of ``name`` at the target step in ``reader`` vs the reference."""
-        try:
-            a = self.ref.reader.tensor(self.sample, self.step, name, call=0)
-            b = reader.tensor(self.sample, self.step, name, call=0)
-        except TraceNotFoundError:  # not recorded by this re-run (or the reference): nothing to compare
-            return None, True
-        m = compare_values(np.asarray(a), np.asarray(b), self.policy.tensor(name, dtypes.get(name, "float32")))
-        return (0.0 if m.bitexact else m.max_abs), bool(m.within)
-
-    def close(self) -> None:
-        for r in self.readers:
-            r.close()
-
-
-def shown(names: Sequence[str]) -> str:
-    """A list of transplanted names for one line: all of up to three, else first … last (count).
-
-    Args:
-        names: tensor names in execution order.
-
-    Returns:
-        The text (``(nothing)`` for none).
-    """
-    if len(names) <= 3:
-        return ", ".join(names) or "(nothing)"
-    return f"{names[0]} … {names[-1]} ({len(names)} tensors)"
 
 
 def _target(ref_path: str, other: str, sample: str | None) -> tuple[str, int, str, str | None] | None:
@@ -259,7 +145,7 @@ def triage(
     wd = Path(tempfile.mkdtemp(prefix="steptrace-triage-")) if own_dir else Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     pol = policy or Policy()
-    s = _Session(ref, runner, wd, budget, pol, progress)
+    s = Session(ref, runner, wd, budget, pol, progress)
     report = TriageReport(str(reference), None if candidate is None else str(candidate), runner.label, runner.runtime,
                           budget=budget, components=comps)
     try:
@@ -267,7 +153,7 @@ def triage(
             with TraceReader(candidate) as cr:
                 check_rerunnable(cr, "the candidate", script=True)
         _run(s, report, candidate, sample, step, head, from_step, comps, local_all, search)
-    except _Exhausted:
+    except Exhausted:
         report.exhausted = True
     finally:
         report.trials = s.trials
@@ -285,7 +171,7 @@ def triage(
     return report
 
 
-def _run(s: _Session, report: TriageReport, candidate: Any, sample: str | None, step: int | None, head: str | None,
+def _run(s: Session, report: TriageReport, candidate: Any, sample: str | None, step: int | None, head: str | None,
          from_step: int | None, comps: dict[str, str], local_all: bool, search: str) -> None:
     ref = s.ref
     p1 = s.plain("plain")
@@ -373,7 +259,7 @@ def _run(s: _Session, report: TriageReport, candidate: Any, sample: str | None, 
         return
     try:
         root = _search(s, names, search)
-    except _Exhausted:
+    except Exhausted:
         report.exhausted = True
         root = None
     # local errors around the boundary (and of the first symptom); single transplants of both
@@ -392,7 +278,7 @@ def _run(s: _Session, report: TriageReport, candidate: Any, sample: str | None, 
         for k in sorted(want):
             reader = p1 if k == 0 else s.trial(names[:k], "local")[1]
             local[names[k]] = s.tensor_error(reader, names[k], dtypes)
-    except _Exhausted:
+    except Exhausted:
         report.exhausted = True
     tried = {tuple(tr.transplanted): tr for tr in s.trials if len(tr.transplanted) == 1}
     modules = []
@@ -437,7 +323,7 @@ def _check_values(ref: Reference, names: Sequence[str], sample: str, steps: Sequ
             "(or give --ref-script to let triage re-record it)")
 
 
-def _search(s: _Session, names: Sequence[str], search: str) -> int | None:
+def _search(s: Session, names: Sequence[str], search: str) -> int | None:
     """Index of the earliest tensor ``i`` such that transplanting ``names[:i + 1]`` (it and every
     tensor before it in execution order) restores the target; None when transplanting all of
     them does not.
@@ -479,7 +365,7 @@ def _role(k: int, root: int | None, local: tuple[float | None, bool | None], pro
     return "carries upstream error"
 
 
-def _components(s: _Session, report: TriageReport, names: Sequence[str], comps: Mapping[str, str]) -> None:
+def _components(s: Session, report: TriageReport, names: Sequence[str], comps: Mapping[str, str]) -> None:
     members = {c: [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in glob.split("|"))]
                for c, glob in comps.items()}
     empty = [c for c, m in members.items() if not m]
