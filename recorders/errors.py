@@ -29,3 +29,23 @@ class TransplantMismatchError(RecorderUsageError):
 
 class CoreMLUnavailableError(TraceUsageError):
     """Core ML cannot run a model on this machine (prediction needs macOS and its framework)."""
+
+
+class TriageError(TraceUsageError):
+    """``trace triage`` cannot localise a divergence with what it was given (exit 2)."""
+
+
+class NotDeterministicError(TriageError):
+    """Two plain re-runs of the candidate differ: transplant trials cannot be compared."""
+
+
+class ReferenceValuesError(TriageError):
+    """The reference holds statistics only for the tensors a transplant needs."""
+
+
+class NotRerunnableError(TriageError):
+    """The candidate cannot be re-run here (a trace imported from JSONL, Core ML off macOS)."""
+
+
+class RerunFailedError(TriageError):
+    """A re-run of the candidate failed (the script raised or exited with a non-zero status)."""

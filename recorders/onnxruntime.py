@@ -561,3 +561,86 @@ def patch_sessions(on_run: Any) -> Any:
 
     return restore
 # ---------------------------------------------------------------------- end session patching
+
+
+# =====================================================================================================
+# Graph cuts for transplant (recorders/ortcut.py, `trace triage`): the only onnx / onnxruntime calls
+# the ONNX Runtime transplant makes.
+# =====================================================================================================
+CUT_SUFFIX = "/steptrace.own"
+
+
+def cut_model(model: str | os.PathLike[str], names: Sequence[str], out_path: str | os.PathLike[str]) -> str:
+    """Write a copy of ``model`` cut at ``names``: each value becomes a graph input that its
+    consumers (and the graph output of that name, if any) read, so a session of the copy runs
+    the rest of the graph on whatever value is fed for it. The producing node's output is
+    renamed ``<name>/steptrace.own`` (computed, read by nobody).
+
+    Args:
+        model: the ONNX file (the exposed model the recorder runs; external data next to it).
+        names: values to cut at (node outputs with an inferable tensor type).
+        out_path: where to write the cut model (its weights go to ``<name>.data`` beside it).
+
+    Returns:
+        ``out_path`` as a string.
+
+    Raises:
+        RecorderUsageError: a name that is not a node output of the graph, or whose type
+            cannot be inferred.
+    """
+    full = _load(model, weights=True)
+    if any(uses_external_data(t) for t in full.graph.initializer):
+        load_external_data_for_model(full, str(Path(model).parent))
+    g = full.graph
+    types = _infer_types(full)
+    produced = {o: n for n in g.node for o in n.output if o}
+    inputs = {i.name for i in g.input}
+    for name in names:
+        node = produced.get(name)
+        if node is None:
+            hint = "a graph input needs no cut: feed it" if name in inputs else "it is no node output of the graph"
+            raise RecorderUsageError(f"cannot transplant ONNX value {name!r}: {hint}")
+        vi = types.get(name)
+        if vi is None or vi.type.WhichOneof("value") != "tensor_type":
+            raise RecorderUsageError(f"cannot transplant ONNX value {name!r}: no tensor type can be inferred for it")
+        node.output[list(node.output).index(name)] = name + CUT_SUFFIX
+        new = g.input.add()
+        new.CopyFrom(vi)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(full, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{out.name}.data", size_threshold=1024)
+    return str(out)
+
+
+def session_like(path: str | os.PathLike[str], session: ort.InferenceSession) -> ort.InferenceSession:
+    """Open ``path`` with the graph optimisation level and providers of ``session``.
+
+    Args:
+        path: an ONNX file.
+        session: the session whose settings to copy.
+
+    Returns:
+        The new session.
+    """
+    so = ort.SessionOptions()
+    so.graph_optimization_level = session.get_session_options().graph_optimization_level
+    return ort.InferenceSession(str(path), so, providers=session.get_providers())
+
+
+def run_unrouted(session: ort.InferenceSession, names: Sequence[str], feed: Mapping[str, Any]) -> list[Any]:
+    """Run ``session`` with ONNX Runtime's own ``run``, past :func:`patch_sessions`' routing
+    (a session the recorder opens itself while a script is recorded).
+
+    Args:
+        session: the session.
+        names: outputs to fetch.
+        feed: input name -> array.
+
+    Returns:
+        The outputs.
+    """
+    from onnxruntime.capi.onnxruntime_inference_collection import Session
+
+    return Session.run(session, list(names), dict(feed))
+# ---------------------------------------------------------------------- end graph cuts

@@ -198,6 +198,7 @@ def run_script(
     progress: Callable[[int], None] | None = None,
     all_positions: bool = False,
     open_loop: Sequence[str] | None = None,
+    recorder: Callable[..., ScriptRecorder] = ScriptRecorder,
 ) -> ScriptResult:
     """Run a script (or ``-m`` module) in this process and record it into ``trace``.
 
@@ -221,6 +222,8 @@ def run_script(
         all_positions: decide every position of the logits output, one step per position.
         open_loop: heads not fed back (manifest ``open_loop``); None: ``["token"]`` with
             ``all_positions``, none otherwise.
+        recorder: the :class:`ScriptRecorder` class (or a factory taking its arguments) that
+            records the run; ``trace triage`` passes one that also transplants.
 
     Returns:
         The :class:`ScriptResult` (the script's exit status, its error and traceback, counts).
@@ -241,10 +244,10 @@ def run_script(
             "tags": {"steptrace.record.script": shown, "steptrace.record.logits": ",".join(logits) or "-",
                      "steptrace.record.modules": ",".join(modules) or "-", "steptrace.record.tensors": tensors,
                      "steptrace.record.sample_per": ",".join(sample_per) or "-", "steptrace.record.scores": scores}}
-    hooks = ScriptRecorder(trace, modules=modules, logits=logits, tensors=tensors, reference=teacher, sample=sample,
-                           sample_per=sample_per, sample_ids=sample_ids, scores=scores, k=k,
-                           mode="overwrite" if overwrite else "create", metadata=meta, progress=progress,
-                           all_positions=all_positions, open_loop=open_loop)
+    hooks = recorder(trace, modules=modules, logits=logits, tensors=tensors, reference=teacher, sample=sample,
+                     sample_per=sample_per, sample_ids=sample_ids, scores=scores, k=k,
+                     mode="overwrite" if overwrite else "create", metadata=meta, progress=progress,
+                     all_positions=all_positions, open_loop=open_loop)
     undo: list[Callable[[], None]] = []
 
     def on_torch(_module: ModuleType) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -279,6 +279,8 @@ class TorchRecorder(Recorder):
             on the first record after the previous step ended.
         transplant: globs of module names whose outputs are replaced by the reference's
             recorded tensors at the same (sample, step, call); needs ``reference``.
+        transplant_steps: the step indices at which ``transplant`` replaces outputs (None:
+            every step); at other steps those modules are recorded as they ran.
         device_stats: reduce statistics on the tensor's device and finish host copies on a
             recorder thread; None (default) does so for tensors not on the CPU.
         **options: :class:`recorders.capture.Recorder` options (``reference``,
@@ -299,6 +301,7 @@ class TorchRecorder(Recorder):
         modules: PolicyLike = None,
         step_module: str | None = None,
         transplant: Sequence[str] = (),
+        transplant_steps: Container[int] | None = None,
         device_stats: bool | None = None,
         **options: Any,
     ) -> None:
@@ -330,6 +333,7 @@ class TorchRecorder(Recorder):
         super().__init__(trace, policy=policy, defaults=defaults, tags=tags, **options)
         self.model = model
         self._device_stats = device_stats
+        self._transplant_steps = transplant_steps
         # CPU tensors without a budget take the lean path (_record_cpu): the hooks run between
         # the model's own ops, with its caches cold, so every Python step there counts
         self._lean = self._ring is None and not device_stats
@@ -353,6 +357,11 @@ class TorchRecorder(Recorder):
             def transplant_hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
                 self._finish_deferred()
                 call = self.next_call(name)
+                steps = self._transplant_steps
+                if steps is not None and self._current().key.index not in steps:
+                    if mode != "none":
+                        self._record_output(name, call, output, source, mode)
+                    return None
                 output = self._transplant(name, call, output)
                 if mode != "none":
                     self._record_output(name, call, output, f"{source} [transplanted]", mode)
@@ -465,11 +474,7 @@ class TorchRecorder(Recorder):
                 f"holds {ref.dtype}{list(ref.values.shape)} but this run produced {dt}{list(t.shape)}; transplant "
                 "between runs with the same shapes and dtype (record the reference in the candidate's precision)"
             )
-        if dt == "bfloat16":
-            r = torch.from_numpy(ref.values.view(np.int16).copy()).view(torch.bfloat16)
-        else:
-            r = torch.from_numpy(np.array(ref.values, copy=True))
-        return r.to(t.device)
+        return reference_to_tensor(ref.values, dt, t.device)
 
     def close(self) -> WriteSummary:
         """Remove the hooks, then close as :meth:`recorders.capture.Recorder.close` does.
@@ -612,3 +617,22 @@ def peak_at(t: torch.Tensor, index: tuple[int, ...], token: int) -> torch.Tensor
     out[index] = float("-inf")
     out[index + (token,)] = keep
     return out
+
+
+def reference_to_tensor(values: np.ndarray, dtype: str, device: Any = "cpu") -> torch.Tensor:
+    """Return a reference trace's values as a new torch tensor (transplant).
+
+    Args:
+        values: the values as :meth:`recorders.Reference.tensor` gives them (bfloat16 as
+            uint16 bits).
+        dtype: their SPEC.md dtype.
+        device: the device to put the tensor on.
+
+    Returns:
+        A tensor owning a copy of the values.
+    """
+    if dtype == "bfloat16":
+        r = torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16)
+    else:
+        r = torch.from_numpy(np.array(values, copy=True))
+    return r.to(device)

@@ -7,6 +7,7 @@ traces, traces that cannot be compared) become notices, never a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import ClassVar
@@ -100,8 +101,12 @@ class ViewApp(KeyActions, App[None]):
 
     def __init__(self, paths: list[str | os.PathLike[str]] | None = None, *, diff_json: str | None = None,
                  sample: str | None = None, step: int | None = None, low_margin: float = 1.0, align: str = "step",
-                 model: ViewModel | None = None) -> None:
+                 model: ViewModel | None = None, triage: dict | None = None) -> None:
         super().__init__()
+        self.triage = triage  # a `trace triage --json` report: its root cause is marked in the tensors pane
+        rc = (triage or {}).get("root_cause") or {}
+        if sample is None and step is None and rc:
+            sample, step = rc.get("sample"), rc.get("step")
         self.model = model or ViewModel(list(paths or []), diff_json=diff_json, low_margin=low_margin, align=align)
         self.low_margin = self.model.low_margin
         self.start_sample, self.start_step = sample, step
@@ -194,6 +199,8 @@ class ViewApp(KeyActions, App[None]):
     def on_opened(self, msg: Opened) -> None:
         """Show notices and samples; open the first sample; start the diff."""
         self.query_one(Notices).add(*msg.notices)
+        if self.triage is not None:
+            self.query_one(Notices).add(f"triage: {self.triage.get('summary')}")
         self.samples_rows = msg.samples
         self._show_samples()
         names = [s.sample for s in msg.samples]
@@ -235,7 +242,8 @@ class ViewApp(KeyActions, App[None]):
             return
         self._show_samples()
         if self.sample is not None:
-            self._load_sample_diff(self.sample, self.current_step, self._pending_first)
+            step = self.current_step if self.current_step is not None else self.start_step
+            self._load_sample_diff(self.sample, step, self._pending_first)
         self._subtitle()
 
     def on_failed(self, msg: Failed) -> None:
@@ -361,11 +369,21 @@ class ViewApp(KeyActions, App[None]):
         d = msg.detail
         if d is None or msg.rowmap is not self.rowmap or d.row.row != self.table.cursor:
             return
+        d = self._mark_root_cause(d)
         self.detail = d
         self.query_one(StepDetailPane).show(d)
         tensors = self.query_one(TensorsPane)
         if tensors.has_class("-shown"):
             tensors.show(d.tensors, pair=self.model.pair, step=d.row.step, note=d.pointer)
+
+    def _mark_root_cause(self, d: StepDetail) -> StepDetail:
+        """The detail with the triage's root cause named ``NAME ◆ root cause`` at its step."""
+        rc = (self.triage or {}).get("root_cause")
+        if not rc or d.sample != rc.get("sample") or d.row.a_step != rc.get("step"):
+            return d
+        lines = tuple(dataclasses.replace(ln, name=f"{ln.name} ◆ root cause") if ln.name == rc.get("name") and not ln.call
+                      else ln for ln in d.tensors)
+        return dataclasses.replace(d, tensors=lines)
 
     def on_series_loaded(self, msg: SeriesLoaded) -> None:
         """Draw the plots of the open sample."""

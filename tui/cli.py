@@ -270,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     recordcmd.add_parser(sub).set_defaults(func=recordcmd.run)
 
+    from . import triagecmd
+
+    triagecmd.add_parser(sub).set_defaults(func=triagecmd.run)
+
     from . import viewcmd  # argparse only: textual is imported when `view` runs
 
     viewcmd.add_parser(sub)

@@ -37,6 +37,7 @@ examples:
   trace view ref.trace cand.trace --step 120
   trace diff ref.trace cand.trace --json report.json && trace view ref.trace cand.trace --diff-json report.json
   trace view ref.trace cand.trace --sample utt-0042 --low-margin 0.5
+  trace triage ref.trace --candidate cand.trace ... --json t.json decode.py && trace view ref.trace cand.trace --triage t.json
 """
 
 
@@ -47,6 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("reference", metavar="A", help="a trace (the reference when B is given)")
     p.add_argument("candidate", metavar="B", nargs="?", help="a candidate trace to compare with A")
     p.add_argument("--diff-json", metavar="REPORT", help="reuse a report written by `trace diff A B --json REPORT`")
+    p.add_argument("--triage", metavar="REPORT",
+                   help="a `trace triage --json` report: its root cause is marked in the tensors pane")
     p.add_argument("--sample", metavar="S", help="open this sample first (default: the worst, else the first)")
     p.add_argument("--step", metavar="N", type=int, help="put the cursor on this step first")
     p.add_argument("--low-margin", metavar="LOGITS", type=float, default=1.0,
@@ -71,9 +74,34 @@ def run(args: argparse.Namespace) -> None:
     from .app import ViewApp  # textual is imported here, and only when `view` runs
     from .viewdata import ViewModel
 
+    triage = load_triage(args.triage) if getattr(args, "triage", None) else None
     paths = [args.reference] + ([args.candidate] if args.candidate else [])
     model = ViewModel(paths, diff_json=args.diff_json, low_margin=args.low_margin, align=args.align)
-    ViewApp(model=model, sample=args.sample, step=args.step).run()
+    ViewApp(model=model, sample=args.sample, step=args.step, triage=triage).run()
+
+
+def load_triage(path: str) -> dict:
+    """Read a ``trace triage --json`` report (schema ``steptrace.triage/1``).
+
+    Args:
+        path: the report file.
+
+    Returns:
+        The report as a dict (``root_cause`` may be None).
+
+    Raises:
+        TraceUsageError: the file cannot be read or is not a triage report.
+    """
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise TraceUsageError(f"--triage {path}: cannot read the report ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("schema") != "steptrace.triage/1":
+        raise TraceUsageError(f"--triage {path} is not a `trace triage --json` report (schema steptrace.triage/1)")
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:
