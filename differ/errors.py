@@ -23,5 +23,9 @@ class AlignmentError(TraceUsageError):
     """The traces cannot be aligned as asked (missing key columns, duplicate keys)."""
 
 
+class ReportFileError(TraceUsageError):
+    """A saved diff report cannot be read: missing, unreadable, too large or not JSON."""
+
+
 class DiffFormatError(TraceFormatError):
     """A trace breaks a rule the differ relies on (e.g. a (sample, step, head) recorded twice)."""

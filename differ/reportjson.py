@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import DiffFormatError
+from .errors import DiffFormatError, ReportFileError
 from .metrics import TensorMetrics
 from .report import (
     SCHEMA,
@@ -113,16 +113,17 @@ def load_report(path: str | Path) -> DiffReport:
     """Read a saved ``trace diff --json FILE`` report.
 
     Raises:
-        DiffFormatError: the file cannot be read, is not JSON, or is not a diff report.
+        ReportFileError: the file cannot be read or is not JSON.
+        DiffFormatError: it is not a diff report.
     """
     p = Path(path)
     try:
         size = p.stat().st_size
         if size > MAX_REPORT_BYTES:
-            raise DiffFormatError(f"{p} is {size:,} bytes, larger than any diff report ({MAX_REPORT_BYTES:,})")
+            raise ReportFileError(f"{p} is {size:,} bytes, larger than any diff report ({MAX_REPORT_BYTES:,})")
         doc = json.loads(p.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise DiffFormatError(f"cannot read the diff report {p}: {exc.strerror or exc}") from None
+        raise ReportFileError(f"cannot read the diff report {p}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise DiffFormatError(f"{p} is not JSON ({exc}); pass a file written by `trace diff --json FILE`") from None
+        raise ReportFileError(f"{p} is not JSON ({exc}); pass a file written by `trace diff --json FILE`") from None
     return report_from_json(doc, str(p))

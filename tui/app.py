@@ -271,7 +271,7 @@ class ViewApp(KeyActions, App[None]):
             self.sub_title = f"{m.report.verdict}{where}"
         elif m.saved is not None:
             fd = m.saved.first
-            self.sub_title = "saved report" + (f" · {self._first_label()} {fd['sample']} step {fd['step']}" if fd else "")
+            self.sub_title = "saved report" + (f" · {self._first_label()} {fd.sample} step {fd.step}" if fd else "")
         else:
             self.sub_title = "diff failed: rows paired by step"
 

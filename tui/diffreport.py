@@ -18,12 +18,12 @@ from differ.corpusstats import CorpusStats, corpus_stats
 from differ.gate import GateResult
 
 from .diffprogress import progress_bar
+from .styles import VERDICT_STYLE
 from .wording import plural, ratio
 
 __all__ = ["FORMATS", "STYLE", "Block", "blocks", "first_lines", "first_screen", "progress_bar", "render"]
 
-STYLE = {"identical": "bold green", "equivalent": "green", "drift": "yellow", "flip": "magenta",
-         "divergent": "bold red", "missing": "red"}
+STYLE = VERDICT_STYLE
 
 
 def _num(v: float | None, spec: str = ".3g") -> str:

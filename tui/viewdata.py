@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from tracefmt.errors import TraceError, TraceUsageError
 
 from .viewindex import BatchCache, Runs
-from .viewreport import SampleDiff, SavedReport, escape_glob, load_report, slice_sample
+from .viewreport import SampleDiff, SavedReport, escape_glob, load_saved, slice_sample
 from .viewsource import TraceSource
 from .viewtensors import tensor_lines, tensor_series
 from .viewvalues import VERDICTS, SampleRow, Series, StepDetail, StepRow
@@ -119,7 +119,7 @@ class ViewModel:
         self.low_margin = low_margin
         self.align = align
         self.report: Any = None  # differ.DiffReport once computed (differ is imported lazily)
-        self.saved: SavedReport | None = load_report(Path(diff_json), self.b.path) if diff_json is not None else None
+        self.saved: SavedReport | None = load_saved(Path(diff_json), self.b.path) if diff_json is not None else None
         self.notices: list[str] = []
         self._diffs: OrderedDict[str, SampleDiff] = OrderedDict()
         self._lock = threading.Lock()
@@ -186,17 +186,16 @@ class ViewModel:
     def samples(self) -> list[SampleRow]:
         """The samples pane's rows (verdicts once a report is known)."""
         names = set(self.a.sample_names()) | (set(self.b.sample_names()) if self.b else set())
-        per: dict[str, Any] = {}
-        if self.report is not None:
-            per = {p.sample: p.to_json() for p in self.report.worst.per_sample}
-        elif self.saved is not None:
-            per = {p["sample"]: p for p in self.saved.per_sample}
+        results = (self.report.worst.per_sample if self.report is not None
+                   else self.saved.per_sample if self.saved is not None else [])
+        per = {p.sample: p for p in results}
         out = []
         for s in sorted(names):
-            p = per.get(s, {})
+            p = per.get(s)
             out.append(SampleRow(sample=s, a_steps=len(self.a.runs(s)), b_steps=len(self.b.runs(s)) if self.b else None,
-                                 verdict=p.get("verdict"), first_step=p.get("first_step"), kind=p.get("kind"),
-                                 drift_step=p.get("drift_step"), culprit=p.get("culprit")))
+                                 verdict=p.verdict if p else None, first_step=p.first_step if p else None,
+                                 kind=p.kind if p else None, drift_step=p.drift_step if p else None,
+                                 culprit=p.culprit if p else None))
         return out
 
     def worst_sample(self) -> str | None:
@@ -204,18 +203,15 @@ class ViewModel:
         if self.report is not None and self.report.worst.first_divergence is not None:
             return self.report.worst.first_divergence.sample
         if self.saved is not None and self.saved.first:
-            return self.saved.first["sample"]
+            return self.saved.first.sample
         return None
 
     def landmarks(self, sample: str) -> tuple[int | None, int | None]:
         """(first divergence step, drift onset step) of ``sample``, when a report knows them."""
-        if self.report is not None:
-            p = next((p for p in self.report.worst.per_sample if p.sample == sample), None)
-            return (p.first_step, p.drift_step) if p else (None, None)
-        if self.saved is not None:
-            d = next((p for p in self.saved.per_sample if p.get("sample") == sample), {})
-            return d.get("first_step"), d.get("drift_step")
-        return None, None
+        results = (self.report.worst.per_sample if self.report is not None
+                   else self.saved.per_sample if self.saved is not None else [])
+        p = next((p for p in results if p.sample == sample), None)
+        return (p.first_step, p.drift_step) if p else (None, None)
 
     # ------------------------------------------------------------------ rows
     def rowmap(self, sample: str, diff: SampleDiff | None = None) -> RowMap:

@@ -3,7 +3,6 @@ the differ's :class:`~differ.report.PairReport` (its ``steps_table`` and ``tenso
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,9 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tracefmt.errors import TraceFormatError, TraceUsageError
-
-DIFF_SCHEMA = "steptrace.diff/1"
+from differ import FirstDivergence, SampleResult, load_report
 
 
 @dataclass(frozen=True)
@@ -53,38 +50,27 @@ def slice_sample(pair: Any, sample: str, vocab_head: str) -> SampleDiff:
 class SavedReport:
     """What the viewer uses of a saved report: one candidate's samples and first divergence."""
 
-    per_sample: list[dict[str, Any]]
-    first: dict[str, Any] | None
+    per_sample: list[SampleResult]
+    first: FirstDivergence | None
     align: str
     notes: tuple[str, ...] = ()
 
 
-def load_report(path: Path, candidate: Path) -> SavedReport:
-    """Read a saved ``trace diff --json`` report and pick the candidate matching ``candidate``.
+def load_saved(path: Path, candidate: Path) -> SavedReport:
+    """Read a saved ``trace diff --json`` report (through :func:`differ.load_report`) and pick the
+    candidate matching ``candidate`` (else the worst one, with a notice).
 
     Raises:
-        TraceUsageError: the file is missing or not JSON.
-        TraceFormatError: it is not a steptrace diff report.
+        DiffFormatError: the file cannot be read or is not a steptrace diff report.
     """
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise TraceUsageError(f"cannot read the diff report {path}: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TraceUsageError(f"{path} is not JSON ({exc}); pass a file written by `trace diff --json FILE`") from None
-    if not isinstance(doc, dict) or doc.get("schema") != DIFF_SCHEMA or not doc.get("candidates"):
-        raise TraceFormatError(f"{path} is not a steptrace diff report (schema {DIFF_SCHEMA})")
-    cands = doc["candidates"]
+    report = load_report(path)
     want = candidate.resolve()
-    idx = next((i for i, c in enumerate(cands) if Path(str(c.get("candidate", {}).get("path", ""))).resolve() == want),
-               None)
+    pick = next((c for c in report.candidates if Path(c.candidate.path).resolve() == want), None)
     notes = []
-    if idx is None:
-        idx = int(doc.get("worst_candidate", 0))
+    if pick is None:
+        pick = report.worst
         notes.append(f"the diff report does not name {candidate}; showing its worst candidate's verdicts")
-    source = (doc.get("policy") or {}).get("source")
+    source = report.policy.get("source") if isinstance(report.policy, dict) else None
     if source not in (None, "built-in"):
         notes.append(f"the report was judged with policy {source}; step verdicts here use the built-in policy")
-    c = cands[idx]
-    return SavedReport(c.get("per_sample") or [], c.get("first_divergence"),
-                       (c.get("alignment") or {}).get("mode") or "step", tuple(notes))
+    return SavedReport(pick.per_sample, pick.first_divergence, pick.alignment.get("mode") or "step", tuple(notes))

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Verdict names best to worst (the differ's order; repeated here so widgets need not import it).
-VERDICTS = ("identical", "equivalent", "drift", "flip", "divergent", "missing")
-#: Rich styles of verdicts, shared by every widget (``after``: a row after a free-running divergence).
-VERDICT_STYLE = {"identical": "green", "equivalent": "green", "drift": "yellow", "flip": "magenta",
-                 "divergent": "bold red", "missing": "red", "after": "dim"}
+from differ.verdict import VERDICTS  # noqa: F401  (re-exported for the widgets)
+
+from .styles import VERDICT_STYLE  # noqa: F401  (re-exported for the widgets)
+
 
 #: How invisible characters of a piece are drawn: a space is ␣, a newline ⏎, a tab ⇥.
 _VISIBLE = str.maketrans({" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍", "\u00a0": "⍽"})
