@@ -22,6 +22,7 @@ TOPICS = {
     "recorders": ("recorders.md", "recording from PyTorch: hooks, budgets, transplants"),
     "record-script": ("recorders_hf_script.md", "`trace record script.py` and Hugging Face generate()"),
     "onnx-coreml": ("recorders_onnx_coreml.md", "recording from ONNX Runtime and CoreML"),
+    "triage": ("triage.md", "trace triage: transplant bisection, local vs propagated error, component tables"),
 }
 HELP = "show the documentation that ships with steptrace"
 EPILOG = """\

@@ -70,7 +70,7 @@ examples:
   trace record -o ref.trace --logits head --sample-per Encoder --sample-from utts.txt asr.py utts.txt
   trace record -o p.trace --logits softmax_out --scores prob decode.py
   trace diff ref.trace cand.trace
-docs: docs/recorders_hf_script.md
+docs: `trace docs record-script`
 """
 
 

@@ -49,7 +49,7 @@ examples:
   trace triage ref.trace --ref-script "decode.py" --logits head --modules 'layers.*' decode.py --int8
 exit codes: 0 root cause found (or nothing diverges), 1 no transplant within --budget restores it,
 2 usage error, non-deterministic candidate, reference without values, run that cannot be repeated.
-docs: docs/triage.md
+docs: `trace docs triage`
 """
 
 
