@@ -163,7 +163,7 @@ class Recorder(StepBook):
         self.writer = TraceWriter(trace, metadata=self.metadata, vocab=vocab, mode=mode, **dict(writer_options or {}))
         # rows travel to the writer's thread in batches: each wake-up of that thread costs the
         # model's thread a GIL hand-off (TraceWriter.hold)
-        self.writer.hold()
+        self.writer.lane.hold()
         self.triggers: list[Trigger] = []
         self._watched_ids = list(self.metadata.watched.values())
         self._logits_modes: dict[str, str] = {}

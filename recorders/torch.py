@@ -401,7 +401,7 @@ class TorchRecorder(Recorder):
         order = st.order
         st.order = order + 1
         key = st.key
-        self.writer.add_tensor_row(key.sample, key.index, name, call, order, source, dt, a, values, copy=copy)
+        self.writer.lane.tensor_row(key.sample, key.index, name, call, order, source, dt, a, values, copy=copy)
 
     def _record_output(self, name: str, call: int, out: Any, source: str, mode: str) -> None:
         if isinstance(out, torch.Tensor):
