@@ -238,8 +238,7 @@ class Recorder(StepBook):
         self._check()
         st = self._current()
         if call is None:
-            call = st.calls.get(name, 0)
-            st.calls[name] = call + 1
+            call = st.count(name)
         data, dt = self.to_host(value, dtype)
         row = HeldRow(st.key.sample, st.key.index, name, call, st.order, source, dt, data)
         st.order += 1
@@ -310,7 +309,7 @@ class Recorder(StepBook):
             forced = True
         if watched is None:
             watched = self._watched_ids if head == self.metadata.vocab_head else ()
-        host = None if self._ring is not None else host_logits(logits)
+        host = None if self._ring is not None else self.host_logits(logits)
         if host is not None and host.ndim == 1:
             # Host logits and no budget to trigger: only the chosen token is found here; the
             # writer's thread derives the rest (top-k, logsumexp, ranks) from a copy.
@@ -326,11 +325,41 @@ class Recorder(StepBook):
                 if self._logits_mode(head) != "none":
                     self.record(f"logits:{head}", logits, source="decision")
                 return chosen
-        d = decide(logits, k=self.k, chosen=chosen, watched=watched)
+        d = self.decide_logits(logits, chosen=chosen, watched=watched)
         self.record_decision(d, head=head, forced=forced, **keys)
         if self._logits_mode(head) != "none":
             self.record(f"logits:{head}", logits, source="decision")
         return d.chosen
+
+    def host_logits(self, logits: Any) -> np.ndarray | None:
+        """Turn logits into host numpy (a view where possible), or None for logits decided on
+        their device by :meth:`decide_logits` (frameworks override, as they override
+        :meth:`to_host`).
+
+        The base implementation goes through :func:`recorders.decisions.host_logits`.
+
+        Args:
+            logits: the logits given to :meth:`decide`.
+        """
+        return host_logits(logits)
+
+    def decide_logits(self, logits: Any, *, chosen: int | None, watched: Iterable[int]) -> Decision:
+        """Derive the decision of 1-d logits, where they live (frameworks override).
+
+        The base implementation is :func:`recorders.decisions.decide` with the recorder's k.
+
+        Args:
+            logits: the logits given to :meth:`decide`.
+            chosen: the id used (None: the argmax).
+            watched: ids to watch.
+
+        Returns:
+            The :class:`tracefmt.decisions.Decision`.
+
+        Raises:
+            TraceUsageError: malformed logits or ids.
+        """
+        return decide(logits, k=self.k, chosen=chosen, watched=watched)
 
     def _logits_mode(self, head: str) -> str:
         """The policy's mode for ``logits:<head>`` (cached: asked at every decision)."""
