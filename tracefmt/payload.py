@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+import xxhash
 import zstandard
 
 from .dtypes import DTYPES, container, widen_bfloat16
@@ -39,9 +40,54 @@ class TensorStats:
     inf_count: int
 
 
-def digest(buf: memoryview | bytes) -> bytes:
-    """Return the SPEC.md digest of canonical tensor bytes: the first 16 bytes of SHA-256."""
+#: Digest algorithms (SPEC.md §4.5): a part names its algorithm in its status file (``digest``);
+#: parts that name none (format 1.0) use SHA256_128.
+SHA256_128 = "sha256-128"
+XXH3_128 = "xxh3-128"
+DIGEST_ALGORITHMS = (SHA256_128, XXH3_128)
+#: What writers use: a 128-bit non-cryptographic hash at memory speed (SPEC.md §8).
+DEFAULT_DIGEST = XXH3_128
+
+
+def _sha256_128(buf: memoryview | bytes | np.ndarray) -> bytes:
     return hashlib.sha256(buf).digest()[:DIGEST_BYTES]
+
+
+_DIGESTS = {SHA256_128: _sha256_128, XXH3_128: xxhash.xxh3_128_digest}
+
+
+def digest(buf: memoryview | bytes | np.ndarray, algorithm: str = SHA256_128) -> bytes:
+    """Return the SPEC.md §4.5 digest (16 bytes) of canonical tensor bytes.
+
+    Args:
+        buf: the canonical bytes (or a C-contiguous canonical array).
+        algorithm: ``"sha256-128"`` (the first 16 bytes of SHA-256: format 1.0 parts and JSONL
+            lines) or ``"xxh3-128"`` (XXH3's 128-bit hash, seed 0, in its canonical big-endian
+            byte order: what writers of format 1.1 use, :data:`DEFAULT_DIGEST`).
+
+    Returns:
+        The 16-byte digest.
+
+    Raises:
+        TraceFormatError: the algorithm is unknown.
+    """
+    fn = _DIGESTS.get(algorithm)
+    if fn is None:
+        raise TraceFormatError(
+            f"digest algorithm {algorithm!r} is unknown to this steptrace (it knows {', '.join(DIGEST_ALGORITHMS)}); "
+            "upgrade it"
+        )
+    return fn(buf)
+
+
+def digest_function(algorithm: str):  # noqa: ANN201 (a bytes -> bytes callable)
+    """Return the function computing :func:`digest` with ``algorithm`` (for loops over rows).
+
+    Raises:
+        TraceFormatError: the algorithm is unknown.
+    """
+    digest(b"", algorithm)
+    return _DIGESTS[algorithm]
 
 
 def _as_float64(flat: np.ndarray, name: str) -> np.ndarray:

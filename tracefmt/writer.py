@@ -34,7 +34,7 @@ from .lane import RecorderLane
 from .layout import create_or_join, part_id
 from .metadata import TraceMetadata, utc_now, write_json_atomic
 from .outbox import Budget, BufferPool, Outbox, StepCounter
-from .payload import ENCODINGS, Encoder, TensorStats
+from .payload import DEFAULT_DIGEST, DIGEST_ALGORITHMS, ENCODINGS, Encoder, TensorStats, digest_function
 from .schema import PARTS_DIR, data_file, part_file
 from .writeitems import (
     CLOSE,
@@ -117,6 +117,8 @@ class TraceWriter:
             batches (smaller files, faster scans).
         compact_level: zstd level of the compacted files.
         fsync: fsync after every flush (survives power loss, not only a killed process).
+        digest: the tensor digest algorithm of this part (SPEC.md §4.5), named in its status
+            file: ``"xxh3-128"`` (default) or ``"sha256-128"`` (what format 1.0 writers used).
 
     Raises:
         TraceExistsError: ``mode="create"`` and a trace exists at ``path``.
@@ -138,6 +140,7 @@ class TraceWriter:
         compact: bool = True,
         compact_level: int = 6,
         fsync: bool = False,
+        digest: str = DEFAULT_DIGEST,
     ) -> None:
         if mode not in _MODES:
             raise TraceUsageError(f"mode {mode!r} is unknown; use one of {', '.join(_MODES)}")
@@ -145,6 +148,10 @@ class TraceWriter:
             raise TraceUsageError(f"encoding {encoding!r} is unknown; use one of {', '.join(ENCODINGS)}")
         if flush_steps < 1 or flush_ms <= 0 or queue_bytes < 1:
             raise TraceUsageError("flush_steps, flush_ms and queue_bytes must be positive")
+        if digest not in DIGEST_ALGORITHMS:
+            raise TraceUsageError(f"digest {digest!r} is unknown; use one of {', '.join(DIGEST_ALGORITHMS)}")
+        #: The digest algorithm of this part's tensor rows (SPEC.md §4.5).
+        self.digest_algorithm = digest
         self.path = Path(path)
         self.part = part_id()
         self.metadata = TraceMetadata.coerce(dict(metadata) if isinstance(metadata, Mapping) else metadata)
@@ -164,6 +171,7 @@ class TraceWriter:
             "pid": os.getpid(),
             "started": utc_now(),
             "metadata": self.metadata.to_manifest(),
+            "digest": digest,
         }
         write_json_atomic(self._status_path, self._status)
         self._files = {
@@ -176,7 +184,7 @@ class TraceWriter:
         self._counter = StepCounter(self._outbox.lock)  # add_* may be called from several threads
         self._pool = BufferPool(queue_bytes)
         self._worker = Worker(self._outbox, self._pool, self._files, Encoder(encoding, zstd_level),
-                              flush_steps=flush_steps, flush_s=flush_s)
+                              flush_steps=flush_steps, flush_s=flush_s, digest=digest_function(digest))
         self._thread = threading.Thread(target=self._worker.run, name=f"steptrace-writer-{self.part}", daemon=True)
         self._outbox.consumer = self._thread
         #: The recorders' fast path into this writer (an internal interface, see :mod:`tracefmt.lane`).
@@ -443,7 +451,8 @@ class TraceWriter:
         Args:
             dtype, shape: of the tensor.
             stats: its :class:`TensorStats`.
-            digest: the SPEC.md digest of its canonical bytes (16 bytes), or None if unknown.
+            digest: the SPEC.md §4.5 digest of its canonical bytes (16 bytes) computed with this
+                part's algorithm (:attr:`digest_algorithm`), or None if unknown.
             Other arguments as for :meth:`add_tensor`.
         """
         self._check_open()
@@ -456,7 +465,7 @@ class TraceWriter:
         if dtype not in DTYPES:
             raise TraceUsageError(f"dtype {dtype!r} is not a steptrace dtype")
         if digest is not None and len(digest) != 16:
-            raise TraceUsageError("digest must be 16 bytes (SHA-256 truncated, SPEC.md §4.2)")
+            raise TraceUsageError("digest must be 16 bytes (SPEC.md §4.5)")
         shape_t = tuple(int(s) for s in shape)
         if any(s < 0 for s in shape_t):
             raise TraceUsageError(f"shape {list(shape_t)} has a negative dimension")

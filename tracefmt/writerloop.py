@@ -19,7 +19,7 @@ from .decisions import decide, decide_many
 from .errors import TraceError
 from .ipcfile import ArrowAppender
 from .outbox import BufferPool, Outbox
-from .payload import SMALL_ELEMENTS, Encoder, compute_stats, compute_stats_many, digest
+from .payload import SMALL_ELEMENTS, Encoder, compute_stats, compute_stats_many
 from .writeitems import (
     CloseItem,
     DecisionBatchItem,
@@ -83,10 +83,11 @@ class Worker:
         encoder: the value encoder (used by the one encoder thread only).
         flush_steps: flush after this many distinct new steps.
         flush_s: flush at least this often while data is pending.
+        digest: the part's digest function (:func:`tracefmt.payload.digest_function`).
     """
 
     def __init__(self, outbox: Outbox, pool: BufferPool, files: dict[str, ArrowAppender], encoder: Encoder, *,
-                 flush_steps: int, flush_s: float) -> None:
+                 flush_steps: int, flush_s: float, digest: Callable[[Any], bytes]) -> None:
         self.error: BaseException | None = None
         self.counts = {"decisions": 0, "tensors": 0, "values": 0, "tensor_bytes": 0}
         self._outbox = outbox
@@ -98,6 +99,7 @@ class Worker:
         self._encoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steptrace-encoder")
         self._flush_steps = flush_steps
         self._flush_s = flush_s
+        self._digest = digest
 
     def run(self) -> None:
         """The thread's target: loop until a :class:`CloseItem`."""
@@ -175,7 +177,7 @@ class Worker:
                     # per batch (each step here is a step the model's thread may wait for)
                     a = item.array
                     ten.append(TensorRow(item.sample, item.step, item.name, item.call, item.order, item.source,
-                                         item.dtype, a.shape, item.stats, digest(a), None))
+                                         item.dtype, a.shape, item.stats, self._digest(a), None))
                     steps_seen.add((item.sample, item.step))
                     freed += a.nbytes
                     n_fast += 1
@@ -267,7 +269,7 @@ class Worker:
             try:
                 if stats is None:
                     stats = compute_stats(a, item.dtype)
-                dig = digest(memoryview(a).cast("B") if a.size else b"")
+                dig = self._digest(memoryview(a).cast("B") if a.size else b"")
             finally:
                 self._budget.give(a.nbytes)
                 if item.pooled is not None:
@@ -289,7 +291,7 @@ class Worker:
         try:
             if stats is None:
                 stats = compute_stats(a, item.dtype)
-            dig = digest(buf)
+            dig = self._digest(buf)
         finally:
             stats_done()
         counts["tensor_bytes"] += a.nbytes
