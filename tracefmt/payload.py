@@ -15,7 +15,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from .dtypes import DTYPES, container, widen_bfloat16
+from .dtypes import DTYPES, container, widen_bfloat16, widen_float16
 from .errors import TraceCorruptError, TraceFormatError, TraceUsageError
 
 #: Encodings a value payload may carry (SPEC.md §4.3).
@@ -99,7 +99,6 @@ def _as_float64(flat: np.ndarray, name: str) -> np.ndarray:
 
 _CHUNK = 1 << 18  # elements per pass: each statistic reads a cache-sized chunk, not the whole tensor
 _scratch = threading.local()
-_F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
 def _scratch64(n: int) -> np.ndarray:
@@ -121,8 +120,8 @@ def _widened(c: np.ndarray, name: str) -> np.ndarray:
     if buf is None:
         buf = _scratch.f32 = np.empty(_CHUNK, np.float32)
     out = buf[: c.size]
-    if name == "float16":  # a 65,536-entry table: numpy's float16 cast is not vectorised here
-        np.take(_F16_TO_F32, c.view(np.uint16), out=out)
+    if name == "float16":  # numpy's float16 cast is not vectorised here: ~8x slower
+        widen_float16(c, out)
     else:
         np.left_shift(c, 16, out=out.view(np.uint32), dtype=np.uint32)
     return out
@@ -230,7 +229,8 @@ def compute_stats_many(arrays: list[np.ndarray], names: list[str]) -> list[Tenso
         parts = []
         for i in todo:
             a, name = arrays[i].reshape(-1), names[i]
-            parts.append(widen_bfloat16(a) if name == "bfloat16" else a.view(np.uint8) if name == "bool" else a)
+            parts.append(widen_bfloat16(a) if name == "bfloat16" else widen_float16(a) if name == "float16"
+                         else a.view(np.uint8) if name == "bool" else a)
         x = np.concatenate(parts, dtype=np.float64, casting="unsafe")  # exact: every SPEC dtype fits float64
         sizes = np.fromiter((p.size for p in parts), np.int64, len(parts))
         starts = np.zeros(len(parts), np.int64)
