@@ -200,6 +200,15 @@ def compute_stats(a: np.ndarray, name: str) -> TensorStats:
 SMALL_ELEMENTS = 1 << 14
 
 
+def _widened_all(a: np.ndarray, name: str) -> np.ndarray:
+    """A 1-d canonical array of a dtype numpy does not reduce natively, as numbers it does."""
+    if name == "bfloat16":
+        return widen_bfloat16(a)
+    if name == "float16":
+        return widen_float16(a)
+    return a.view(np.uint8)  # bool
+
+
 def compute_stats_many(arrays: list[np.ndarray], names: list[str]) -> list[TensorStats]:
     """Compute :func:`compute_stats` of many small canonical arrays in a few numpy calls.
 
@@ -219,20 +228,16 @@ def compute_stats_many(arrays: list[np.ndarray], names: list[str]) -> list[Tenso
         Their statistics, in order.
     """
     out: list[TensorStats | None] = [None] * len(arrays)
-    todo = []
-    for i, (a, name) in enumerate(zip(arrays, names)):
-        if a.size == 0:
-            out[i] = compute_stats(a, name)
-        else:
-            todo.append(i)
+    todo = [i for i, a in enumerate(arrays) if a.size]
+    for i in range(len(arrays)):
+        if not arrays[i].size:
+            out[i] = compute_stats(arrays[i], names[i])
     if todo:
-        parts = []
-        for i in todo:
-            a, name = arrays[i].reshape(-1), names[i]
-            parts.append(widen_bfloat16(a) if name == "bfloat16" else widen_float16(a) if name == "float16"
-                         else a.view(np.uint8) if name == "bool" else a)
+        plain = ("bfloat16", "float16", "bool")
+        parts = [arrays[i].reshape(-1) if names[i] not in plain else _widened_all(arrays[i].reshape(-1), names[i])
+                 for i in todo]
         x = np.concatenate(parts, dtype=np.float64, casting="unsafe")  # exact: every SPEC dtype fits float64
-        sizes = np.fromiter((p.size for p in parts), np.int64, len(parts))
+        sizes = np.fromiter(map(len, parts), np.int64, len(parts))
         starts = np.zeros(len(parts), np.int64)
         np.cumsum(sizes[:-1], out=starts[1:])
         with np.errstate(invalid="ignore", over="ignore"):
@@ -246,13 +251,12 @@ def compute_stats_many(arrays: list[np.ndarray], names: list[str]) -> list[Tenso
             l2 = np.sqrt(sumsq)
         # NaN/Inf anywhere in a segment makes its sums non-finite; so do values whose squares
         # overflow: both go to compute_stats (which also scales values beyond 1e150)
-        exact = np.isfinite(sumsq) & (abs_max <= 1e150)
-        for j, i in enumerate(todo):
-            if exact[j]:
-                out[i] = TensorStats(int(sizes[j]), float(lo[j]), float(hi[j]), float(mean[j]), float(std[j]),
-                                     float(abs_max[j]), float(l2[j]), 0, 0)
-            else:
-                out[i] = compute_stats(arrays[i], names[i])
+        exact = (np.isfinite(sumsq) & (abs_max <= 1e150)).tolist()
+        # one conversion per column, not one numpy scalar per field and row
+        rows = zip(todo, exact, sizes.tolist(), lo.tolist(), hi.tolist(), mean.tolist(), std.tolist(),
+                   abs_max.tolist(), l2.tolist())
+        for i, ok, n, lo_, hi_, mean_, std_, am, l2_ in rows:
+            out[i] = TensorStats(n, lo_, hi_, mean_, std_, am, l2_, 0, 0) if ok else compute_stats(arrays[i], names[i])
     return out  # type: ignore[return-value]
 
 
