@@ -244,8 +244,6 @@ class WakeItem(NamedTuple):
 
 CLOSE = CloseItem()
 WAKE = WakeItem()
-#: Items that carry a (sample, step) and count toward ``flush_steps``.
-ROW_ITEMS = (TensorItem, StatsItem, LogitsItem, DecisionItem)
 
 
 def item_bytes(item: Any) -> int:
