@@ -190,20 +190,21 @@ class Recorder(StepBook):
     def to_host(self, value: Any, dtype: str | None) -> tuple[np.ndarray | HostCopy, str | None]:
         """Turn a framework tensor into host data the recorder may keep (frameworks override).
 
-        The base implementation copies anything numpy accepts and passes :class:`HostCopy`
-        objects through.
+        The base implementation views anything numpy accepts as an array (no copy: :meth:`record`
+        hands it to the writer, which copies it into a recycled buffer before returning, and a
+        budget's ring copies what it holds) and passes :class:`HostCopy` objects through.
 
         Args:
             value: the tensor.
             dtype: a SPEC.md dtype name overriding the array's (``"bfloat16"`` for uint16 bits).
 
         Returns:
-            ``(data, dtype)``: a C-ordered numpy array nobody else mutates, or a HostCopy; and
-            the SPEC.md dtype name to record (None: the array's own).
+            ``(data, dtype)``: a numpy array valid until :meth:`record` returns (a view where
+            possible), or a HostCopy; and the SPEC.md dtype name to record (None: the array's own).
         """
         if isinstance(value, HostCopy):
             return value, value.dtype
-        return np.array(value, order="C", copy=True), dtype
+        return np.asarray(value), dtype
 
     def record(
         self,
