@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from tracefmt.dtypes import widen_float16
+
 from .policy import TensorTolerance
 
 #: Elements per chunk: two inputs and two float32 scratch buffers stay in L2 cache.
@@ -194,7 +196,9 @@ def _finish(acc: _Acc, ac: np.ndarray, bc: np.ndarray, d: np.ndarray, m: float, 
     r = float(np.fmax.reduce(t))
     if r > acc.rel:
         acc.rel = r
-    if m > tol.atol:  # some element may break atol + rtol|a|: count them
+    # An element breaks atol + rtol|a| only if |d| > atol and |d|/|a| > rtol (atol >= 0): count
+    # them only when the chunk may hold one (1e-6: margin for the rounding of d/|a| and rtol|a|).
+    if m > tol.atol and r >= tol.rtol * (1.0 - 1e-6):
         u *= tol.rtol
         u += tol.atol
         acc.bad += int(np.count_nonzero(np.greater(d, u, out=sc.m[:n])))
@@ -229,6 +233,15 @@ def _fold(acc: _Acc, ac: np.ndarray, bc: np.ndarray, tol: TensorTolerance, sums:
             _finish(acc, a3, b3, d3, float(d3.max()), tol, sums, _Scratch(np.dtype(np.float64), a3.size))
 
 
+def _widen(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``x`` converted exactly into ``out`` (the working dtype): float16 by bit arithmetic, which
+    is ~8x faster here than numpy's cast."""
+    if x.dtype == np.float16 and out.dtype == np.float32:
+        return widen_float16(x, out)
+    np.copyto(out, x, casting="unsafe")
+    return out
+
+
 def _accumulate(fa: np.ndarray, fb: np.ndarray, lo: int, hi: int, tol: TensorTolerance, sums: bool,
                 work: np.dtype) -> _Acc:
     """Fold elements ``[lo, hi)`` chunk by chunk into a fresh accumulator."""
@@ -239,11 +252,9 @@ def _accumulate(fa: np.ndarray, fb: np.ndarray, lo: int, hi: int, tol: TensorTol
             j = min(i + CHUNK, hi)
             ac, bc = fa[i:j], fb[i:j]
             if ac.dtype != work:
-                ac = sc.a[: j - i]
-                np.copyto(ac, fa[i:j], casting="unsafe")
+                ac = _widen(fa[i:j], sc.a[: j - i])
             if bc.dtype != work:
-                bc = sc.b[: j - i]
-                np.copyto(bc, fb[i:j], casting="unsafe")
+                bc = _widen(fb[i:j], sc.b[: j - i])
             _fold(acc, ac, bc, tol, sums, sc)
     return acc
 

@@ -90,6 +90,12 @@ def _digests(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return raw.view(np.uint64).reshape(n, 2), valid
 
 
+def _digest_algorithm(reader: TraceReader) -> str | None:
+    """The digest algorithm every part of ``reader``'s trace uses; None when parts differ."""
+    algorithms = {p.digest for p in reader.parts}
+    return algorithms.pop() if len(algorithms) == 1 else None
+
+
 def _load(reader: TraceReader, samples: list[str], names: list[str], rename: Callable[[str], str] | None) -> _TSide:
     t = reader.tensors(columns=TENSOR_COLUMNS)
     sample_codes = codes(t["sample"], samples)
@@ -296,7 +302,10 @@ def compare_tensors(
     shape_full = A.shape_full[ia] == B.shape_full[ib]
     shape_ok = A.shape_sq[ia] == B.shape_sq[ib]
     dtype_same = cols["dtype_a"] == cols["dtype_b"]
-    dig_ok = A.digest_ok[ia] & B.digest_ok[ib]
+    # digests settle equality only when both traces use one and the same algorithm (SPEC.md §4.5)
+    algorithm = _digest_algorithm(ra)
+    same_algorithm = algorithm is not None and algorithm == _digest_algorithm(rb)
+    dig_ok = A.digest_ok[ia] & B.digest_ok[ib] & same_algorithm
     same_digest = dig_ok & (A.digest[ia] == B.digest[ib]).all(axis=1)
     bitexact = same_digest & dtype_same & shape_full
     # tolerances per (name, dtype) pair

@@ -176,7 +176,7 @@ class Recorder(StepBook):
         self.writer = TraceWriter(trace, metadata=self.metadata, vocab=vocab, mode=mode, **dict(writer_options or {}))
         # rows travel to the writer's thread in batches: each wake-up of that thread costs the
         # model's thread a GIL hand-off (TraceWriter.hold)
-        self.writer.hold()
+        self.writer.lane.hold()
         self.triggers: list[Trigger] = []
         self._watched_ids = list(self.metadata.watched.values())
         self._logits_modes: dict[str, str] = {}
@@ -203,20 +203,21 @@ class Recorder(StepBook):
     def to_host(self, value: Any, dtype: str | None) -> tuple[np.ndarray | HostCopy, str | None]:
         """Turn a framework tensor into host data the recorder may keep (frameworks override).
 
-        The base implementation copies anything numpy accepts and passes :class:`HostCopy`
-        objects through.
+        The base implementation views anything numpy accepts as an array (no copy: :meth:`record`
+        hands it to the writer, which copies it into a recycled buffer before returning, and a
+        budget's ring copies what it holds) and passes :class:`HostCopy` objects through.
 
         Args:
             value: the tensor.
             dtype: a SPEC.md dtype name overriding the array's (``"bfloat16"`` for uint16 bits).
 
         Returns:
-            ``(data, dtype)``: a C-ordered numpy array nobody else mutates, or a HostCopy; and
-            the SPEC.md dtype name to record (None: the array's own).
+            ``(data, dtype)``: a numpy array valid until :meth:`record` returns (a view where
+            possible), or a HostCopy; and the SPEC.md dtype name to record (None: the array's own).
         """
         if isinstance(value, HostCopy):
             return value, value.dtype
-        return np.array(value, order="C", copy=True), dtype
+        return np.asarray(value), dtype
 
     def record(
         self,
@@ -251,8 +252,7 @@ class Recorder(StepBook):
         self._check()
         st = self._current()
         if call is None:
-            call = st.calls.get(name, 0)
-            st.calls[name] = call + 1
+            call = st.count(name)
         data, dt = self.to_host(value, dtype)
         row = HeldRow(st.key.sample, st.key.index, name, call, st.order, source, dt, data)
         st.order += 1
@@ -325,7 +325,7 @@ class Recorder(StepBook):
             forced = True
         if watched is None:
             watched = self._watched_ids if head == self.metadata.vocab_head else ()
-        host = None if self._ring is not None else host_logits(logits)
+        host = None if self._ring is not None else self.host_logits(logits)
         if host is not None and host.ndim == 1:
             # Host logits and no budget to trigger: only the chosen token is found here; the
             # writer's thread derives the rest (top-k, logsumexp, ranks) from a copy.
@@ -341,7 +341,7 @@ class Recorder(StepBook):
                 if self._logits_mode(head) != "none":
                     self.record(f"logits:{head}", logits, source="decision")
                 return chosen
-        d = decide(logits, k=self.k, chosen=chosen, watched=watched)
+        d = self.decide_logits(logits, chosen=chosen, watched=watched)
         self.record_decision(d, head=head, forced=forced, **keys)
         if self._logits_mode(head) != "none":
             self.record(f"logits:{head}", logits, source="decision")
@@ -392,6 +392,36 @@ class Recorder(StepBook):
             TraceUsageError: malformed logits or ids.
         """
         return _decide_positions(self, logits, head=head, watched=watched, fed_back=fed_back, offset=offset)
+
+    def host_logits(self, logits: Any) -> np.ndarray | None:
+        """Turn logits into host numpy (a view where possible), or None for logits decided on
+        their device by :meth:`decide_logits` (frameworks override, as they override
+        :meth:`to_host`).
+
+        The base implementation goes through :func:`recorders.decisions.host_logits`.
+
+        Args:
+            logits: the logits given to :meth:`decide`.
+        """
+        return host_logits(logits)
+
+    def decide_logits(self, logits: Any, *, chosen: int | None, watched: Iterable[int]) -> Decision:
+        """Derive the decision of 1-d logits, where they live (frameworks override).
+
+        The base implementation is :func:`recorders.decisions.decide` with the recorder's k.
+
+        Args:
+            logits: the logits given to :meth:`decide`.
+            chosen: the id used (None: the argmax).
+            watched: ids to watch.
+
+        Returns:
+            The :class:`tracefmt.decisions.Decision`.
+
+        Raises:
+            TraceUsageError: malformed logits or ids.
+        """
+        return decide(logits, k=self.k, chosen=chosen, watched=watched)
 
     def _logits_mode(self, head: str) -> str:
         """The policy's mode for ``logits:<head>`` (cached: asked at every decision)."""

@@ -2,26 +2,32 @@
 
 :func:`decide` takes the logits of one position and returns a
 :class:`tracefmt.decisions.Decision` (argmax, top-k ids and logits, margin, logsumexp, chosen
-and watched logits and ranks). It works where the logits live:
+and watched logits and ranks). How a framework's logits become decisions is a
+:class:`LogitsKind` the framework's recorder module registers for its tensor type
+(:func:`register_logits_kind`), the same two verbs for every framework:
 
-- numpy arrays (ONNX Runtime, CoreML, JSONL importers) go to the reference implementation
-  :func:`tracefmt.decisions.decide`;
-- torch tensors on a device (CUDA, MPS) go to :func:`recorders.torch.decide_tensor`, which
-  runs ``topk``, ``logsumexp`` and the rank counts on that device and moves one small packed
-  tensor to the host (one synchronisation per call, however many rows). Ties and NaN follow
-  SPEC.md's order exactly; tests check it bit for bit against the numpy reference;
-- torch tensors on the CPU are viewed as numpy and take the numpy path, which is several
-  times faster there than a dozen small torch kernels.
+- ``host``: a numpy view of logits that live on the host, or None for logits on a device;
+- ``decide_rows``: decide logits on their device (one small transfer to the host).
+
+numpy arrays (ONNX Runtime, CoreML, JSONL importers) and anything ``np.asarray`` accepts go to
+the reference implementation :func:`tracefmt.decisions.decide` (or
+:func:`tracefmt.decisions.decide_many` for a batch). :mod:`recorders.torch` registers torch
+tensors: CPU tensors are viewed as numpy (several times faster there than a dozen small torch
+kernels), tensors on a device (CUDA, MPS) are decided there by
+:func:`recorders.torch.decide_tensor`. A framework module is loaded when its first tensor
+arrives (:data:`FRAMEWORK_MODULES`), so this module imports none of them.
 
 Several heads per step (token and duration, as in TDT transducers) are several calls, one per
 head. :func:`decide_rows` decides every row of a 2-d batch (Hugging Face scores) in one pass.
-:func:`write_decision` turns a decision into a :meth:`tracefmt.TraceWriter.add_decision` call.
+:func:`write_decision` turns a decision into a :meth:`tracefmt.TraceWriter.add_decided` call.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,7 +36,57 @@ from tracefmt.decisions import Decision, decide_many
 from tracefmt.decisions import decide as _decide_numpy
 from tracefmt.errors import TraceUsageError
 
-__all__ = ["Decision", "decide", "decide_rows", "host_logits", "is_torch_tensor", "write_decision"]
+__all__ = ["Decision", "LogitsKind", "decide", "decide_rows", "decide_with", "host_logits", "is_torch_tensor", "logits_kind",
+           "register_logits_kind", "write_decision"]
+
+
+class LogitsKind(Protocol):
+    """How one framework's logits become decisions (registered with :func:`register_logits_kind`)."""
+
+    def host(self, logits: Any) -> np.ndarray | None:
+        """Return host logits as a numpy array (a view where possible), or None when they live
+        on a device and are decided there by :meth:`decide_rows`."""
+
+    def decide_rows(self, logits: Any, *, k: int, chosen: list[int | None], watched: list[int]) -> list[Decision]:
+        """Decide every row of ``(vocabulary,)`` or ``(batch, vocabulary)`` logits on their device."""
+
+
+#: Framework modules that register a :class:`LogitsKind`, by the top-level module of the
+#: framework's tensor type; loaded when the first such tensor arrives.
+FRAMEWORK_MODULES = {"torch": "recorders.torch"}
+_KINDS: dict[type, LogitsKind | None] = {}
+
+
+def register_logits_kind(tensor_type: type, kind: LogitsKind) -> None:
+    """Decide logits of ``tensor_type`` (and its subclasses) with ``kind``.
+
+    Args:
+        tensor_type: the framework's tensor class.
+        kind: its :class:`LogitsKind`.
+    """
+    _KINDS[tensor_type] = kind
+    for t in [t for t, k in _KINDS.items() if k is None]:
+        del _KINDS[t]  # types seen before the registration: look them up again
+
+
+def logits_kind(x: object) -> LogitsKind | None:
+    """Return the registered :class:`LogitsKind` of ``x``'s type, or None for numpy arrays and
+    everything else ``np.asarray`` takes.
+
+    Args:
+        x: logits of any kind.
+    """
+    t = type(x)
+    if t in _KINDS:
+        return _KINDS[t]
+    found = next((_KINDS[b] for b in t.__mro__ if _KINDS.get(b) is not None), None)
+    if found is None:
+        module = FRAMEWORK_MODULES.get(t.__module__.partition(".")[0])
+        if module is not None and module not in sys.modules:
+            importlib.import_module(module)  # registers its kind
+            return logits_kind(x)
+    _KINDS[t] = found
+    return found
 
 
 def is_torch_tensor(x: object) -> bool:
@@ -50,35 +106,148 @@ def is_torch_tensor(x: object) -> bool:
 
 
 _TORCH_TYPES: dict[type, bool] = {}
-_CONVERT: dict[Any, str] = {}  # torch dtype -> "" (view as it is), "float" or "double"
-
-
-def _cpu_numpy(t: Any) -> np.ndarray:
-    """A numpy view of CPU torch logits (bfloat16 widened to float32, integers to float64: exactly)."""
-    x = t.detach() if t.requires_grad else t
-    how = _CONVERT.get(x.dtype)
-    if how is None:
-        name = str(x.dtype)
-        how = _CONVERT[x.dtype] = ("float" if name == "torch.bfloat16"  # exact, NaN payloads kept (as on a device)
-                                   else "" if name in ("torch.float32", "torch.float64", "torch.float16")
-                                   else "double")
-    if how:
-        x = x.float() if how == "float" else x.double()
-    return x.numpy()
 
 
 def host_logits(logits: Any) -> np.ndarray | None:
     """Return host logits as a numpy array (a view where possible), or None for logits on a
-    device (decided there by :func:`recorders.torch.decide_tensor`).
+    device (decided there by their :class:`LogitsKind`).
 
     Args:
-        logits: a numpy array, anything ``np.asarray`` accepts, or a torch tensor.
+        logits: a numpy array, anything ``np.asarray`` accepts, or a registered framework tensor.
     """
     if type(logits) is np.ndarray:
         return logits
-    if is_torch_tensor(logits):
-        return _cpu_numpy(logits) if logits.is_cpu else None
-    return np.asarray(logits)
+    kind = logits_kind(logits)
+    return np.asarray(logits) if kind is None else kind.host(logits)
+
+
+def decide(
+    logits: Any,
+    *,
+    k: int = 8,
+    chosen: int | None = None,
+    watched: Iterable[int] = (),
+) -> Decision:
+    """Derive a decision from the logits of one position (SPEC.md §3.2).
+
+    Args:
+        logits: 1-d logits: a numpy array (or anything ``np.asarray`` accepts) or a registered
+            framework tensor (torch) on any device and of any float dtype (NaN and ±inf allowed).
+        k: top candidates kept (at least 2; fewer if the head has fewer classes).
+        chosen: the id the run used; defaults to the argmax.
+        watched: ids whose logit and rank to report (EOS, blank, ...).
+
+    Returns:
+        The :class:`tracefmt.decisions.Decision`.
+
+    Raises:
+        TraceUsageError: logits are not 1-d or hold fewer than 2 entries, ``k < 2``, or an id
+            is outside the logits.
+    """
+    kind = None if type(logits) is np.ndarray else logits_kind(logits)
+    return decide_with(kind, logits, k=k, chosen=chosen, watched=watched)
+
+
+def decide_with(
+    kind: LogitsKind | None, logits: Any, *, k: int, chosen: int | None, watched: Iterable[int]
+) -> Decision:
+    """:func:`decide` with the :class:`LogitsKind` of ``logits`` known (None: numpy).
+
+    Args:
+        kind: the kind, or None for numpy arrays and anything ``np.asarray`` accepts.
+        logits, k, chosen, watched: as for :func:`decide`.
+
+    Returns:
+        The :class:`tracefmt.decisions.Decision`.
+
+    Raises:
+        TraceUsageError: as for :func:`decide`.
+    """
+    if kind is None:
+        return _decide_numpy(np.asarray(logits), k=k, chosen=chosen, watched=list(watched))
+    if len(logits.shape) != 1:
+        raise TraceUsageError(
+            f"logits must be 1-d, got shape {tuple(logits.shape)}; pass the last position only "
+            "(logits[0, -1]) or use decide_rows for a batch"
+        )
+    host = kind.host(logits)
+    if host is None:
+        return kind.decide_rows(logits, k=k, chosen=[chosen], watched=list(watched))[0]
+    return _decide_numpy(host, k=k, chosen=chosen, watched=list(watched))
+
+
+def decide_rows(self, logits: Any, *, k: int, chosen: list[int | None], watched: list[int]) -> list[Decision]:
+        """Decide every row of ``(vocabulary,)`` or ``(batch, vocabulary)`` logits on their device."""
+
+
+#: Framework modules that register a :class:`LogitsKind`, by the top-level module of the
+#: framework's tensor type; loaded when the first such tensor arrives.
+FRAMEWORK_MODULES = {"torch": "recorders.torch"}
+_KINDS: dict[type, LogitsKind | None] = {}
+
+
+def register_logits_kind(tensor_type: type, kind: LogitsKind) -> None:
+    """Decide logits of ``tensor_type`` (and its subclasses) with ``kind``.
+
+    Args:
+        tensor_type: the framework's tensor class.
+        kind: its :class:`LogitsKind`.
+    """
+    _KINDS[tensor_type] = kind
+    for t in [t for t, k in _KINDS.items() if k is None]:
+        del _KINDS[t]  # types seen before the registration: look them up again
+
+
+def logits_kind(x: object) -> LogitsKind | None:
+    """Return the registered :class:`LogitsKind` of ``x``'s type, or None for numpy arrays and
+    everything else ``np.asarray`` takes.
+
+    Args:
+        x: logits of any kind.
+    """
+    t = type(x)
+    if t in _KINDS:
+        return _KINDS[t]
+    found = next((_KINDS[b] for b in t.__mro__ if _KINDS.get(b) is not None), None)
+    if found is None:
+        module = FRAMEWORK_MODULES.get(t.__module__.partition(".")[0])
+        if module is not None and module not in sys.modules:
+            importlib.import_module(module)  # registers its kind
+            return logits_kind(x)
+    _KINDS[t] = found
+    return found
+
+
+def is_torch_tensor(x: object) -> bool:
+    """Return whether ``x`` is a torch tensor, without importing torch.
+
+    Args:
+        x: any object.
+
+    Returns:
+        True for ``torch.Tensor`` instances (and subclasses such as ``nn.Parameter``).
+    """
+    t = type(x)
+    known = _TORCH_TYPES.get(t)
+    if known is None:
+        known = _TORCH_TYPES[t] = t.__module__.startswith("torch") and hasattr(x, "detach")
+    return known
+
+
+_TORCH_TYPES: dict[type, bool] = {}
+
+
+def host_logits(logits: Any) -> np.ndarray | None:
+    """Return host logits as a numpy array (a view where possible), or None for logits on a
+    device (decided there by their :class:`LogitsKind`).
+
+    Args:
+        logits: a numpy array, anything ``np.asarray`` accepts, or a registered framework tensor.
+    """
+    if type(logits) is np.ndarray:
+        return logits
+    kind = logits_kind(logits)
+    return np.asarray(logits) if kind is None else kind.host(logits)
 
 
 def decide(
@@ -104,16 +273,15 @@ def decide(
         TraceUsageError: logits are not 1-d or hold fewer than 2 entries, ``k < 2``, or an id
             is outside the logits.
     """
-    if is_torch_tensor(logits) and logits.dim() != 1:
+    kind = None if type(logits) is np.ndarray else logits_kind(logits)
+    if kind is not None and len(logits.shape) != 1:
         raise TraceUsageError(
             f"logits must be 1-d, got shape {tuple(logits.shape)}; pass the last position only "
             "(logits[0, -1]) or use decide_rows for a batch"
         )
-    host = host_logits(logits)
+    host = logits if kind is None else kind.host(logits)
     if host is None:
-        from .torch import decide_tensor
-
-        return decide_tensor(logits, k=k, chosen=[chosen], watched=list(watched))[0]
+        return kind.decide_rows(logits, k=k, chosen=[chosen], watched=list(watched))[0]  # type: ignore[union-attr]
     return _decide_numpy(host, k=k, chosen=chosen, watched=list(watched))
 
 
@@ -146,11 +314,10 @@ def decide_rows(
         raise TraceUsageError(f"chosen holds {len(chosen)} ids for {shape[0]} rows of logits")
     rows_chosen = list(chosen) if chosen is not None else [None] * shape[0]
     watched = list(watched)
-    host = host_logits(logits)
+    kind = None if type(logits) is np.ndarray else logits_kind(logits)
+    host = np.asarray(logits) if kind is None else kind.host(logits)
     if host is None:
-        from .torch import decide_tensor
-
-        return decide_tensor(logits, k=k, chosen=rows_chosen, watched=watched)
+        return kind.decide_rows(logits, k=k, chosen=rows_chosen, watched=watched)  # type: ignore[union-attr]
     if k < 2:
         raise TraceUsageError(f"k={k}: SPEC.md needs at least the top 2 candidates")
     return decide_many(host, k=k, chosen=rows_chosen, watched=watched)

@@ -109,5 +109,5 @@ class Finisher:
             else:
                 buf = memoryview(np.ascontiguousarray(arr).reshape(-1)).cast("B")
                 self._writer.add_tensor_stats(row.sample, row.step, row.name, dtype=row.dtype, shape=arr.shape,
-                                              stats=stats, digest=digest(buf), source=row.source,
+                                              stats=stats, digest=digest(buf, self._writer.digest_algorithm), source=row.source,
                                               call=row.call, order=row.order)

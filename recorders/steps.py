@@ -43,6 +43,20 @@ class Step:
         self.calls: dict[str, int] = {}
         self.heads: set[str] = set()
 
+    def count(self, name: str) -> int:
+        """Count one call of ``name`` in this step (the one place calls are counted).
+
+        Args:
+            name: a module, session or tensor name.
+
+        Returns:
+            The 0-based call index of this call within the step.
+        """
+        calls = self.calls
+        call = calls.get(name, 0)
+        calls[name] = call + 1
+        return call
+
 
 def check_sample(sample: object) -> str:
     """Return ``sample`` if it is a valid sample id.
@@ -167,10 +181,7 @@ class StepBook:
         Returns:
             The 0-based call index of this call within the step.
         """
-        st = self._current()
-        call = st.calls.get(name, 0)
-        st.calls[name] = call + 1
-        return call
+        return self._current().count(name)
 
     def _current(self) -> Step:
         if self._step is None:

@@ -41,10 +41,11 @@ from tracefmt.errors import TraceUsageError, UnsupportedDtypeError
 from tracefmt.payload import TensorStats
 
 from .capture import HostCopy, Recorder
+from .decisions import decide_with, register_logits_kind
 from .errors import RecorderUsageError, TransplantMismatchError
 from .policy import CapturePolicy, PolicyLike
 
-__all__ = ["TorchRecorder", "decide_tensor", "device_stats"]
+__all__ = ["TORCH_LOGITS", "TorchLogits", "TorchRecorder", "decide_tensor", "device_stats"]
 
 _DTYPES = {
     torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -165,6 +166,38 @@ def decide_tensor(
             watched=[{"id": int(t), "logit": float(lg), "rank": int(r)} for t, lg, r in zip(toks[1:], tls[1:], rks[1:])],
         ))
     return out
+
+
+_CONVERT: dict[torch.dtype, str] = {}  # torch dtype -> "" (view as it is), "float" or "double"
+
+
+class TorchLogits:
+    """The :class:`recorders.decisions.LogitsKind` of torch tensors: CPU logits viewed as numpy
+    (bfloat16 widened to float32, integers to float64: exactly; the numpy path is several times
+    faster there than a dozen small torch kernels), logits on a device decided there
+    (:func:`decide_tensor`)."""
+
+    def host(self, logits: torch.Tensor) -> np.ndarray | None:
+        """A numpy view of CPU logits, or None for logits on a device."""
+        if not logits.is_cpu:
+            return None
+        x = logits.detach() if logits.requires_grad else logits
+        how = _CONVERT.get(x.dtype)
+        if how is None:
+            how = _CONVERT[x.dtype] = ("float" if x.dtype == torch.bfloat16  # exact, NaN payloads kept (as on a device)
+                                       else "" if x.dtype in (torch.float32, torch.float64, torch.float16)
+                                       else "double")
+        if how:
+            x = x.float() if how == "float" else x.double()
+        return x.numpy()
+
+    def decide_rows(self, logits: torch.Tensor, *, k: int, chosen: list[int | None], watched: list[int]) -> list[Decision]:
+        """Decide every row of ``logits`` on its device (:func:`decide_tensor`)."""
+        return decide_tensor(logits, k=k, chosen=chosen, watched=watched)
+
+
+TORCH_LOGITS = TorchLogits()
+register_logits_kind(torch.Tensor, TORCH_LOGITS)
 
 
 # ---------------------------------------------------------------------- device statistics and copies
@@ -381,10 +414,7 @@ class TorchRecorder(Recorder):
                                           (output.detach() if output.requires_grad else output).clone()))
                     return
                 self._finish_deferred()
-                calls = st.calls
-                call = calls.get(name, 0)
-                calls[name] = call + 1
-                self._record_cpu(st, name, call, output, source, values)
+                self._record_cpu(st, name, st.count(name), output, source, values)
             else:
                 self._finish_deferred()
                 self._record_output(name, self.next_call(name), output, source, mode)
@@ -398,10 +428,7 @@ class TorchRecorder(Recorder):
             return
         self._pending = []
         for st, name, source, values, c in pending:
-            calls = st.calls
-            call = calls.get(name, 0)
-            calls[name] = call + 1
-            self._row(st, name, call, c, source, values, copy=False)  # the clone is ours already
+            self._row(st, name, st.count(name), c, source, values, copy=False)  # the clone is ours already
 
     def _record_cpu(self, st: Any, name: str, call: int, t: torch.Tensor, source: str, values: bool) -> None:
         """Record a CPU tensor output: :meth:`Recorder.record`'s work in as few Python steps as
@@ -418,7 +445,7 @@ class TorchRecorder(Recorder):
         order = st.order
         st.order = order + 1
         key = st.key
-        self.writer.add_tensor_row(key.sample, key.index, name, call, order, source, dt, a, values, copy=copy)
+        self.writer.lane.tensor_row(key.sample, key.index, name, call, order, source, dt, a, values, copy=copy)
 
     def _record_output(self, name: str, call: int, out: Any, source: str, mode: str) -> None:
         if isinstance(out, torch.Tensor):
@@ -449,6 +476,36 @@ class TorchRecorder(Recorder):
         if not isinstance(value, torch.Tensor):
             return super().to_host(value, dtype)
         return tensor_to_host(value, device_stats=self._device_stats)
+
+    def host_logits(self, logits: Any) -> np.ndarray | None:
+        """A numpy view of CPU torch logits, None for logits on a device (decided there by
+        :meth:`decide_logits`); other logits as :meth:`Recorder.host_logits` takes them.
+
+        Args:
+            logits: the logits given to :meth:`decide`.
+        """
+        if isinstance(logits, torch.Tensor):
+            return TORCH_LOGITS.host(logits)
+        return super().host_logits(logits)
+
+    def decide_logits(self, logits: Any, *, chosen: int | None, watched: Any) -> Decision:
+        """Decide torch logits where they live (:class:`TorchLogits`); other logits as
+        :meth:`Recorder.decide_logits` does.
+
+        Args:
+            logits: 1-d logits.
+            chosen: the id used (None: the argmax).
+            watched: ids to watch.
+
+        Returns:
+            The :class:`tracefmt.decisions.Decision`.
+
+        Raises:
+            TraceUsageError: malformed logits or ids.
+        """
+        if isinstance(logits, torch.Tensor):
+            return decide_with(TORCH_LOGITS, logits, k=self.k, chosen=chosen, watched=watched)
+        return super().decide_logits(logits, chosen=chosen, watched=watched)
 
     def _transplant(self, name: str, call: int, out: Any) -> Any:
         if isinstance(out, torch.Tensor):

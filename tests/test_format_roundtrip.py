@@ -60,7 +60,7 @@ def test_tensors_round_trip_bit_exact(tmp_path_factory, items, encoding):
         assert back.tobytes() == expect.tobytes()  # bit-exact: NaN payloads, -0.0, byte order
         row = rows[i]
         assert row["dtype"] == name and row["shape"] == list(a.shape) and row["numel"] == a.size
-        assert row["digest"] == digest(expect.tobytes())
+        assert row["digest"] == digest(expect.tobytes(), "xxh3-128")
         if DTYPES[name][1] == "f":
             x = (expect.astype(np.uint32) << 16).view(np.float32) if name == "bfloat16" else expect
             assert row["nan_count"] == int(np.isnan(x).sum())
@@ -300,7 +300,7 @@ def test_writer_batches_small_tensors_and_reads_back_their_stats(tmp_path):
     arrays.append(np.array([1e200, -3e199]))
     arrays.append(np.array([], np.float32))
     with TraceWriter(tmp_path / "t.trace") as w:
-        w.hold()
+        w.lane.hold()
         for i, a in enumerate(arrays):
             w.add_tensor("s", 0, f"t{i}", a, values=False)
     t = TraceReader(tmp_path / "t.trace").tensors().to_pylist()
@@ -334,7 +334,7 @@ def test_add_logits_writes_what_add_decided_writes(tmp_path):
         chosen = int(rng.integers(0, x.size)) if i % 3 == 0 else None
         cases.append((x, chosen, [int(rng.integers(0, x.size))] if i % 2 else []))
     with TraceWriter(tmp_path / "a.trace") as a, TraceWriter(tmp_path / "b.trace") as b:
-        a.hold()
+        a.lane.hold()
         for i, (x, chosen, watched) in enumerate(cases):
             got = a.add_logits("s", i, x, k=4, chosen=chosen, watched=watched, forced=chosen is not None,
                                piece=f"p{i}", frame=i)
@@ -365,7 +365,7 @@ def test_held_rows_reach_the_disk_while_the_caller_hangs(tmp_path):
     """The writer's thread takes rows held longer than flush_ms / 2 itself: a run that stops
     calling (hangs) mid-step still gets its last rows flushed."""
     with TraceWriter(tmp_path / "t.trace", flush_ms=100) as w:
-        w.hold()
+        w.lane.hold()
         w.add_logits("s", 0, np.array([0.0, 2.0, 1.0]))
         w.add_tensor("s", 0, "x", np.ones(4, np.float32))
         deadline = time.monotonic() + 10
@@ -378,15 +378,15 @@ def test_held_rows_reach_the_disk_while_the_caller_hangs(tmp_path):
             pytest.fail("held rows were not flushed while the caller waited")
 
 
-def test_add_tensor_row_copies_and_checks_the_dtype(tmp_path):
+def test_lane_tensor_row_copies_and_checks_the_dtype(tmp_path):
     a = np.arange(12, dtype=np.float32).reshape(3, 4).T  # not C-contiguous
     big = np.arange(1 << 15, dtype=np.float32)  # pooled copy
     with TraceWriter(tmp_path / "t.trace") as w:
-        w.add_tensor_row("s", 0, "a", 0, 0, "X", "float32", a, True)
-        w.add_tensor_row("s", 0, "big", 0, 1, None, "float32", big, True)
+        w.lane.tensor_row("s", 0, "a", 0, 0, "X", "float32", a, True)
+        w.lane.tensor_row("s", 0, "big", 0, 1, None, "float32", big, True)
         a[0, 0] = big[0] = -1  # the writer copied both before returning
         with pytest.raises(UnsupportedDtypeError, match="cannot hold"):
-            w.add_tensor_row("s", 0, "c", 0, 2, None, "float64", a, False)
+            w.lane.tensor_row("s", 0, "c", 0, 2, None, "float64", a, False)
     r = TraceReader(tmp_path / "t.trace")
     np.testing.assert_array_equal(r.tensor("s", 0, "a"), np.arange(12, dtype=np.float32).reshape(3, 4).T)
     assert r.tensor("s", 0, "big")[0] == 0
@@ -410,14 +410,14 @@ def test_decide_many_equals_decide_row_by_row(data, n, v, k, dtype):
 def test_a_failure_on_the_writer_thread_is_reported_not_hung(tmp_path, monkeypatch):
     """An unexpected exception on the background thread surfaces as TraceWriteError on the
     caller's next call and at close, instead of leaving the caller waiting on a dead thread."""
-    import tracefmt.writer as writer_module
+    import tracefmt.writerloop as writer_module
 
     def broken(items):
         raise RuntimeError("bug in the batch path")
 
     monkeypatch.setattr(writer_module, "_stats_of_small", broken)
     w = TraceWriter(tmp_path / "t.trace")
-    w.hold()
+    w.lane.hold()
     for i in range(3):
         w.add_tensor("s", 0, f"x{i}", np.ones(4, np.float32))
     with pytest.raises(TraceWriteError, match="bug in the batch path"):
@@ -433,7 +433,7 @@ def test_held_rows_from_several_threads_under_a_small_queue_all_arrive(tmp_path)
 
     big = np.arange(1 << 16, dtype=np.float32)  # 256 KB: pooled copies
     with TraceWriter(tmp_path / "t.trace", queue_bytes=1 << 20) as w:
-        w.hold()
+        w.lane.hold()
 
         def add(sample):
             for i in range(40):

@@ -110,10 +110,10 @@ def test_every_run_is_a_step_with_inputs_then_outputs_in_topological_order(model
         ("token", 0, "graph input"), ("h", 1, "graph input"),
         ("h_out", 2, "/gru/GRU (GRU)"), ("logits", 3, "/head/Gemm (Gemm)"),  # GRU runs before the head
     ]
-    assert t[3]["digest"] == digest(np.ascontiguousarray(logits[2][None]))
+    assert t[3]["digest"] == digest(np.ascontiguousarray(logits[2][None]), "xxh3-128")
     step6 = r.tensors(step=6).to_pylist()  # run() asking for h_out only still records what the policy selects
     assert [x["name"] for x in step6] == ["token", "h", "h_out", "logits"]
-    assert step6[2]["digest"] == digest(np.ascontiguousarray(last_h))
+    assert step6[2]["digest"] == digest(np.ascontiguousarray(last_h), "xxh3-128")
     assert r.decisions(columns=["step"])["step"].to_pylist()[-1] == 6
 
 

@@ -106,3 +106,38 @@ def canonical(array: np.ndarray, name: str) -> np.ndarray:
 def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
     """Return float32 values of bfloat16 ``bits`` (uint16); exact, NaN payloads kept."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+_F16_SCALE = np.float32(2.0**112)  # float32 exponent bias 127 minus float16 bias 15, as a power of 2
+_F16_BODY = np.int32(0x8FFFE000 - (1 << 32))  # the sign bit and the 15 bits of exponent and mantissa
+
+
+def widen_float16(h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Return float32 values of float16 ``h``: exact for every number (subnormals, ±0, ±inf);
+    NaN stays NaN (its payload may change). Several times faster than numpy's float16 cast,
+    which is not vectorised on x86.
+
+    The sign-extended bits shifted left by 13 put the sign, exponent and mantissa where a float32
+    keeps them; multiplying by 2**112 rebases the exponent (float16 subnormals land on float32
+    subnormals and come out exact); exponent 31 (inf/NaN) is set to float32's 255 first.
+
+    Args:
+        h: a float16 (or uint16 bits) array, any shape.
+        out: a C-contiguous int32 (or float32) array of ``h.size`` elements to fill, reused by
+            callers in loops (fresh memory is slow to touch); None allocates one.
+
+    Returns:
+        ``out`` viewed as float32, shaped like ``h``.
+    """
+    o = np.empty(h.size, np.int32) if out is None else out.reshape(-1).view(np.int32)
+    bits = np.ascontiguousarray(h).reshape(-1).view(np.int16)
+    np.copyto(o, bits)  # sign-extended
+    np.left_shift(o, 13, out=o)
+    np.bitwise_and(o, _F16_BODY, out=o)
+    special = (bits & np.int16(0x7C00)) == 0x7C00
+    if special.any():
+        np.bitwise_or(o, np.int32(0x7F800000), out=o, where=special)
+    f = o.view(np.float32)
+    with np.errstate(invalid="ignore"):
+        np.multiply(f, _F16_SCALE, out=f)
+    return f.reshape(h.shape)

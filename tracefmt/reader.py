@@ -30,6 +30,7 @@ from .errors import (
 from .ipcfile import ArrowData, read_arrow, unify
 from .metadata import TraceMetadata, read_manifest
 from .payload import DEFAULT_MAX_TENSOR_BYTES, decode_values
+from .payload import SHA256_128
 from .payload import digest as tracefmt_digest
 from .schema import KINDS, PARTS_DIR, data_file
 
@@ -51,6 +52,7 @@ class PartInfo:
     damaged_tail: bool = False  # an interrupted batch was dropped at the end of a file
     metadata: dict[str, Any] = field(default_factory=dict)
     file_bytes: dict[str, int] = field(default_factory=dict)
+    digest: str = SHA256_128  # the tensor digest algorithm (SPEC.md §4.5)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -146,6 +148,7 @@ class TraceReader:
                     closed=doc.get("closed"),
                     counts=dict(doc.get("counts") or {}),
                     metadata=dict(doc.get("metadata") or {}),
+                    digest=str(doc.get("digest", SHA256_128)),
                     file_bytes={
                         k: (root / data_file(pid, k)).stat().st_size
                         for k in KINDS
@@ -393,7 +396,8 @@ class TraceReader:
         enc, data = self._value_payload(part, value_ref)
         limit = self.max_tensor_bytes if max_bytes is None else max_bytes
         arr = decode_values(data, enc, dtype, tuple(shape), max_bytes=limit)
-        if verify and digest is not None and tracefmt_digest(memoryview(arr).cast("B") if arr.size else b"") != digest:
+        if verify and digest is not None and tracefmt_digest(
+                memoryview(arr).cast("B") if arr.size else b"", self.parts[part].digest) != digest:
             raise TraceCorruptError(f"{where}: values do not match their digest; the trace is damaged")
         if dtype == "bfloat16" and not raw_bits:
             return widen_bfloat16(arr)

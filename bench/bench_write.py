@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Steady-state TraceWriter throughput on large tensors against zstd-1 in the same run.
+
+    python bench/bench_write.py [--mb 192] [--repeats 3]
+
+``bench_format.py --quick`` writes 14 MB corpora, where opening, closing and compacting a trace
+cost as much as the tensors; this bench writes ``--mb`` MB of activation-like tensors (normal
+values, 2 MB each, 8 distinct arrays cycled) through one ``TraceWriter`` (``compact=False``:
+close-time compaction rewrites only the small decisions/tensors files) with values (zstd-1, the
+default encoding) and statistics only, and compresses the same tensors with zstd-1 in this
+process. Runs of the three alternate; the best of ``--repeats`` is shown.
+
+Target (issue 14): trace write with values >= 0.7x zstd-1 compress, float32 and float16. On a
+2-core machine the writer's thread (statistics + digest) runs beside the encoder thread (zstd),
+so the write can reach zstd's rate only while statistics and digest cost less than compression.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import zstandard
+
+from tracefmt import TraceWriter
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=int, default=192, help="MB of tensor bytes per write")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    print(f"TraceWriter steady state vs zstd-1, best of {args.repeats}; load {os.getloadavg()[0]:.2f} "
+          f"{os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    for dt in ("float32", "float16"):
+        arrays = [rng.standard_normal((2 << 20) // np.dtype(dt).itemsize).astype(dt) for _ in range(8)]
+        n = max(1, (args.mb << 20) // arrays[0].nbytes)
+        total = n * arrays[0].nbytes
+        z = zstandard.ZstdCompressor(level=1)
+        best = {"values": float("inf"), "stats": float("inf"), "zstd": float("inf")}
+        for _ in range(args.repeats):
+            for mode in best:
+                d = tempfile.mkdtemp(prefix="bench_write-")
+                t0 = time.perf_counter()
+                if mode == "zstd":
+                    for i in range(n):
+                        z.compress(arrays[i % 8])
+                else:
+                    with TraceWriter(os.path.join(d, "t.trace"), compact=False) as w:
+                        for i in range(n):
+                            w.add_tensor("s", i // 8, f"t{i % 8}", arrays[i % 8], values=mode == "values")
+                best[mode] = min(best[mode], time.perf_counter() - t0)
+                shutil.rmtree(d)
+        ratio = best["zstd"] / best["values"]
+        print(f"  {dt}: {total / 1e6:.0f} MB; trace write values {total / best['values'] / 1e6:.0f} MB/s, "
+              f"stats only {total / best['stats'] / 1e6:.0f} MB/s, zstd-1 {total / best['zstd'] / 1e6:.0f} MB/s; "
+              f"values / zstd-1 = {ratio:.2f}x (target >= 0.70: {'PASS' if ratio >= 0.7 else 'MISS'})")
+    print(f"load after {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

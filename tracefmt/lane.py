@@ -1,0 +1,118 @@
+"""The recorders' fast path into a :class:`tracefmt.TraceWriter` (an internal interface).
+
+A recorder hooking every module of a model writes dozens of rows per decode step from inside
+the model's forward pass, where each Python step costs 5-20x its micro-benchmark price (cold
+caches). :class:`RecorderLane` (``writer.lane``) is how it does so: rows held and handed to the
+background thread in batches (:meth:`RecorderLane.hold`), tensor rows given positionally with
+only the dtype checked (:meth:`RecorderLane.tensor_row`), and decisions from
+:func:`tracefmt.decisions.decide` written without re-checking their fields
+(:meth:`RecorderLane.decided`). Everything else goes through the writer's checked ``add_*``
+methods. Callers of this interface check their own arguments; it is not for user code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .checks import check_key, opt_i32
+from .decisions import Decision
+from .dtypes import container
+from .errors import UnsupportedDtypeError
+from .outbox import BufferPool, Outbox
+from .writeitems import DecisionItem, TensorItem, row_keys, row_of_decision
+
+if TYPE_CHECKING:
+    from .writer import TraceWriter
+
+#: Arrays below this many bytes are copied plainly; larger ones into recycled buffers.
+POOLED_BYTES = 64 << 10
+
+
+class RecorderLane:
+    """The recorders' unchecked, batched way into one writer (``TraceWriter.lane``).
+
+    Args:
+        writer: the writer (its open state is checked at each call).
+        outbox: the writer's queue and held rows.
+        pool: the writer's recycled copy buffers.
+    """
+
+    def __init__(self, writer: TraceWriter, outbox: Outbox, pool: BufferPool) -> None:
+        self._writer = writer
+        self._outbox = outbox
+        self._pool = pool
+
+    def hold(self) -> None:
+        """Keep the rows of later ``add_*`` and lane calls (from any thread) and hand them to the
+        background thread in batches, until :meth:`hand_over`.
+
+        A batch goes when the held rows reach 2048 rows or a quarter of ``queue_bytes`` (8 MB
+        at most), or when the oldest has waited ``flush_ms / 2`` (the background thread takes
+        rows that wait longer itself, so a run that hangs still gets them written);
+        :meth:`TraceWriter.flush` and :meth:`TraceWriter.close` hand them over too. A process
+        killed while rows are held loses them, as it loses rows not yet flushed.
+        """
+        self._outbox.hold()
+
+    def hand_over(self) -> None:
+        """Hand the held rows to the background thread and stop holding."""
+        self._outbox.send_held(stop=True)
+
+    def tensor_row(
+        self, sample: str, step: int, name: str, call: int, order: int, source: str | None, dtype: str,
+        array: np.ndarray, values: bool, *, copy: bool = True,
+    ) -> None:
+        """:meth:`TraceWriter.add_tensor` for callers that check their own arguments: everything
+        is positional and only ``array``'s dtype is checked.
+
+        Args:
+            sample: a non-empty sample id.
+            step: a step in ``[0, 2**31)``.
+            name: a non-empty tensor name.
+            call, order: its call index and execution order within the step (int32).
+            source: where it came from, or None.
+            dtype: its SPEC.md dtype name.
+            array: a numpy array of ``dtype``'s little-endian container (bfloat16 as uint16
+                bits), any layout: copied before returning.
+            values: store the values too.
+            copy: False: ``array`` is C-contiguous and nobody changes it later (kept as it is).
+
+        Raises:
+            UnsupportedDtypeError: ``array``'s dtype is not ``dtype``'s container.
+            TraceWriteError: the background writer failed earlier.
+        """
+        w = self._writer
+        if w._failed_or_closed():
+            w._check_open()
+        if array.dtype != container(dtype):
+            raise UnsupportedDtypeError(f"tensor {name!r}: a {array.dtype} array cannot hold SPEC.md dtype {dtype!r}")
+        pooled = None
+        if not copy and array.flags.c_contiguous:
+            a = array
+        elif array.nbytes < POOLED_BYTES or not array.flags.c_contiguous:
+            a = array.copy(order="C")
+        else:
+            a, pooled = self._pool.copy(array)
+        self._outbox.put(TensorItem(sample, step, name, call, order, source, dtype, a, values, None, pooled), a.nbytes)
+
+    def decided(self, sample: str, step: int, decision: Decision, *, head: str, **keys: Any) -> None:
+        """Write a Decision whose fields have the row's types already (from
+        :func:`tracefmt.decisions.decide`): only the key and the ids' range are checked.
+
+        Args:
+            sample, step, head: the row's key (``head`` a non-empty string).
+            decision: the decision.
+            **keys: forced, piece, frame, chunk, position, emission, time_us.
+
+        Raises:
+            TraceUsageError: a bad key, id or keyword.
+            TraceWriteError: the background writer failed earlier.
+        """
+        self._writer._check_open()
+        sample, step = check_key(sample, step)
+        d = decision
+        for v in (d.chosen, d.argmax, d.chosen_rank, *(w["id"] for w in d.watched)):
+            opt_i32("token id", v)
+        self._outbox.put(DecisionItem(row_of_decision(sample, step, head, d, row_keys(keys))))
