@@ -116,3 +116,25 @@ def test_info_lists_tensors_in_execution_order_and_folds_long_lists(tmp_path, tr
     assert any("layers.#.attn" in ln and " 12 " in ln for ln in folded)
     assert any("z.extra#" in ln and f" {len(names)} " in ln for ln in folded)
     assert "2 steps" in res.stdout and "1 sample," in res.stdout
+
+
+def test_each_command_runs_in_a_fresh_interpreter(tmp_path):
+    """One subprocess smoke test per command (the rest of the suite calls the CLI in-process):
+    the console entry point, exit codes and output as a user's shell sees them."""
+    from conftest import run_trace
+
+    jl = tmp_path / "g.jsonl"
+    runs = {
+        "info": (("info", str(GOLDEN)), 0, "decisions"),
+        "validate": (("validate", str(GOLDEN)), 0, "valid"),
+        "export": (("export", str(GOLDEN), "--format", "jsonl", "-o", str(jl)), 0, "wrote"),
+        "import": (("import", "jsonl", str(jl), str(tmp_path / "g.trace")), 0, "imported"),
+        "diff": (("diff", str(GOLDEN), str(tmp_path / "g.trace"), "--format", "text"), None, "Verdict"),
+        "docs": (("docs", "differ", "--path"), 0, "differ.md"),
+        "triage": (("triage", str(GOLDEN), str(tmp_path / "missing.py")), 2, ""),
+    }
+    for command, (argv, code, text) in runs.items():
+        res = run_trace(*argv)
+        assert "Traceback" not in res.stderr, (command, res.stderr)
+        assert code is None or res.returncode == code, (command, res.returncode, res.stdout, res.stderr)
+        assert text in res.stdout + res.stderr, (command, res.stdout, res.stderr)
