@@ -26,12 +26,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .batches import decisions_batch, tensors_batch, values_batch
-from .checks import I32, I32_MAX, I64, check_key, opt_float, opt_i32, opt_int, opt_str
+from .checks import (
+    I32,
+    I32_MAX,
+    I64,
+    DecisionKeys,
+    check_decision_columns,
+    check_decision_row,
+    check_key,
+    check_text,
+    opt_float,
+    opt_i32,
+    opt_int,
+    opt_str,
+)
+from .checksum import file_checksum
 from .decisions import Decision, decide, decide_many, first_max
 from .dtypes import DTYPES, canonical, container, dtype_name
 from .errors import TraceError, TraceUsageError, TraceWriteError, UnsupportedDtypeError
 from .ipcfile import ArrowAppender, compact
-from .layout import create_or_join, part_id
+from .layout import claim_part, create_or_join, part_id
 from .metadata import TraceMetadata, utc_now, write_json_atomic
 from .payload import (
     DIGEST_BYTES,
@@ -310,6 +324,8 @@ class TraceWriter:
         create_or_join(self.path, mode=mode, metadata=self.metadata, part=self.part, vocab=vocab)
         parts = self.path / PARTS_DIR
         self._status_path = parts / part_file(self.part)
+        claim_part(self._status_path, self.part)  # exclusive: a second writer of this part name fails here
+        self._keys = DecisionKeys()
         self._status: dict[str, Any] = {
             "part": self.part,
             "status": "open",
@@ -414,6 +430,7 @@ class TraceWriter:
         sample, step = check_key(sample, step)
         if not isinstance(head, str) or not head:
             raise TraceUsageError(f"head must be a non-empty string, got {head!r}")
+        check_text("head", head)
         ids = np.asarray(topk_ids, dtype=np.int64)
         logits = np.asarray(topk_logits, dtype=np.float32)
         if ids.ndim != 1 or ids.shape != logits.shape or ids.size < 2:
@@ -429,6 +446,7 @@ class TraceWriter:
             argmax = int(ids[0])
         if margin is None:
             margin = float(np.float32(float(logits[0]) - float(logits[1])))
+        check_decision_row(sample, step, head, ids, logits, opt_float("margin", margin), opt_i32("argmax", argmax))
         rows_watched = None
         if watched is not None:
             try:
@@ -451,6 +469,7 @@ class TraceWriter:
             opt_i32("emission", emission),
             time.time_ns() // 1000 if time_us is NOW else opt_int("time_us", time_us, I64),
         )
+        self._keys.add(sample, step, head)
         self._put(("d", row))
 
     def add_decisions(self, table: pa.Table | pa.RecordBatch | Mapping[str, Any]) -> int:
@@ -517,6 +536,10 @@ class TraceWriter:
             cols["forced"] = pa.array(np.zeros(n, dtype=bool))
         if "time" not in cols:
             cols["time"] = pa.array(np.full(n, time.time_ns() // 1000, dtype=np.int64)).cast(DECISIONS.field("time").type)
+        check_decision_columns(cols["sample"], cols["step"], cols["head"], cols["topk_ids"], cols["topk_logits"],
+                               cols["margin"], cols["argmax"])
+        self._keys.add_many(np.asarray(cols["sample"].to_pylist(), dtype=object), cols["step"].to_numpy(),
+                            np.asarray(cols["head"].to_pylist(), dtype=object))
         arrays = [cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in DECISIONS]
         self._put(("D", pa.RecordBatch.from_arrays(arrays, schema=DECISIONS)))
         return n
@@ -856,6 +879,7 @@ class TraceWriter:
                 closed=utc_now(),
                 counts={k: self._files[k].rows for k in ("decisions", "tensors", "values")},
                 bytes=sizes,
+                checksums=self._checksums(),
             )
             write_json_atomic(self._status_path, self._status)
         except OSError as exc:
@@ -873,6 +897,14 @@ class TraceWriter:
             seconds=time.perf_counter() - self._t0,
         )
         return self._summary
+
+    def _checksums(self) -> dict[str, str]:
+        """Checksums of this part's finished data files, and of the vocabulary it wrote (SPEC.md §5.1)."""
+        sums = {kind: file_checksum(f.path) for kind, f in self._files.items()}
+        vocab = self.path / f"vocab-{self.part}.arrow"
+        if vocab.exists():
+            sums["vocab"] = file_checksum(vocab)
+        return sums
 
     def __enter__(self) -> TraceWriter:
         return self
