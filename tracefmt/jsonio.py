@@ -48,11 +48,12 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(steps, dtype=np.int64).max(initial=0))
 
 
-def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(raw: bytes, *, text: str | None = None, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse JSON text with bounded depth.
 
     Args:
         raw: UTF-8 JSON text.
+        text: ``raw`` already decoded, when the caller has it.
         max_depth: the deepest nesting allowed.
 
     Returns:
@@ -65,10 +66,11 @@ def parse_json(raw: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     depth = json_depth(raw)
     if depth > max_depth:
         raise ValueError(f"nested {depth} deep, more than the {max_depth} levels steptrace accepts")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not valid UTF-8 (byte {exc.start + 1})") from None
+    if text is None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"not valid UTF-8 (byte {exc.start + 1})") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import os
 import string
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from .checks import check_vocab_ids
 from .dtypes import DTYPES, canonical, container
+from .jsonio import quote
 from .jsonl_fields import I32, I64, LineContext, json_type, show
 from .metadata import TraceMetadata
 from .payload import TensorStats, digest
@@ -25,6 +27,8 @@ from .writer import TraceWriter
 _META_DROPPED = ("kind", "format", "version")
 _META_STRINGS = ("model", "precision", "device", "runtime_version", "vocab_head", "created")
 _PAYLOADS = ("data_b64", "npy", "raw")
+#: Most dimensions a tensor line may have (numpy's portable limit).
+MAX_DIMS = 32
 
 Vocab = list[str] | dict[int, str]
 
@@ -198,10 +202,16 @@ def add_tensor(ctx: LineContext, obj: dict[str, Any], writer: TraceWriter) -> st
     sample = ctx.text(obj, "sample")
     step = ctx.integer(obj, "step", lo=0)
     name = ctx.text(obj, "name")
-    dtype = ctx.text(obj, "dtype")
+    npy = None
+    if "npy" in obj and ("dtype" not in obj or "shape" not in obj):
+        npy = _npy_header(ctx, obj)  # an .npy file describes itself (SPEC.md §6)
+    dtype = ctx.text(obj, "dtype") if "dtype" in obj or npy is None else npy[0]
     if dtype not in DTYPES:
-        ctx.fail(f"dtype {dtype!r} is not a steptrace dtype; use one of {', '.join(DTYPES)}")
-    shape = tuple(ctx.ints(ctx.value(obj, "shape"), "shape", lo=0, hi=I64[1]).tolist())
+        ctx.fail(f"dtype {quote(dtype)} is not a steptrace dtype; use one of {', '.join(DTYPES)}")
+    raw_shape = ctx.value(obj, "shape") if "shape" in obj or npy is None else list(npy[1])
+    if isinstance(raw_shape, list) and len(raw_shape) > MAX_DIMS:
+        ctx.fail(f"shape has {len(raw_shape)} dimensions; steptrace accepts at most {MAX_DIMS}")
+    shape = tuple(ctx.ints(raw_shape, "shape", lo=0, hi=I64[1]).tolist())
     numel = math.prod(shape)
     nbytes = numel * container(dtype).itemsize
     if nbytes > I64[1]:
@@ -269,7 +279,37 @@ def _from_b64(ctx: LineContext, v: Any, dtype: str, shape: tuple[int, ...], nbyt
     return np.frombuffer(raw, dtype=container(dtype)).reshape(shape)
 
 
+def _npy_header(ctx: LineContext, obj: dict[str, Any]) -> tuple[str, tuple[int, ...]]:
+    """Return the (steptrace dtype, shape) an .npy file's header declares, checked against its size."""
+    path, rel = ctx.payload_path(obj, "npy")
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                ctx.fail(f"npy file {rel!r} is an .npz archive; save one array per file with np.save")
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dt = np.lib.format.read_array_header_1_0(f, max_header_size=1 << 16)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dt = np.lib.format.read_array_header_2_0(f, max_header_size=1 << 16)
+            else:
+                raise ValueError(f"unknown .npy version {version}")
+            body = os.fstat(f.fileno()).st_size - f.tell()
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        ctx.fail(f"npy file {rel!r} has no readable .npy header ({str(exc)[:80]})")
+    if dt.hasobject:
+        ctx.fail(f"npy file {rel!r} holds Python objects; steptrace reads .npy arrays without pickled objects only")
+    if len(shape) > MAX_DIMS:
+        ctx.fail(f"npy file {rel!r} has {len(shape)} dimensions; steptrace accepts at most {MAX_DIMS}")
+    need = math.prod(shape) * dt.itemsize
+    if need > body:
+        ctx.fail(f"npy file {rel!r} declares shape {list(shape)[:8]} of {dt} ({need} bytes) but holds {body}")
+    name = "bfloat16" if dt.kind == "V" and dt.itemsize == 2 else dt.name
+    return name, tuple(shape)
+
+
 def _from_npy(ctx: LineContext, obj: dict[str, Any], dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    _npy_header(ctx, obj)  # bounds what np.load allocates by the file's own size
     path, rel = ctx.payload_path(obj, "npy")
     try:
         arr = np.load(path, allow_pickle=False)
