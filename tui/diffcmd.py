@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from differ import DiffOptions, DiffReport, Policy, VERDICTS, diff, load_mapping, load_policy
 from differ.policy import parse_override
@@ -125,6 +124,7 @@ def run(args: argparse.Namespace) -> DiffOutcome:
     """
     from rich.console import Console
 
+    from .cli import write_output
     from .diffreport import progress_bar, render
 
     opts = options(args)
@@ -135,13 +135,13 @@ def run(args: argparse.Namespace) -> DiffOutcome:
     if args.save_mapping:
         mapping = report.worst.mapping
         text = mapping.to_toml() if mapping is not None else "[names]\n"
-        Path(args.save_mapping).write_text(text, encoding="utf-8")
+        write_output(args.save_mapping, text, what="name mapping")
         err.print(f"[dim]mapping written to {args.save_mapping}[/]")
     if args.json == "-":
         sys.stdout.write(report.dumps() + "\n")
     else:
         if args.json:
-            Path(args.json).write_text(report.dumps() + "\n", encoding="utf-8")
+            write_output(args.json, report.dumps() + "\n", what="JSON report")
             err.print(f"[dim]JSON report written to {args.json}[/]")
         render(report, Console(), rows=args.rows)
     return DiffOutcome(report, report.mismatch)
