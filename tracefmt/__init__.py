@@ -5,6 +5,7 @@ Layer rule: tracefmt imports no other steptrace layer.
 
 __version__ = "0.1.0"
 
+from .arrowio import DataFile  # noqa: E402
 from .errors import (  # noqa: E402
     JsonlError,
     TraceCorruptError,
@@ -26,6 +27,7 @@ from .schema import FORMAT_VERSION  # noqa: E402
 from .writer import TraceWriter, WriteSummary  # noqa: E402
 
 __all__ = [
+    "DataFile",
     "FORMAT_VERSION",
     "ImportSummary",
     "JsonlError",

@@ -232,7 +232,9 @@ class DataFile:
                 if columns is not None:
                     b = b.select(list(have))
             elif columns is None:
-                b = self._check(self._reader.get_batch(i), i)
+                with self._lock:
+                    b = self._reader.get_batch(i)
+                b = self._check(b, i)
             else:
                 with self._lock:  # one projected reader per column set, used by one thread at a time
                     r = self._projected.get(have)
@@ -240,7 +242,8 @@ class DataFile:
                         idx = [self.schema.get_field_index(c) for c in have]
                         r = pa.ipc.open_file(self._mm, options=pa.ipc.IpcReadOptions(included_fields=idx))
                         self._projected[have] = r
-                    b = self._check(r.get_batch(i), i)
+                    b = r.get_batch(i)
+                b = self._check(b, i)
         if columns is None or len(have) == len(columns):
             return b if columns is None or tuple(b.schema.names) == tuple(columns) else b.select(list(columns))
         full = SCHEMAS[self.kind]

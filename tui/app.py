@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
-import pyarrow as pa
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -40,7 +39,7 @@ from .viewtensors import preview
 from .viewvalues import SampleRow, StepDetail
 from .widgets import Notices, Plots, Prompt, SamplesPane, StepDetailPane, StepTable, TensorsPane
 
-_READ_ERRORS = (TraceError, pa.ArrowException, OSError)
+_READ_ERRORS = (TraceError,)  # tracefmt translates pyarrow's and the OS's errors
 
 
 class ViewApp(KeyActions, App[None]):
