@@ -68,6 +68,11 @@ def check_schema(schema: pa.Schema, kind: str, path: Path) -> None:
         TraceFormatError: foreign file or missing required column.
         TraceVersionError: newer major version.
     """
+    with guarded(path, "reading the schema"):
+        _check_schema(schema, kind, path)
+
+
+def _check_schema(schema: pa.Schema, kind: str, path: Path) -> None:
     md = schema.metadata or {}
     if md.get(META_KIND) != kind.encode():
         raise TraceFormatError(

@@ -10,6 +10,7 @@ import binascii
 import math
 import os
 import string
+import tokenize
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ _META_STRINGS = ("model", "precision", "device", "runtime_version", "vocab_head"
 _PAYLOADS = ("data_b64", "npy", "raw")
 #: Most dimensions a tensor line may have (numpy's portable limit).
 MAX_DIMS = 32
+#: What numpy's .npy header parser raises on a damaged header (it tokenizes a Python literal).
+_NPY_ERRORS = (ValueError, OSError, EOFError, SyntaxError, TypeError, KeyError, tokenize.TokenError)
 
 Vocab = list[str] | dict[int, str]
 
@@ -295,7 +298,7 @@ def _npy_header(ctx: LineContext, obj: dict[str, Any]) -> tuple[str, tuple[int, 
             else:
                 raise ValueError(f"unknown .npy version {version}")
             body = os.fstat(f.fileno()).st_size - f.tell()
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+    except _NPY_ERRORS as exc:
         ctx.fail(f"npy file {rel!r} has no readable .npy header ({str(exc)[:80]})")
     if dt.hasobject:
         ctx.fail(f"npy file {rel!r} holds Python objects; steptrace reads .npy arrays without pickled objects only")
@@ -313,7 +316,7 @@ def _from_npy(ctx: LineContext, obj: dict[str, Any], dtype: str, shape: tuple[in
     path, rel = ctx.payload_path(obj, "npy")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except _NPY_ERRORS as exc:
         ctx.fail(f"npy file {rel!r} is not a readable .npy array without pickled objects ({exc})")
     if not isinstance(arr, np.ndarray):  # an .npz archive
         arr.close()

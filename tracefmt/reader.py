@@ -134,6 +134,7 @@ class TraceReader:
         self.metadata = TraceMetadata.from_manifest(self._manifest)
         self.max_tensor_bytes = max_tensor_bytes
         self.parts = self._scan_parts()
+        self._check_sizes()
         self._files: dict[str, list[DataFile | None]] = {}
         self._data: dict[str, list[DataFile]] = {}
         self._tables: dict[str, pa.Table] = {}
@@ -198,6 +199,20 @@ class TraceReader:
                 )
             )
         return parts
+
+    def _check_sizes(self) -> None:
+        """Compare each closed part's file sizes with those recorded at close (a ``stat`` each)."""
+        for part in self.parts:
+            if not part.complete:
+                continue
+            for kind, size in part.sizes_at_close.items():
+                if kind in KINDS and part.file_bytes.get(kind) != size:
+                    path = self.path / PARTS_DIR / data_file(part.id, kind)
+                    now = part.file_bytes.get(kind)
+                    raise TraceCorruptError(
+                        f"{path} " + ("is missing" if now is None else f"holds {now} bytes") + f" but its part was "
+                        f"closed with {size}; the file was truncated or changed: restore it from a copy"
+                    )
 
     def part_files(self, kind: str) -> list[DataFile | None]:
         """Open the ``kind`` data file of every part, in :attr:`parts` order (batches are read on
