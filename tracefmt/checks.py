@@ -102,29 +102,25 @@ def topk_problems(
     bad_at = np.flatnonzero(~ok)
     rows_bad, first_bad = np.unique(row[1:][bad_at], return_index=True)
     for r, j in zip(rows_bad.tolist(), bad_at[first_bad].tolist()):
-        reasons.setdefault(r, f"topk_logits are not best first at position {j + 1 - int(offsets[r])} "
-                              f"({_num(a[j])} then {_num(b[j])}); list the top-k by decreasing logit, NaN last "
-                              "(SPEC.md §3.2)")
+        reasons.setdefault(r, _order_reason(j + 1 - int(offsets[r]), a[j], b[j]))
     order = np.lexsort((ids, row))
     sid, srow = ids[order], row[order]
     dup = np.flatnonzero((sid[1:] == sid[:-1]) & (srow[1:] == srow[:-1]))
     rows_dup, first_dup = np.unique(srow[1:][dup], return_index=True)
     for r, j in zip(rows_dup.tolist(), dup[first_dup].tolist()):
-        reasons.setdefault(r, f"topk_ids repeats an id ({int(sid[j])}); the top-k holds k distinct ids (SPEC.md §3.2)")
+        reasons.setdefault(r, _repeat_reason(int(sid[j])))
     first = offsets[:-1]
     if argmax is not None:
         am = np.asarray(argmax, np.int64)
         for r in np.flatnonzero(am != ids[first]).tolist():
-            reasons.setdefault(r, f"argmax {int(am[r])} differs from topk_ids[0] = {int(ids[first[r]])}; argmax is "
-                                  "the first top-k id (SPEC.md §3.2)")
+            reasons.setdefault(r, _argmax_reason(int(am[r]), int(ids[first[r]])))
     if margin is not None:
         with np.errstate(invalid="ignore", over="ignore"):
             expect = (logits[first].astype(np.float64) - logits[first + 1].astype(np.float64)).astype(np.float32)
         m = np.asarray(margin, np.float32)
         bad = ~((expect == m) | (np.isnan(expect) & np.isnan(m)))
         for r in np.flatnonzero(bad).tolist():
-            reasons.setdefault(r, f"margin {_num(m[r])} differs from topk_logits[0] - topk_logits[1] = "
-                                  f"{_num(expect[r])} (SPEC.md §3.2)")
+            reasons.setdefault(r, _margin_reason(m[r], expect[r]))
     rows = np.array(sorted(reasons), np.int64)
     return rows, [reasons[r] for r in rows.tolist()]
 
@@ -132,6 +128,23 @@ def topk_problems(
 def _num(x: float) -> str:
     x = float(x)
     return "NaN" if x != x else repr(x)
+
+
+def _order_reason(pos: int, a: float, b: float) -> str:
+    return (f"topk_logits are not best first at position {pos} ({_num(a)} then {_num(b)}); list the top-k by "
+            "decreasing logit, NaN last (SPEC.md §3.2)")
+
+
+def _repeat_reason(token: int) -> str:
+    return f"topk_ids repeats an id ({token}); the top-k holds k distinct ids (SPEC.md §3.2)"
+
+
+def _argmax_reason(argmax: int, first: int) -> str:
+    return f"argmax {argmax} differs from topk_ids[0] = {first}; argmax is the first top-k id (SPEC.md §3.2)"
+
+
+def _margin_reason(margin: float, expect: float) -> str:
+    return f"margin {_num(margin)} differs from topk_logits[0] - topk_logits[1] = {_num(expect)} (SPEC.md §3.2)"
 
 
 def duplicate_message(sample: Any, step: Any, head: Any, parts: Sequence[str] = ()) -> str:
@@ -235,10 +248,27 @@ def check_decision_row(sample: str, step: int, head: str, ids: np.ndarray, logit
     Raises:
         TraceUsageError: the message of :func:`decision_problem`.
     """
-    rows, reasons = topk_problems(np.asarray(ids, np.int64), np.asarray(logits, np.float32),
-                                  np.array([0, len(ids)]), np.array([margin], np.float32), np.array([argmax]))
-    if rows.size:
-        raise TraceUsageError(decision_problem(sample, step, head, reasons[0]))
+    # plain Python: k is small, and numpy's per-call overhead would dominate (same checks and
+    # messages as topk_problems, in the same order)
+    v = np.asarray(logits, np.float32).tolist()
+    id_list = np.asarray(ids).tolist()
+    reason = None
+    for i in range(1, len(v)):
+        a, b = v[i - 1], v[i]
+        if not (a >= b or b != b):  # b != b: b is NaN
+            reason = _order_reason(i, a, b)
+            break
+    if reason is None and len(set(id_list)) != len(id_list):
+        reason = _repeat_reason(min(x for x in id_list if id_list.count(x) > 1))
+    if reason is None and argmax != id_list[0]:
+        reason = _argmax_reason(argmax, id_list[0])
+    if reason is None:
+        expect = float(np.float32(v[0] - v[1]))  # float64 difference of the float32 values (SPEC.md §3.2)
+        m = float(np.float32(margin))
+        if not (expect == m or (expect != expect and m != m)):
+            reason = _margin_reason(m, expect)
+    if reason is not None:
+        raise TraceUsageError(decision_problem(sample, step, head, reason))
 
 
 def check_decision_columns(samples: Any, steps: Any, heads: Any, topk_ids: Any, topk_logits: Any,
