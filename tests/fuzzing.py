@@ -16,6 +16,7 @@ In-process use (the test suite): :func:`build_corpus` once, then :func:`run_case
 Long runs isolate cases in worker processes so that a crash (a signal) is seen and counted::
 
     python tests/fuzzing.py --cases 3000 --workers 2 --out fuzz-report.json
+    python tests/fuzzing.py --hostile     # peak memory of the CLI on each hostile input
 """
 
 from __future__ import annotations
@@ -510,6 +511,79 @@ def long_run(cases: int, workers: int, out: Path, *, seed0: int = 0, chunk: int 
     return summary
 
 
+def _hostile_inputs(folder: Path) -> list[tuple[str, list[str], Path]]:
+    """Write the hostile inputs the format's promises must stop; returns (label, argv, input)."""
+    import pyarrow as pa
+    import zstandard
+
+    out = []
+    good = folder / "good.trace"
+    _write(good, encoding="zstd", compact=True, samples=["a"], vocab=True)
+    out.append(("a good trace (baseline)", ["info", str(good)], good))
+    vocab = folder / "vocab.trace"
+    shutil.copytree(good, vocab)
+    (f,) = vocab.glob("vocab-*.arrow")
+    t = pa.table({"id": pa.array([0, 2**31 - 1], pa.int32()), "piece": ["a", "b"]})
+    with pa.OSFile(str(f), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+        w.write_table(t)
+    for status in (vocab / "parts").glob("*.json"):
+        doc = json.loads(status.read_text())
+        doc.pop("checksums", None)
+        doc.pop("bytes", None)
+        status.write_text(json.dumps(doc))
+    out.append(("vocab id 2**31-1 in a 1.0-style part (no checksum)", ["info", str(vocab)], vocab))
+    jl = folder / "vocab.jsonl"
+    jl.write_text('{"kind": "meta", "vocab": {"2147483647": "x"}}\n')
+    out.append(("JSONL meta vocab {'2147483647': 'x'}", ["import", "jsonl", str(jl), str(folder / "o1")], jl))
+    bomb = folder / "newlines.jsonl.zst"
+    with open(bomb, "wb") as fh, zstandard.ZstdCompressor(level=19).stream_writer(fh) as w:
+        for _ in range(8):
+            w.write(b"\n" * (1 << 20))
+        w.write(b"x" * (1 << 26))
+    out.append(("zstd: 8 MiB of newlines, then a 64 MiB line of garbage", ["import", "jsonl", str(bomb),
+                str(folder / "o2")], bomb))
+    line = folder / "line.jsonl.zst"
+    with open(line, "wb") as fh, zstandard.ZstdCompressor(level=19).stream_writer(fh) as w:
+        for _ in range(48):
+            w.write(b"a" * (1 << 26))  # one 3 GiB line
+    out.append(("zstd: one 3 GiB line", ["import", "jsonl", str(line), str(folder / "o3")], line))
+    _npy_bomb(folder)
+    npy = folder / "npy.jsonl"
+    npy.write_text('{"kind": "tensor", "sample": "s", "step": 0, "name": "x", "npy": "bomb.npy"}\n')
+    out.append((".npy header of 10**12 float32 over 16 bytes", ["import", "jsonl", str(npy), str(folder / "o4")], npy))
+    deep = folder / "deep.jsonl"
+    deep.write_text('{"kind": "decision", "sample": "s", "step": 0, "logits": ' + "[" * 100_000 + "]" * 100_000
+                    + "}\n")
+    out.append(("JSONL line nested 100,000 deep", ["import", "jsonl", str(deep), str(folder / "o5")], deep))
+    return out
+
+
+#: Runs the CLI and prints the process's own peak resident size (VmHWM, reset at exec) at exit.
+_PEAK = ("import atexit, sys\n"
+         "atexit.register(lambda: sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))))\n"
+         "from tui.cli import main\n"
+         "sys.exit(main(sys.argv[1:]))\n")
+
+
+def hostile_memory() -> list[dict]:
+    """Run each hostile input through the CLI in its own process; peak RSS and exit code of each."""
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="steptrace-hostile-") as tmp:
+        for label, argv, path in _hostile_inputs(Path(tmp)):
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+            t0 = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", _PEAK, *argv], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=600, check=False)
+            lines = done.stderr.strip().splitlines()
+            peak = next((int(x.split()[1]) / 1024 for x in lines if x.startswith("VmHWM:")), None)
+            message = next((x for x in reversed(lines) if not x.startswith("VmHWM:")), "")
+            rows.append({"input": label, "bytes": size, "exit": done.returncode, "peak_rss_mb": peak,
+                         "seconds": round(time.perf_counter() - t0, 2), "message": message[:160]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: a long run (default) or one worker (``--worker``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -523,9 +597,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus")
     p.add_argument("--tmp")
     p.add_argument("--memory-limit", type=int, default=6144, help="address-space limit of a worker, MiB")
+    p.add_argument("--hostile", action="store_true", help="peak memory of the CLI on each hostile input, then exit")
     args = p.parse_args(argv)
     if args.worker:
         return _worker(args)
+    if args.hostile:
+        for row in hostile_memory():
+            print(json.dumps(row))
+        return 0
     s = long_run(args.cases, args.workers, Path(args.out), seed0=args.seed0, memory_mb=args.memory_limit)
     print(f"{s.cases} cases in {s.seconds:.0f} s: {s.tracebacks} tracebacks, {s.signals} killed by a signal, "
           f"{s.silent} silent changes; {s.detected}/{s.changed_closed} changed closed files refused by validate; "
