@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import viewcmd  # argparse only: textual is imported when `view` runs
 
-    viewcmd.add_parser(sub).set_defaults(func=viewcmd.run)
+    viewcmd.add_parser(sub)
 
     from . import democmd  # argparse only: onnxruntime is imported when `demo` runs
 
