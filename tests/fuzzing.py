@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import random
 import resource
 import shutil
@@ -390,7 +389,8 @@ def _run_import(case: Case, corpus: Path, work: Path, rng: random.Random) -> Non
     src_dir = work / "src"
     shutil.copytree(corpus / "jsonl_src", src_dir)
     _npy_bomb(src_dir)
-    target = {"jsonl": src_dir / "in.jsonl", "jsonl_zst": src_dir / "in.jsonl.zst", "npy": src_dir / "t0.npy"}[case.kind]
+    names = {"jsonl": "in.jsonl", "jsonl_zst": "in.jsonl.zst", "npy": "t0.npy"}
+    target = src_dir / names[case.kind]
     case.file = target.name
     data = target.read_bytes()
     if case.mutation == "hostile" or (case.mutation == "line" and case.kind != "jsonl"):
@@ -451,7 +451,8 @@ class Summary:
     failures: list[dict] = field(default_factory=list)
 
 
-def long_run(cases: int, workers: int, out: Path, *, seed0: int = 0, chunk: int = 100, memory_mb: int = 6144) -> Summary:
+def long_run(cases: int, workers: int, out: Path, *, seed0: int = 0, chunk: int = 100,
+             memory_mb: int = 6144) -> Summary:
     """Run ``cases`` seeds from ``seed0`` in worker processes of ``chunk`` cases each.
 
     A worker killed by a signal is counted (with the seed it was running) and the run goes on
@@ -560,7 +561,9 @@ def _hostile_inputs(folder: Path) -> list[tuple[str, list[str], Path]]:
 
 #: Runs the CLI and prints the process's own peak resident size (VmHWM, reset at exec) at exit.
 _PEAK = ("import atexit, sys\n"
-         "atexit.register(lambda: sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))))\n"
+         "def peak():\n"
+         "    sys.stderr.write(next(x for x in open('/proc/self/status') if x.startswith('VmHWM')))\n"
+         "atexit.register(peak)\n"
          "from tui.cli import main\n"
          "sys.exit(main(sys.argv[1:]))\n")
 
@@ -572,7 +575,8 @@ def hostile_memory() -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="steptrace-hostile-") as tmp:
         for label, argv, path in _hostile_inputs(Path(tmp)):
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+            files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+            size = sum(f.stat().st_size for f in files)
             t0 = time.perf_counter()
             done = subprocess.run([sys.executable, "-c", _PEAK, *argv], cwd=ROOT, capture_output=True, text=True,
                                   timeout=600, check=False)

@@ -22,7 +22,8 @@ from .errors import (  # noqa: E402
 from .jsonl import ImportSummary, export_jsonl, import_jsonl  # noqa: E402
 from .metadata import TraceMetadata  # noqa: E402
 from .payload import TensorStats, compute_stats, digest  # noqa: E402
-from .reader import PartInfo, StepView, TraceReader  # noqa: E402
+from .parts import PartInfo  # noqa: E402
+from .reader import StepView, TraceReader  # noqa: E402
 from .schema import FORMAT_VERSION  # noqa: E402
 from .writer import TraceWriter, WriteSummary  # noqa: E402
 
