@@ -103,12 +103,19 @@ def topk_problems(
     rows_bad, first_bad = np.unique(row[1:][bad_at], return_index=True)
     for r, j in zip(rows_bad.tolist(), bad_at[first_bad].tolist()):
         reasons.setdefault(r, _order_reason(j + 1 - int(offsets[r]), a[j], b[j]))
-    order = np.lexsort((ids, row))
-    sid, srow = ids[order], row[order]
-    dup = np.flatnonzero((sid[1:] == sid[:-1]) & (srow[1:] == srow[:-1]))
-    rows_dup, first_dup = np.unique(srow[1:][dup], return_index=True)
-    for r, j in zip(rows_dup.tolist(), dup[first_dup].tolist()):
-        reasons.setdefault(r, _repeat_reason(int(sid[j])))
+    k = int(offsets[1] - offsets[0])
+    if ids.size == n * k:  # every row has the same k: sort each row (fast for small k)
+        srt = np.sort(ids.reshape(n, k), axis=1)
+        same_id = srt[:, 1:] == srt[:, :-1]
+        for r in np.flatnonzero(same_id.any(axis=1)).tolist():
+            reasons.setdefault(r, _repeat_reason(int(srt[r, 1:][same_id[r]][0])))
+    else:
+        order = np.lexsort((ids, row))
+        sid, srow = ids[order], row[order]
+        dup = np.flatnonzero((sid[1:] == sid[:-1]) & (srow[1:] == srow[:-1]))
+        rows_dup, first_dup = np.unique(srow[1:][dup], return_index=True)
+        for r, j in zip(rows_dup.tolist(), dup[first_dup].tolist()):
+            reasons.setdefault(r, _repeat_reason(int(sid[j])))
     first = offsets[:-1]
     if argmax is not None:
         am = np.asarray(argmax, np.int64)
@@ -193,31 +200,38 @@ class DecisionKeys:
             if not self._add(sample, head, step):
                 raise TraceUsageError(duplicate_message(sample, step, head))
 
-    def add_many(self, samples: np.ndarray, steps: np.ndarray, heads: np.ndarray) -> None:
-        """Accept many keys at once (one Python step per (sample, head), not per row); none is
-        kept if one is refused.
+    def add_many(self, samples: Any, steps: Any, heads: Any) -> None:
+        """Accept many keys at once, vectorised (one Python step per (sample, head), not per row);
+        none is kept if one is refused.
 
         Args:
-            samples, steps, heads: equal-length arrays of the keys (object, int, object).
+            samples, steps, heads: equal-length pyarrow arrays of the keys (utf8, int32, utf8).
 
         Raises:
             TraceUsageError: a key repeats within the batch or was accepted before.
         """
+        import pyarrow.compute as pc
+
         n = len(steps)
         if n == 0:
             return
-        steps = np.asarray(steps, np.int64)
-        order = np.lexsort((steps, heads, samples))
-        s, h, st = samples[order], heads[order], steps[order]
+        s_enc, h_enc = pc.dictionary_encode(samples), pc.dictionary_encode(heads)
+        s_names, h_names = s_enc.dictionary.to_pylist(), h_enc.dictionary.to_pylist()
+        s = s_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        h = h_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        st = np.asarray(steps.to_numpy(zero_copy_only=False), np.int64)
+        order = np.lexsort((st, h, s))
+        s, h, st = s[order], h[order], st[order]
         new_group = np.r_[True, (s[1:] != s[:-1]) | (h[1:] != h[:-1])]
         twice = np.flatnonzero(~new_group[1:] & (st[1:] == st[:-1]))
         if twice.size:
             i = int(twice[0]) + 1
-            raise TraceUsageError(duplicate_message(s[i], int(st[i]), h[i]))
-        bounds = np.r_[np.flatnonzero(new_group), n]
+            raise TraceUsageError(duplicate_message(s_names[s[i]], int(st[i]), h_names[h[i]]))
+        bounds = np.r_[np.flatnonzero(new_group), n].tolist()
+        groups = [((s_names[s[lo]], h_names[h[lo]]), lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
         with self._lock:
-            for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-                seen = self._seen.get((s[lo], h[lo]))
+            for key, lo, hi in groups:
+                seen = self._seen.get(key)
                 if seen is None:
                     continue
                 g = st[lo:hi]
@@ -226,9 +240,8 @@ class DecisionKeys:
                     old |= np.isin(g, np.fromiter(seen[1], np.int64, len(seen[1])))
                 if old.any():
                     j = lo + int(np.argmax(old))
-                    raise TraceUsageError(duplicate_message(s[j], int(st[j]), h[j]))
-            for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-                key = (s[lo], h[lo])
+                    raise TraceUsageError(duplicate_message(key[0], int(st[j]), key[1]))
+            for key, lo, hi in groups:
                 seen = self._seen.setdefault(key, [0, set()])
                 g = st[lo:hi]
                 if int(g[0]) == seen[0] and int(g[-1]) == seen[0] + (hi - lo) - 1:

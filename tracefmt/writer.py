@@ -538,8 +538,7 @@ class TraceWriter:
             cols["time"] = pa.array(np.full(n, time.time_ns() // 1000, dtype=np.int64)).cast(DECISIONS.field("time").type)
         check_decision_columns(cols["sample"], cols["step"], cols["head"], cols["topk_ids"], cols["topk_logits"],
                                cols["margin"], cols["argmax"])
-        self._keys.add_many(np.asarray(cols["sample"].to_pylist(), dtype=object), cols["step"].to_numpy(),
-                            np.asarray(cols["head"].to_pylist(), dtype=object))
+        self._keys.add_many(cols["sample"], cols["step"], cols["head"])
         arrays = [cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in DECISIONS]
         self._put(("D", pa.RecordBatch.from_arrays(arrays, schema=DECISIONS)))
         return n
