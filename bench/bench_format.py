@@ -630,6 +630,7 @@ def bench_tensors(c: Corpus, cfg: Config, out: Path) -> tuple[list[Figure], dict
     t_copy, t_zc, t_sha, tr.write_t, st.write_t = (t[k] for k in ("memcpy", "zstd", "sha", "trace", "stats"))
     t_nosum = t["nosum"]
     _rmtree(out / "nosum.trace")
+    _rmtree(tr.path)
     write_trace(tr.path, c, values=True)
     t_hash = measure(lambda: [file_checksum(f) for f in (tr.path / "parts").glob("*.arrow")], n)
     zsize = z.size
