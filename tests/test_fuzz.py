@@ -17,7 +17,7 @@ import pytest
 
 import fuzzing
 
-QUICK_CASES = 500
+QUICK_CASES = 1000
 
 
 @pytest.fixture(scope="module")
