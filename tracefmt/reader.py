@@ -78,7 +78,7 @@ class TraceReader:
         self.metadata = TraceMetadata.from_manifest(self._manifest)
         self.max_tensor_bytes = max_tensor_bytes
         self.parts = scan_parts(self.path)
-        check_sizes(self.path, self.parts)
+        self._sizes_checked = False
         self._files: dict[str, list[DataFile | None]] = {}
         self._data: dict[str, list[DataFile]] = {}
         self._tables: dict[str, pa.Table] = {}
@@ -91,7 +91,8 @@ class TraceReader:
         """Open the ``kind`` data file of every part, in :attr:`parts` order (batches are read on
         demand: see :class:`tracefmt.DataFile`); None for an interrupted part that never created one.
 
-        A closed part's file is checked against the size recorded at close; its checksum is
+        At the first call, every closed part's files are checked against the sizes recorded at
+        close (so a truncated values file fails reading decisions too); a file's checksum is
         verified first when it is a decisions or tensors file, or a values file of at most
         :data:`VERIFY_VALUES_BYTES` (a larger values file is verified by ``trace validate``, and
         each of its batches is validated in full as it is read).
@@ -108,6 +109,9 @@ class TraceReader:
         """
         if kind not in KINDS:
             raise TraceUsageError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not self._sizes_checked:  # every file of every part, at the first data read (a stat each)
+            check_sizes(self.path, self.parts)
+            self._sizes_checked = True
         if kind not in self._files:
             out: list[DataFile | None] = []
             for part in self.parts:
