@@ -116,6 +116,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tracefmt import TraceReader, TraceWriter
+from tracefmt.checksum import file_checksum
 from tracefmt.decisions import decide
 from tracefmt.payload import shuffle_bytes
 
@@ -504,6 +505,17 @@ def write_trace(path: Path, c: Corpus, *, values: bool, encoding: str = "zstd") 
             w.add_tensor(SAMPLE, it.step, it.name, it.array, values=values)
 
 
+def write_trace_no_checksums(path: Path, c: Corpus) -> None:
+    """:func:`write_trace` with values, by a writer that records no file checksums at close (the
+    baseline of the checksums' write-path cost)."""
+    saved = TraceWriter._checksums
+    TraceWriter._checksums = lambda self: {}  # type: ignore[method-assign]
+    try:
+        write_trace(path, c, values=True)
+    finally:
+        TraceWriter._checksums = saved  # type: ignore[method-assign]
+
+
 def read_trace(path: Path, c: Corpus) -> None:
     """A new TraceReader reads every tensor of the corpus back."""
     with TraceReader(path) as r:
@@ -612,9 +624,15 @@ def bench_tensors(c: Corpus, cfg: Config, out: Path) -> tuple[list[Figure], dict
     step(f"{c.key} ({nb / MB:.0f} MB): trace writes alternating with memcpy, zstd-1, SHA-256")
     t = measure_interleaved({
         "memcpy": (memcpy_op(c), None), "zstd": (z.compress, None), "sha": (sha256_op(c), None),
+        "nosum": (lambda: write_trace_no_checksums(out / "nosum.trace", c), lambda: _rmtree(out / "nosum.trace")),
         "trace": (tr.write, lambda: _rmtree(tr.path)), "stats": (st.write, lambda: _rmtree(st.path)),
     }, n)
     t_copy, t_zc, t_sha, tr.write_t, st.write_t = (t[k] for k in ("memcpy", "zstd", "sha", "trace", "stats"))
+    t_nosum = t["nosum"]
+    _rmtree(out / "nosum.trace")
+    _rmtree(tr.path)
+    write_trace(tr.path, c, values=True)
+    t_hash = measure(lambda: [file_checksum(f) for f in (tr.path / "parts").glob("*.arrow")], n)
     zsize = z.size
     step(f"{c.key}: trace reads alternating with zstd-1 decompress")
     t = measure_interleaved({"zstd": (z.decompress, None), "trace": (tr.read_all, None)}, n)
@@ -637,6 +655,10 @@ def bench_tensors(c: Corpus, cfg: Config, out: Path) -> tuple[list[Figure], dict
         fig("SHA-256", rate(nb, t_sha), "MB/s", "memcpy", copy_mbs, timing=t_sha),
         fig("trace write, values", rate(nb, tr.write_t), "MB/s", "zstd-1 compress", zc_mbs,
             Target("ratio", ">=", 0.70), tr.write_t),
+        fig("trace write, values: seconds with file checksums at close", tr.write_t.best, "s",
+            "the same writer without checksums", t_nosum.best, timing=tr.write_t),
+        fig("file checksums at close alone (hashing the part's files)", t_hash.best, "s",
+            "trace write, values", tr.write_t.best, timing=t_hash),
         fig("trace size, values", tr.size / MB, "MB", "np.savez_compressed size", npzc.size / MB,
             Target("ratio", "<=", 1.0)),
         fig("trace read, values (every tensor)", rate(nb, tr.read_t), "MB/s", "zstd-1 decompress", zd_mbs,
@@ -1025,6 +1047,8 @@ def bench_random_access(cfg: Config, out: Path, rng: np.random.Generator) -> lis
         picks = [(int(rng.integers(steps)), names[int(rng.integers(len(names)))]) for _ in range(cfg.picks)]
         cold, warm = _pick_times(path, picks, files)
         p_cold, p_warm = _pread_times(values, cfg.picks, cfg.big_tensor_bytes, rng)
+        step("random access: checksums on open and in full, against reading every tensor")
+        sums = _checksum_times(path, names, steps, cfg.repeats)
     finally:
         if not cfg.keep:
             _rmtree(path)
@@ -1038,7 +1062,31 @@ def bench_random_access(cfg: Config, out: Path, rng: np.random.Generator) -> lis
                "pread 1 MB, cold", med(p_cold) * 1e3, target, Timing(tuple(cold))),
         Figure(sec, "one tensor, warm (median): second tensor() call", med(warm) * 1e3, "ms",
                "pread 1 MB, warm", med(p_warm) * 1e3, target, Timing(tuple(warm))),
+        Figure(sec, "checksums verified on open (decisions, tensors; warm)", sums["open"].best * 1e3, "ms",
+               "read every tensor, warm", sums["read"].best * 1e3, timing=sums["open"]),
+        Figure(sec, "every file's checksum, values included (validate; warm)", sums["all"].best * 1e3, "ms",
+               "read every tensor, warm", sums["read"].best * 1e3, timing=sums["all"]),
     ]
+
+
+def _checksum_times(path: Path, names: list[str], steps: int, repeats: int) -> dict[str, Timing]:
+    """Warm timings: what opening verifies, every checksum, and reading every tensor back."""
+    def on_open() -> None:
+        with TraceReader(path) as r:
+            r.part_files("decisions")
+            r.part_files("tensors")
+
+    def verify_all() -> None:
+        with TraceReader(path) as r:
+            assert not r.verify()
+
+    def read_all() -> None:
+        with TraceReader(path) as r:
+            for s in range(steps):
+                for name in names:
+                    r.tensor(SAMPLE, s, name)
+
+    return {"open": measure(on_open, repeats), "all": measure(verify_all, repeats), "read": measure(read_all, repeats)}
 
 
 # ---------------------------------------------------------------------------------------------

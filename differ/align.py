@@ -76,18 +76,18 @@ def _check_unique(key: np.ndarray, side: str, what: str) -> None:
         )
 
 
-def align_steps(A: Side, B: Side) -> Alignment:
-    """Align by (sample, step, head)."""
+def align_steps(A: Side, B: Side, names: tuple[str, str] = ("A", "B")) -> Alignment:
+    """Align by (sample, step, head); ``names`` name the two traces in messages (their paths)."""
     ka, kb = pack_pair([A.sample, A.step, A.head], [B.sample, B.step, B.head])
-    _check_unique(ka, "A", "(sample, step, head)")
-    _check_unique(kb, "B", "(sample, step, head)")
+    _check_unique(ka, names[0], "(sample, step, head)")
+    _check_unique(kb, names[1], "(sample, step, head)")
     keys, ia, ib = merge_sorted(ka, kb)
     al = _finish("step", A, B, ia, ib, np.zeros(keys.size, np.int64))
     al.pos = np.where(ia >= 0, al.a_step, al.b_step)
     return al
 
 
-def align_keys(A: Side, B: Side, keys: list[str]) -> Alignment:
+def align_keys(A: Side, B: Side, keys: list[str], names: tuple[str, str] = ("A", "B")) -> Alignment:
     """Align by (sample, key1, key2, ..., head), e.g. ``["frame", "emission"]`` for transducers.
 
     Raises:
@@ -98,7 +98,7 @@ def align_keys(A: Side, B: Side, keys: list[str]) -> Alignment:
             raise AlignmentError(f"--align {k!r}: alignment keys are step, resync or a list of {', '.join(KEY_COLUMNS)}")
     cols_a, cols_b = [A.sample], [B.sample]
     for k in keys:
-        for side, S, cols in (("A", A, cols_a), ("B", B, cols_b)):
+        for side, S, cols in ((names[0], A, cols_a), (names[1], B, cols_b)):
             vals, valid = S.keys[k]
             if S.rows and not valid.all():
                 raise AlignmentError(
@@ -112,8 +112,8 @@ def align_keys(A: Side, B: Side, keys: list[str]) -> Alignment:
     cols_b.append(B.head)
     ka, kb = pack_pair(cols_a, cols_b)
     what = "(sample, " + ", ".join(keys) + ", head)"
-    _check_unique(ka, "A", what)
-    _check_unique(kb, "B", what)
+    _check_unique(ka, names[0], what)
+    _check_unique(kb, names[1], what)
     ukeys, ia, ib = merge_sorted(ka, kb)
     al = _finish("keys:" + ",".join(keys), A, B, ia, ib, np.zeros(ukeys.size, np.int64))
     hbits = max(int(max(A.head.max(initial=0), B.head.max(initial=0))).bit_length(), 1)
@@ -125,7 +125,7 @@ def _bounds(sample: np.ndarray, nsamples: int) -> np.ndarray:
     return np.searchsorted(sample, np.arange(nsamples + 1))
 
 
-def align_resync(A: Side, B: Side, vocab_head: int, nsamples: int) -> Alignment:
+def align_resync(A: Side, B: Side, vocab_head: int, nsamples: int, names: tuple[str, str] = ("A", "B")) -> Alignment:
     """Align each sample's steps by an edit-distance alignment of the ``vocab_head`` tokens
     chosen on each side; every head of a step follows its token's pairing.
 
@@ -172,11 +172,11 @@ def align_resync(A: Side, B: Side, vocab_head: int, nsamples: int) -> Alignment:
             )
         return P_pos[have][order[idx_c]]
 
-    pos_a = positions(A, P_a, "A") if A.rows else np.zeros(0, np.int64)
-    pos_b = positions(B, P_b, "B") if B.rows else np.zeros(0, np.int64)
+    pos_a = positions(A, P_a, names[0]) if A.rows else np.zeros(0, np.int64)
+    pos_b = positions(B, P_b, names[1]) if B.rows else np.zeros(0, np.int64)
     ka, kb = pack_pair([A.sample, pos_a, A.head], [B.sample, pos_b, B.head])
-    _check_unique(ka, "A", "(sample, step, head)")
-    _check_unique(kb, "B", "(sample, step, head)")
+    _check_unique(ka, names[0], "(sample, step, head)")
+    _check_unique(kb, names[1], "(sample, step, head)")
     _, ia, ib = merge_sorted(ka, kb)
     al = _finish("resync", A, B, ia, ib, np.zeros(ia.size, np.int64))
     al.pos = np.where(ia >= 0, pos_a[np.maximum(ia, 0)] if A.rows else 0, pos_b[np.maximum(ib, 0)] if B.rows else 0)

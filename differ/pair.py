@@ -187,12 +187,13 @@ def compare_pair(ref: _Reference, side_a: Side, rb: TraceReader, opts: DiffOptio
     vocab_head_name = ref.reader.metadata.vocab_head or "token"
     vocab_head = heads.index(vocab_head_name) if vocab_head_name in heads else 0
     mode = opts.align.strip()
+    names = (str(ref.reader.path), str(rb.path))
     if mode == "step":
-        al = align_steps(A, B)
+        al = align_steps(A, B, names)
     elif mode == "resync":
-        al = align_resync(A, B, vocab_head, len(samples))
+        al = align_resync(A, B, vocab_head, len(samples), names)
     else:
-        al = align_keys(A, B, [k.strip() for k in mode.split(",") if k.strip()])
+        al = align_keys(A, B, [k.strip() for k in mode.split(",") if k.strip()], names)
     grid = coarser(ref.info.grid, info_b.grid)
     dd = compare_decisions(A, B, al.ia, al.ib, al.head, heads, opts.policy, grid)
     # tensors

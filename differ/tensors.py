@@ -269,13 +269,13 @@ def compare_tensors(
         drop_b = np.isin(kb, ko)
     keep_b = np.flatnonzero(~drop_b)
     ka, kb = pack_pair([A.sample, A.step, A.name, A.call], [B.sample[keep_b], b_step[keep_b], B.name[keep_b], B.call[keep_b]])
-    for k, side in ((ka, "A"), (kb, "B")):
+    for k, side in ((ka, str(ra.path)), (kb, str(rb.path))):
         s = np.sort(k)
         if (s[1:] == s[:-1]).any():
             raise DiffFormatError(f"trace {side} records a (sample, step, name, call) tensor more than once "
                                   "(after name mapping: two candidate names may map to one reference name)")
     _, ia, ibk = merge_sorted(ka, kb)
-    ib = np.where(ibk >= 0, keep_b[np.maximum(ibk, 0)], -1)
+    ib = np.where(ibk >= 0, keep_b[np.maximum(ibk, 0)], -1) if keep_b.size else np.full(ibk.size, -1, np.int64)
     both = (ia >= 0) & (ib >= 0)
     unmatched_a: dict[str, int] = {}
     unmatched_b: dict[str, int] = {}

@@ -15,6 +15,8 @@ import pytest
 from tracefmt import TraceCorruptError, TraceExistsError, TraceReader, TraceWriter
 from tracefmt.export import TENSOR_COLUMNS, TensorScan, export_parquet
 
+from damage import forget_checksums
+
 BF16_BITS = np.array([0x3F80, 0x7FC1, 0x8000, 0xFF80], np.uint16)
 
 
@@ -143,6 +145,9 @@ def test_damaged_values_are_refused(tmp_path: Path) -> None:
     raw = values.read_bytes()
     assert raw.count(pattern) == 1
     values.write_bytes(raw.replace(pattern, pattern[:-1] + b"\0"))
+    with pytest.raises(TraceCorruptError, match="has changed since its part was closed"):
+        export_parquet(tmp_path / "a.trace", tmp_path / "pq")
+    forget_checksums(tmp_path / "a.trace")  # behind the checksum, the digest still catches it
     with pytest.raises(TraceCorruptError, match="do not match their digest"):
         export_parquet(tmp_path / "a.trace", tmp_path / "pq")
     assert not any((tmp_path / "pq").glob("*.parquet"))  # no partial files left behind

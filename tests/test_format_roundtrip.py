@@ -142,7 +142,7 @@ DECISION_ROWS = st.lists(
     st.fixed_dictionaries(
         {
             "chosen": st.integers(0, 2**31 - 1),
-            "topk_ids": st.lists(st.integers(0, 2**31 - 1), min_size=2, max_size=9),
+            "topk_ids": st.lists(st.integers(0, 2**31 - 1), min_size=2, max_size=9, unique=True),
             "forced": st.booleans(),
             "piece": st.one_of(st.none(), st.text(max_size=8)),
             "logsumexp": st.one_of(st.none(), st.floats(width=32)),
@@ -163,7 +163,8 @@ def test_decisions_round_trip(tmp_path_factory, rows, data):
     with TraceWriter(path, flush_steps=3) as w:
         for step, r in enumerate(rows):
             k = len(r["topk_ids"])
-            logits = np.array(data.draw(st.lists(st.floats(width=32), min_size=k, max_size=k)), np.float32)
+            drawn = data.draw(st.lists(st.floats(width=32), min_size=k, max_size=k))
+            logits = np.array(sorted(drawn, key=lambda v: (v != v, -v if v == v else 0)), np.float32)  # best first
             w.add_decision("s", step, chosen=r["chosen"], topk_ids=r["topk_ids"], topk_logits=logits,
                            head=r["head"], forced=r["forced"], piece=r["piece"], logsumexp=r["logsumexp"],
                            frame=r["frame"], watched=[{"id": 3, "logit": float(logits[0]), "rank": 0}])
@@ -235,7 +236,7 @@ def test_add_decisions_bulk_equals_row_by_row(tmp_path):
 
     rng = np.random.default_rng(3)
     n = 5000
-    ids = rng.integers(0, 1000, (n, 4)).astype(np.int32)
+    ids = np.argsort(rng.random((n, 1000)), axis=1)[:, :4].astype(np.int32)  # 4 distinct ids per row
     logits = -np.sort(-rng.standard_normal((n, 4)).astype(np.float32), axis=1)
     samples = [f"s{i // 100}" for i in range(n)]
     steps = np.arange(n, dtype=np.int32) % 100

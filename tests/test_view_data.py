@@ -29,7 +29,7 @@ def _shuffled(path: Path, *, compact: bool, seed: int = 0) -> Path:
     order = rng.permutation(len(rows))
     rows = [rows[i] for i in order]
     n = len(rows)
-    ids = rng.integers(0, 30, (n, 4), dtype=np.int32)
+    ids = np.argsort(rng.random((n, 30)), axis=1)[:, :4].astype(np.int32)  # 4 distinct ids per row
     logits = np.sort(rng.standard_normal((n, 4)).astype(np.float32), axis=1)[:, ::-1]
     off = pa.array(np.arange(0, 4 * n + 1, 4, dtype=np.int32))
     table = {

@@ -292,7 +292,7 @@ def test_viewcmd_help_and_no_textual_import():
                          check=False)
     assert out.returncode == 0, out.stderr
     assert "--diff-json" in out.stdout and "first divergence" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "tui.viewcmd", "/nonexistent.trace"], capture_output=True, text=True,
+    bad = subprocess.run([sys.executable, "-m", "tui.cli", "view", "/nonexistent.trace"], capture_output=True, text=True,
                          cwd=vf_root(), timeout=60, check=False)
     assert bad.returncode == 2 and "error:" in bad.stderr
 

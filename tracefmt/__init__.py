@@ -5,6 +5,7 @@ Layer rule: tracefmt imports no other steptrace layer.
 
 __version__ = "0.1.0"
 
+from .arrowio import DataFile  # noqa: E402
 from .errors import (  # noqa: E402
     JsonlError,
     TraceCorruptError,
@@ -21,11 +22,13 @@ from .errors import (  # noqa: E402
 from .jsonl import ImportSummary, export_jsonl, import_jsonl  # noqa: E402
 from .metadata import TraceMetadata  # noqa: E402
 from .payload import TensorStats, compute_stats, digest  # noqa: E402
-from .reader import PartInfo, StepView, TraceReader  # noqa: E402
+from .parts import PartInfo  # noqa: E402
+from .reader import StepView, TraceReader  # noqa: E402
 from .schema import FORMAT_VERSION  # noqa: E402
 from .writer import TraceWriter, WriteSummary  # noqa: E402
 
 __all__ = [
+    "DataFile",
     "FORMAT_VERSION",
     "ImportSummary",
     "JsonlError",

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .checks import check_vocab_ids
 from .errors import TraceUsageError
 from .schema import DECISIONS, FORMAT_VERSION, TENSORS, VALUES
 
@@ -70,6 +71,10 @@ def write_vocab(path: Path, vocab: Sequence[str] | Mapping[int, str]) -> None:
         pieces = list(vocab)
     if not all(isinstance(p, str) for p in pieces):
         raise TraceUsageError("vocab pieces must be strings")
+    problem = check_vocab_ids(np.asarray(ids, dtype=np.int64)) if ids and all(-(1 << 62) < i < 1 << 62 for i in ids) \
+        else ("ids must lie in [0, 2**31)" if ids else None)
+    if problem:
+        raise TraceUsageError(f"vocab: {problem}")
     table = pa.table({"id": pa.array(ids, pa.int32()), "piece": pa.array(pieces, pa.utf8())})
     table = table.replace_schema_metadata({b"steptrace.kind": b"vocab", b"steptrace.version": FORMAT_VERSION.encode()})
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:

@@ -216,6 +216,8 @@ class LineContext:
         v = obj[key]
         if not isinstance(v, str) or not v:
             self.fail(f"{key} must be a relative path string, got {json_type(v)} {show(v)}")
+        if "\0" in v:
+            self.fail(f"{key} path {show(v)} holds a NUL character")
         p = Path(v)
         if p.is_absolute() or v.startswith(("/", "\\")):
             self.fail(f"{key} path {v!r} is absolute; paths must be relative to the JSONL file's folder")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import time
@@ -23,6 +22,7 @@ from .errors import (
     TraceUsageError,
     TraceWriteError,
 )
+from .jsonio import parse_json
 from .jsonl_fields import LineContext, json_type
 from .jsonl_lines import Vocab, add_decision, add_tensor, parse_meta
 from .metadata import TraceMetadata
@@ -32,6 +32,11 @@ from .writer import TraceWriter
 _MODES = ("create", "append", "overwrite")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _PROGRESS_EVERY_S = 0.1
+#: Longest line accepted (bytes); a longer one is refused with its line number (SPEC.md §6).
+MAX_LINE_BYTES = 256 << 20
+#: Compressed bytes inflated at a time: zstd expands a block at most ~43,700-fold (RLE blocks),
+#: so one step yields at most ~11 MiB and a decompression bomb cannot fill memory.
+_ZSTD_STEP = 256
 
 Progress = Callable[[int, int], None]
 
@@ -83,18 +88,23 @@ class _ZstdFrames(io.RawIOBase):
         self._frame: Any = None  # decompressobj of the frame being read, None between frames
         self._out = b""
         self._pos = 0
+        self._pending = b""  # compressed bytes read from src, inflated _ZSTD_STEP at a time
+        self._pending_at = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
         while self._pos >= len(self._out):
-            chunk = self._src.read(1 << 16)
-            if not chunk:
-                if self._frame is not None:
-                    raise zstandard.ZstdError("the data ends inside a zstd frame: the file is truncated")
-                return 0
-            self._out, self._pos = self._inflate(chunk), 0
+            if self._pending_at >= len(self._pending):
+                self._pending, self._pending_at = self._src.read(1 << 16), 0
+                if not self._pending:
+                    if self._frame is not None:
+                        raise zstandard.ZstdError("the data ends inside a zstd frame: the file is truncated")
+                    return 0
+            piece = self._pending[self._pending_at : self._pending_at + _ZSTD_STEP]
+            self._pending_at += len(piece)
+            self._out, self._pos = self._inflate(piece), 0
         n = min(len(buffer), len(self._out) - self._pos)
         buffer[:n] = self._out[self._pos : self._pos + n]
         self._pos += n
@@ -163,9 +173,9 @@ class _Import:
         if not text.strip():
             return
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            ctx.fail(f"not valid JSON: {exc.msg} at column {exc.colno}")
+            obj = parse_json(raw, text=text)
+        except ValueError as exc:
+            ctx.fail(str(exc).replace(" at line 1 column ", " at column "))
         if not isinstance(obj, dict):
             ctx.fail(f"a line must be a JSON object with a \"kind\", got {json_type(obj)}")
         kind = ctx.value(obj, "kind")
@@ -294,13 +304,15 @@ def import_jsonl(
             while True:
                 ctx.line += 1
                 try:
-                    raw = stream.readline()
+                    raw = stream.readline(MAX_LINE_BYTES + 1)
                 except zstandard.ZstdError as exc:
                     reason = f"the zstd data is damaged ({exc}); found while reading ahead, it may lie a few lines on"
                     raise JsonlError(str(src), ctx.line, reason) from None
                 if not raw:
                     ctx.line -= 1
                     break
+                if len(raw) > MAX_LINE_BYTES:
+                    raise JsonlError(str(src), ctx.line, f"the line is longer than {MAX_LINE_BYTES} bytes (SPEC.md §6)")
                 job.line(raw)
                 if progress is not None and time.monotonic() >= next_report:
                     progress(ctx.line, counter.count)

@@ -8,12 +8,16 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import os
 import string
+import tokenize
 from typing import Any
 
 import numpy as np
 
+from .checks import check_vocab_ids
 from .dtypes import DTYPES, canonical, container
+from .jsonio import quote
 from .jsonl_fields import I32, I64, LineContext, json_type, show
 from .metadata import TraceMetadata
 from .payload import TensorStats, digest
@@ -24,6 +28,10 @@ from .writer import TraceWriter
 _META_DROPPED = ("kind", "format", "version")
 _META_STRINGS = ("model", "precision", "device", "runtime_version", "vocab_head", "created")
 _PAYLOADS = ("data_b64", "npy", "raw")
+#: Most dimensions a tensor line may have (numpy's portable limit).
+MAX_DIMS = 32
+#: What numpy's .npy header parser raises on a damaged header (it tokenizes a Python literal).
+_NPY_ERRORS = (ValueError, OSError, EOFError, SyntaxError, TypeError, KeyError, tokenize.TokenError)
 
 Vocab = list[str] | dict[int, str]
 
@@ -86,15 +94,22 @@ def _vocab(ctx: LineContext, v: Any) -> Vocab | None:
         if not all(p is None or isinstance(p, str) for p in v):
             bad = next(i for i, p in enumerate(v) if not (p is None or isinstance(p, str)))
             ctx.fail(f"meta vocab[{bad}] must be a string (or null for no piece), got {show(v[bad])}")
-        return {i: p for i, p in enumerate(v) if p is not None}
+        sparse = {i: p for i, p in enumerate(v) if p is not None}
+        problem = check_vocab_ids(np.fromiter(sparse, np.int64, len(sparse)))
+        if problem:
+            ctx.fail(f"meta vocab: {problem}")
+        return sparse
     if isinstance(v, dict):
         out: dict[int, str] = {}
         for key, piece in v.items():
-            if not (key.isascii() and key.isdigit() and int(key) <= I32[1]):
+            if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= I32[1]):
                 ctx.fail(f"meta vocab key {key!r} is not a token id (a non-negative integer as a string)")
             if not isinstance(piece, str):
                 ctx.fail(f"meta vocab[{key!r}] must be a string, got {show(piece)}")
             out[int(key)] = piece
+        problem = check_vocab_ids(np.fromiter(out, np.int64, len(out)))
+        if problem:
+            ctx.fail(f"meta vocab: {problem}")
         return out
     ctx.fail(f"meta vocab must be an array of pieces or an object {{\"id\": \"piece\"}}, got {json_type(v)}")
 
@@ -141,36 +156,15 @@ def add_decision(ctx: LineContext, obj: dict[str, Any], writer: TraceWriter) -> 
         ctx.fail(f"topk_ids has {ids.size} entries but topk_logits has {vals.size}")
     if ids.size < 2:
         ctx.fail(f"topk_ids holds {ids.size} entries; a decision keeps at least the top 2 (k >= 2)")
-    _check_order(ctx, ids, vals)
     argmax = ctx.integer(obj, "argmax", default=None)
-    if argmax is not None and argmax != ids[0]:
-        ctx.fail(f"argmax {argmax} differs from topk_ids[0] = {ids[0]}; argmax is the first top-k id")
-    writer.add_decision(
-        sample, step, head=head, chosen=int(ids[0]) if chosen is None else chosen,
+    writer.add_decision(  # the writer checks the top-k (SPEC.md §3.2) and the key's uniqueness
+        sample, step, head=head, chosen=int(ids[0]) if chosen is None else chosen, argmax=argmax,
         topk_ids=ids, topk_logits=vals.astype(np.float32),
         logsumexp=ctx.number(obj, "logsumexp"), chosen_logit=ctx.number(obj, "chosen_logit"),
         chosen_rank=ctx.integer(obj, "chosen_rank", default=None, lo=0),
         watched=_watched(ctx, obj.get("watched")), **keys,
     )
     return sample
-
-
-def _check_order(ctx: LineContext, ids: np.ndarray, vals: np.ndarray) -> None:
-    """Refuse top-k lists that are not best first (SPEC.md §3.2) or repeat an id.
-
-    Equal values may come in either id order: the runtime may have ranked by more precise values.
-    A plain loop: k is small, and numpy's per-call overhead would dominate.
-    """
-    id_list, v = ids.tolist(), vals.tolist()
-    if len(set(id_list)) != len(id_list):
-        ctx.fail(f"topk_ids repeats an id: {show(id_list)}")
-    for i in range(1, len(v)):
-        a, b = v[i - 1], v[i]
-        if not (b != b or (a == a and a >= b)):  # x != x: x is NaN
-            ctx.fail(
-                f"topk_logits are not best first at position {i} ({show(a)} then {show(b)}); "
-                "list the top-k by decreasing logit, NaN last (SPEC.md §3.2)"
-            )
 
 
 def _watched(ctx: LineContext, v: Any) -> list[dict[str, Any]] | None:
@@ -211,10 +205,16 @@ def add_tensor(ctx: LineContext, obj: dict[str, Any], writer: TraceWriter) -> st
     sample = ctx.text(obj, "sample")
     step = ctx.integer(obj, "step", lo=0)
     name = ctx.text(obj, "name")
-    dtype = ctx.text(obj, "dtype")
+    npy = None
+    if "npy" in obj and ("dtype" not in obj or "shape" not in obj):
+        npy = _npy_header(ctx, obj)  # an .npy file describes itself (SPEC.md §6)
+    dtype = ctx.text(obj, "dtype") if "dtype" in obj or npy is None else npy[0]
     if dtype not in DTYPES:
-        ctx.fail(f"dtype {dtype!r} is not a steptrace dtype; use one of {', '.join(DTYPES)}")
-    shape = tuple(ctx.ints(ctx.value(obj, "shape"), "shape", lo=0, hi=I64[1]).tolist())
+        ctx.fail(f"dtype {quote(dtype)} is not a steptrace dtype; use one of {', '.join(DTYPES)}")
+    raw_shape = ctx.value(obj, "shape") if "shape" in obj or npy is None else list(npy[1])
+    if isinstance(raw_shape, list) and len(raw_shape) > MAX_DIMS:
+        ctx.fail(f"shape has {len(raw_shape)} dimensions; steptrace accepts at most {MAX_DIMS}")
+    shape = tuple(ctx.ints(raw_shape, "shape", lo=0, hi=I64[1]).tolist())
     numel = math.prod(shape)
     nbytes = numel * container(dtype).itemsize
     if nbytes > I64[1]:
@@ -282,11 +282,41 @@ def _from_b64(ctx: LineContext, v: Any, dtype: str, shape: tuple[int, ...], nbyt
     return np.frombuffer(raw, dtype=container(dtype)).reshape(shape)
 
 
+def _npy_header(ctx: LineContext, obj: dict[str, Any]) -> tuple[str, tuple[int, ...]]:
+    """Return the (steptrace dtype, shape) an .npy file's header declares, checked against its size."""
+    path, rel = ctx.payload_path(obj, "npy")
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                ctx.fail(f"npy file {rel!r} is an .npz archive; save one array per file with np.save")
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dt = np.lib.format.read_array_header_1_0(f, max_header_size=1 << 16)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dt = np.lib.format.read_array_header_2_0(f, max_header_size=1 << 16)
+            else:
+                raise ValueError(f"unknown .npy version {version}")
+            body = os.fstat(f.fileno()).st_size - f.tell()
+    except _NPY_ERRORS as exc:
+        ctx.fail(f"npy file {rel!r} has no readable .npy header ({str(exc)[:80]})")
+    if dt.hasobject:
+        ctx.fail(f"npy file {rel!r} holds Python objects; steptrace reads .npy arrays without pickled objects only")
+    if len(shape) > MAX_DIMS:
+        ctx.fail(f"npy file {rel!r} has {len(shape)} dimensions; steptrace accepts at most {MAX_DIMS}")
+    need = math.prod(shape) * dt.itemsize
+    if need > body:
+        ctx.fail(f"npy file {rel!r} declares shape {list(shape)[:8]} of {dt} ({need} bytes) but holds {body}")
+    name = "bfloat16" if dt.kind == "V" and dt.itemsize == 2 else dt.name
+    return name, tuple(shape)
+
+
 def _from_npy(ctx: LineContext, obj: dict[str, Any], dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    _npy_header(ctx, obj)  # bounds what np.load allocates by the file's own size
     path, rel = ctx.payload_path(obj, "npy")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except _NPY_ERRORS as exc:
         ctx.fail(f"npy file {rel!r} is not a readable .npy array without pickled objects ({exc})")
     if not isinstance(arr, np.ndarray):  # an .npz archive
         arr.close()

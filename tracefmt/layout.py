@@ -65,3 +65,19 @@ def create_or_join(
         if vocab_name:
             os.unlink(root / vocab_name)
     os.unlink(tmp)
+
+
+def claim_part(status_path: Path, part: str) -> None:
+    """Create ``status_path`` exclusively, so that no two writers ever write one part (SPEC.md §1).
+
+    Raises:
+        TraceExistsError: a part of that name exists (another writer holds it, or held it).
+    """
+    try:
+        fd = os.open(status_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise TraceExistsError(
+            f"part {part} already exists in {status_path.parent.parent} (another writer uses that part name); "
+            "part names must be unique within a trace: let the writer choose one"
+        ) from None
+    os.close(fd)

@@ -176,9 +176,9 @@ def check_version(version: Any, where: str) -> None:
         TraceVersionError: the major version is newer than this steptrace reads.
     """
     try:
-        major = int(str(version).split(".")[0])
+        major = int(str(version)[:20].split(".")[0])
     except ValueError:
-        raise TraceFormatError(f"{where}: format version {version!r} is not MAJOR.MINOR") from None
+        raise TraceFormatError(f"{where}: format version {str(version)[:20]!r} is not MAJOR.MINOR") from None
     if major > FORMAT_MAJOR:
         raise TraceVersionError(
             f"{where} was written in steptrace format {version}; this steptrace reads format "
@@ -204,16 +204,15 @@ def read_manifest(root: Path) -> dict[str, Any]:
             "to bring in a JSONL dump use `trace import jsonl`"
         )
     path = root / MANIFEST
+    from .jsonio import MANIFEST_TYPES, check_types, read_json
+
     try:
-        raw = path.read_bytes()
+        doc = read_json(path, what="the trace's manifest")
     except FileNotFoundError:
         raise TraceFormatError(f"{root} is not a steptrace trace: it has no {MANIFEST}") from None
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TraceFormatError(f"{path} is not valid JSON ({exc}); the trace is damaged") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise TraceFormatError(f"{path} is not a steptrace manifest (no \"format\": \"{FORMAT_NAME}\")")
+    check_types(doc, MANIFEST_TYPES, str(path))
     check_version(doc.get("version"), str(path))
     return doc
 

@@ -8,11 +8,9 @@ payload only.
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
-import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,59 +21,24 @@ import pyarrow.compute as pc
 from .dtypes import widen_bfloat16
 from .errors import (
     TraceCorruptError,
+    TraceFormatError,
     TraceNotFoundError,
     TraceUsageError,
     ValuesNotRecordedError,
 )
-from .ipcfile import ArrowData, read_arrow, unify
+from .arrowio import DataFile, guarded, read_vocab
+from .checksum import verify_file
+from .ipcfile import unify
 from .metadata import TraceMetadata, read_manifest
+from .parts import check_sizes, scan_parts
 from .payload import DEFAULT_MAX_TENSOR_BYTES, decode_values
 from .payload import SHA256_128
 from .payload import digest as tracefmt_digest
 from .schema import KINDS, PARTS_DIR, data_file
 
-_PART_SUFFIX = ".json"
-
-
-@dataclass
-class PartInfo:
-    """One writer's part of a trace, as its status file and data files describe it."""
-
-    id: str
-    status: str  # "closed" or "open" (still being written, or its writer died)
-    host: str | None = None
-    pid: int | None = None
-    started: str | None = None
-    closed: str | None = None
-    counts: dict[str, int] = field(default_factory=dict)  # rows per kind, as written at close
-    recovered: dict[str, int] = field(default_factory=dict)  # rows per kind readable now
-    damaged_tail: bool = False  # an interrupted batch was dropped at the end of a file
-    metadata: dict[str, Any] = field(default_factory=dict)
-    file_bytes: dict[str, int] = field(default_factory=dict)
-    digest: str = SHA256_128  # the tensor digest algorithm (SPEC.md §4.5)
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        """The manifest ``steptrace.json`` as read (SPEC.md §2), unknown keys included."""
-        return dict(self._manifest)
-
-    @property
-    def complete(self) -> bool:
-        """The part was closed cleanly."""
-        return self.status == "closed"
-
-    @property
-    def writer_alive(self) -> bool | None:
-        """For an open part on this host: whether its writer process still runs (None: unknown)."""
-        if self.complete or self.pid is None or self.host != socket.gethostname():
-            return None
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+#: A closed part's values file up to this size has its checksum verified when it is opened
+#: (about 12 ms at the ~20 GB/s xxh3 runs at here); larger ones by ``trace validate``.
+VERIFY_VALUES_BYTES = 256 << 20
 
 
 @dataclass
@@ -94,6 +57,8 @@ class TraceReader:
     Args:
         path: the trace directory.
         max_tensor_bytes: refuse to inflate a single tensor larger than this.
+        verify_checksums: verify the checksums recorded at close as files are opened (see
+            :meth:`part_files`); False skips it (batches are then validated in full instead).
 
     Raises:
         TraceNotFoundError: no such path.
@@ -101,62 +66,84 @@ class TraceReader:
         TraceVersionError: written by a newer major format version.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+        verify_checksums: bool = True,
+    ) -> None:
         self.path = Path(path)
+        self.verify_checksums = verify_checksums
         self._manifest = read_manifest(self.path)
         self.metadata = TraceMetadata.from_manifest(self._manifest)
         self.max_tensor_bytes = max_tensor_bytes
-        self.parts = self._scan_parts()
-        self._data: dict[str, list[ArrowData]] = {}
+        self.parts = scan_parts(self.path)
+        self._sizes_checked = False
+        self._files: dict[str, list[DataFile | None]] = {}
+        self._data: dict[str, list[DataFile]] = {}
         self._tables: dict[str, pa.Table] = {}
         self._value_index: dict[int, np.ndarray] = {}
         self._keys: dict[tuple[str, int, str, int], int] | None = None
         self._vocab: list[str | None] | None = None
 
     # ------------------------------------------------------------------ parts
-    def _scan_parts(self) -> list[PartInfo]:
-        root = self.path / PARTS_DIR
-        if not root.is_dir():
-            return []
-        ids = set()
-        for p in root.iterdir():
-            if p.name.endswith(_PART_SUFFIX) and not p.name.startswith("."):
-                ids.add(p.name[: -len(_PART_SUFFIX)])
-            else:
-                for kind in KINDS:
-                    if p.name.endswith(f".{kind}.arrow"):
-                        ids.add(p.name[: -len(f".{kind}.arrow")])
-        parts = []
-        for pid in sorted(ids):
-            status_path = root / f"{pid}{_PART_SUFFIX}"
-            doc: dict[str, Any] = {}
-            if status_path.exists():
+    def part_files(self, kind: str) -> list[DataFile | None]:
+        """Open the ``kind`` data file of every part, in :attr:`parts` order (batches are read on
+        demand: see :class:`tracefmt.DataFile`); None for an interrupted part that never created one.
+
+        At the first call, every closed part's files are checked against the sizes recorded at
+        close (so a truncated values file fails reading decisions too); a file's checksum is
+        verified first when it is a decisions or tensors file, or a values file of at most
+        :data:`VERIFY_VALUES_BYTES` (a larger values file is verified by ``trace validate``, and
+        each of its batches is validated in full as it is read).
+
+        Args:
+            kind: ``decisions``, ``tensors`` or ``values``.
+
+        Returns:
+            One entry per part.
+
+        Raises:
+            TraceFormatError: a file is foreign or of a newer format.
+            TraceCorruptError: a closed part's file is missing, of the wrong size or checksum, or damaged.
+        """
+        if kind not in KINDS:
+            raise TraceUsageError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not self._sizes_checked:  # every file of every part, at the first data read (a stat each)
+            check_sizes(self.path, self.parts)
+            self._sizes_checked = True
+        if kind not in self._files:
+            out: list[DataFile | None] = []
+            for part in self.parts:
+                path = self.path / PARTS_DIR / data_file(part.id, kind)
+                if not part.complete and kind not in part.file_bytes:
+                    out.append(None)
+                    continue
+                size = part.file_bytes.get(kind, 0)
+                verify = self.verify_checksums and (kind != "values" or size <= VERIFY_VALUES_BYTES)
+                out.append(DataFile(path, kind, complete=part.complete, size=part.sizes_at_close.get(kind),
+                                    checksum=part.checksums.get(kind), verify=verify))
+            self._files[kind] = out
+        return self._files[kind]
+
+    def verify(self) -> list[str]:
+        """Verify every checksum recorded at close (all data files and the vocabulary).
+
+        Returns:
+            One message per file that does not match (empty when all match or none is recorded).
+        """
+        problems = []
+        for part in self.parts:
+            if not part.complete:
+                continue
+            for kind, expected in sorted(part.checksums.items()):
+                name = f"vocab-{part.id}.arrow" if kind == "vocab" else f"{PARTS_DIR}/{data_file(part.id, kind)}"
                 try:
-                    doc = json.loads(status_path.read_bytes())
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise TraceCorruptError(f"{status_path} is not valid JSON ({exc}); the trace is damaged") from None
-                if not isinstance(doc, dict):
-                    raise TraceCorruptError(f"{status_path} is not a part status object")
-            status = doc.get("status", "open")
-            parts.append(
-                PartInfo(
-                    id=pid,
-                    status="closed" if status == "closed" else "open",
-                    host=doc.get("host"),
-                    pid=doc.get("pid"),
-                    started=doc.get("started"),
-                    closed=doc.get("closed"),
-                    counts=dict(doc.get("counts") or {}),
-                    metadata=dict(doc.get("metadata") or {}),
-                    digest=str(doc.get("digest", SHA256_128)),
-                    file_bytes={
-                        k: (root / data_file(pid, k)).stat().st_size
-                        for k in KINDS
-                        if (root / data_file(pid, k)).exists()
-                    },
-                )
-            )
-        return parts
+                    verify_file(self.path / name, expected, where=f"part {part.id}")
+                except TraceFormatError as exc:
+                    problems.append(str(exc))
+        return problems
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -168,11 +155,12 @@ class TraceReader:
         """Every part was closed cleanly (a trace with no parts is complete and empty)."""
         return all(p.complete for p in self.parts)
 
-    def _load(self, kind: str) -> list[ArrowData]:
+    def _load(self, kind: str) -> list[DataFile]:
         if kind not in self._data:
             out = []
-            for part in self.parts:
-                d = read_arrow(self.path / PARTS_DIR / data_file(part.id, kind), kind, allow_partial=not part.complete)
+            for part, d in zip(self.parts, self.part_files(kind)):
+                if d is None:
+                    d = DataFile(self.path / PARTS_DIR / data_file(part.id, kind), kind, complete=False)
                 expected = part.counts.get(kind)
                 if kind == "values" and part.complete and d.num_batches == (expected or 0) + 1:
                     # one value per batch (SPEC.md §5.4): the count checks out without reading
@@ -196,7 +184,8 @@ class TraceReader:
         if kind not in self._tables:
             tables = []
             for i, d in enumerate(self._load(kind)):
-                t = unify(d.table(), kind)
+                with guarded(d.path, "decoding its columns"):
+                    t = unify(d.table(), kind)
                 tables.append(t.append_column("_part", pa.array(np.full(t.num_rows, i, np.int32))))
             if tables:
                 table = pa.concat_tables(tables)
@@ -214,14 +203,10 @@ class TraceReader:
             return None
         if self._vocab is None:
             path = self.path / name
-            try:
-                table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-                ids = table.column("id").to_numpy()
-                pieces = table.column("piece").to_pylist()
-            except (OSError, pa.ArrowInvalid, KeyError) as exc:
-                raise TraceCorruptError(f"vocabulary file {path} cannot be read ({exc})") from None
-            size = int(ids.max()) + 1 if ids.size else 0
-            vocab: list[str | None] = [None] * size
+            writer = next((p for p in self.parts if name == f"vocab-{p.id}.arrow" and p.complete), None)
+            checksum = writer.checksums.get("vocab") if writer is not None and self.verify_checksums else None
+            ids, pieces = read_vocab(path, checksum=checksum)
+            vocab: list[str | None] = [None] * (int(ids.max()) + 1 if ids.size else 0)
             for i, p in zip(ids.tolist(), pieces):
                 vocab[i] = p
             self._vocab = vocab
@@ -403,7 +388,7 @@ class TraceReader:
             return widen_bfloat16(arr)
         return arr
 
-    def _value_location(self, part: int, data: ArrowData, ref: int) -> tuple[pa.RecordBatch, int]:
+    def _value_location(self, part: int, data: DataFile, ref: int) -> tuple[pa.RecordBatch, int]:
         """Return (batch, row) holding value ``ref`` of ``part``.
 
         Files with one value per batch after the schema-carrying empty batch (what this writer
@@ -464,6 +449,7 @@ class TraceReader:
     # ------------------------------------------------------------------ bookkeeping
     def close(self) -> None:
         """Release the memory maps (tables handed out before stay valid while referenced)."""
+        self._files.clear()
         self._data.clear()
         self._tables.clear()
         self._value_index.clear()

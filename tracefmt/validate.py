@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .checks import decision_problem, duplicate_message, topk_problems
 from .dtypes import DTYPES
 from .errors import TraceCorruptError, TraceError
 from .reader import TraceReader
@@ -56,35 +57,35 @@ def _duplicates(t: pa.Table, keys: list[str]) -> pa.Table:
     return counts.filter(pc.greater(counts["count_all"], 1))
 
 
-def _check_decisions(t: pa.Table, problems: list[str]) -> None:
+def _check_decisions(t: pa.Table, parts: list[str], problems: list[str]) -> None:
     n_ids = pc.list_value_length(t["topk_ids"]).to_numpy(zero_copy_only=False)
     n_logits = pc.list_value_length(t["topk_logits"]).to_numpy(zero_copy_only=False)
     bad = int(np.count_nonzero((n_ids != n_logits) | (n_ids < 2)))
     if bad:
         problems.append(f"{bad} decision row(s) have top-k lists of different lengths or k < 2 (SPEC §3.1)")
         return
-    first = pc.list_element(t["topk_ids"], 0)
-    bad = int(pc.sum(pc.cast(pc.not_equal(first, t["argmax"]), pa.int64())).as_py() or 0)
-    if bad:
-        problems.append(f"{bad} decision row(s) have argmax != topk_ids[0] (SPEC §3.2)")
-    l0 = pc.list_element(t["topk_logits"], 0).to_numpy(zero_copy_only=False).astype(np.float64)
-    l1 = pc.list_element(t["topk_logits"], 1).to_numpy(zero_copy_only=False).astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        expect = (l0 - l1).astype(np.float32)
+    offsets = np.zeros(t.num_rows + 1, np.int64)
+    np.cumsum(n_ids, out=offsets[1:])
+    ids = pc.list_flatten(t["topk_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    logits = pc.list_flatten(t["topk_logits"]).to_numpy(zero_copy_only=False).astype(np.float32)
     margin = t["margin"].to_numpy(zero_copy_only=False).astype(np.float32)
-    bad = int(np.count_nonzero(~((expect == margin) | (np.isnan(expect) & np.isnan(margin)))))
-    if bad:
-        problems.append(f"{bad} decision row(s) have margin != topk_logits[0] - topk_logits[1] (SPEC §3.2)")
+    argmax = t["argmax"].to_numpy(zero_copy_only=False)
+    rows, reasons = topk_problems(ids, logits, offsets, margin, argmax)
+    if rows.size:
+        ex = t.slice(int(rows[0]), 1).select(["sample", "step", "head"]).to_pylist()[0]
+        more = f" (and {rows.size - 1} more row(s))" if rows.size > 1 else ""
+        problems.append(decision_problem(ex["sample"], ex["step"], ex["head"], reasons[0]) + more)
     steps = t["step"].to_numpy(zero_copy_only=False)
     if steps.size and steps.min() < 0:
         problems.append("negative step numbers (SPEC §3.1)")
-    dup = _duplicates(t, ["sample", "step", "head"])
+    keys = ["sample", "step", "head"]
+    counts = t.group_by(keys).aggregate([([], "count_all"), ("_part", "distinct")])
+    dup = counts.filter(pc.greater(counts["count_all"], 1))
     if dup.num_rows:
         ex = dup.slice(0, 1).to_pylist()[0]
-        problems.append(
-            f"{dup.num_rows} (sample, step, head) key(s) recorded more than once, e.g. "
-            f"{ex['sample']!r} step {ex['step']} head {ex['head']!r} (SPEC §3.1)"
-        )
+        more = f" (and {dup.num_rows - 1} more key(s))" if dup.num_rows > 1 else ""
+        where = [parts[i] for i in sorted(ex["_part_distinct"])]
+        problems.append(duplicate_message(ex["sample"], ex["step"], ex["head"], where) + more)
 
 
 def _check_tensors(t: pa.Table, reader: TraceReader, problems: list[str], warnings: list[str]) -> None:
@@ -129,6 +130,7 @@ def validate(path: str | os.PathLike[str], *, deep: bool = False) -> ValidationR
     Args:
         path: the trace directory.
         deep: also inflate every stored value and check it against its digest.
+            Every file's checksum (SPEC.md §5.1) is verified in either case.
 
     Returns:
         A :class:`ValidationReport`; problems make it not ``ok``.
@@ -138,8 +140,14 @@ def validate(path: str | os.PathLike[str], *, deep: bool = False) -> ValidationR
             cannot be read at all (not a trace, damaged file, newer format).
     """
     reader = TraceReader(path)
-    problems: list[str] = []
+    problems: list[str] = reader.verify()
     warnings: list[str] = []
+    if problems:  # a file changed since close: its rows cannot be trusted, so they are not read
+        return ValidationReport(path=str(path), complete=reader.complete, parts=len(reader.parts),
+                                decisions=0, tensors=0, values=0, problems=problems, warnings=warnings)
+    if any(p.complete and not p.checksums for p in reader.parts):
+        warnings.append("some parts were written before format 1.1 and carry no checksums: damage inside "
+                        "them is found only where it breaks the format")
     dec = reader._table("decisions")
     ten = reader._table("tensors")
     values = sum(d.num_rows for d in reader._load("values"))
@@ -165,7 +173,7 @@ def validate(path: str | os.PathLike[str], *, deep: bool = False) -> ValidationR
                 problems.append(f"sample {s!r} is recorded by two parts ({seen[s]} and {part.id}) (SPEC §3.1)")
             seen[s] = part.id
     if dec.num_rows:
-        _check_decisions(dec, problems)
+        _check_decisions(dec, [p.id for p in reader.parts], problems)
     if ten.num_rows:
         _check_tensors(ten, reader, problems, warnings)
     if reader.manifest.get("vocab"):

@@ -24,14 +24,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .checks import I32_MAX, check_key, opt_i32, opt_str
+from .checks import I32_MAX, DecisionKeys, check_decision_columns, check_decision_row, check_key, opt_i32, opt_str
+from .checksum import file_checksum
 from .decisionrows import checked_batch, checked_row
 from .decisions import Decision, decide, first_max
 from .dtypes import DTYPES, canonical, dtype_name
 from .errors import TraceError, TraceUsageError, TraceWriteError
 from .ipcfile import ArrowAppender, compact
 from .lane import RecorderLane
-from .layout import create_or_join, part_id
+from .layout import claim_part, create_or_join, part_id
 from .metadata import TraceMetadata, utc_now, write_json_atomic
 from .outbox import Budget, BufferPool, Outbox, StepCounter
 from .payload import DEFAULT_DIGEST, DIGEST_ALGORITHMS, ENCODINGS, Encoder, TensorStats, digest_function
@@ -164,6 +165,8 @@ class TraceWriter:
         create_or_join(self.path, mode=mode, metadata=self.metadata, part=self.part, vocab=vocab)
         parts = self.path / PARTS_DIR
         self._status_path = parts / part_file(self.part)
+        claim_part(self._status_path, self.part)  # exclusive: a second writer of this part name fails here
+        self._keys = DecisionKeys()
         self._status: dict[str, Any] = {
             "part": self.part,
             "status": "open",
@@ -251,12 +254,15 @@ class TraceWriter:
             TraceWriteError: the background writer failed earlier.
         """
         self._check_open()
-        self._outbox.put(DecisionItem(checked_row(
+        row = checked_row(
             sample, step, chosen=chosen, topk_ids=topk_ids, topk_logits=topk_logits, head=head, argmax=argmax,
             margin=margin, logsumexp=logsumexp, chosen_logit=chosen_logit, chosen_rank=chosen_rank, watched=watched,
             forced=forced, piece=piece, frame=frame, chunk=chunk, position=position, emission=emission,
             time_us=time_us,
-        )))
+        )
+        check_decision_row(row.sample, row.step, row.head, row.topk_ids, row.topk_logits, row.margin, row.argmax)
+        self._keys.add(row.sample, row.step, row.head)
+        self._outbox.put(DecisionItem(row))
 
     def add_decisions(self, table: pa.Table | pa.RecordBatch | Mapping[str, Any]) -> int:
         """Record many decisions at once: a table (or dict of columns) with SPEC.md §3.1 columns.
@@ -278,6 +284,10 @@ class TraceWriter:
         """
         self._check_open()
         batch = checked_batch(table)
+        check_decision_columns(batch.column("sample"), batch.column("step"), batch.column("head"),
+                               batch.column("topk_ids"), batch.column("topk_logits"), batch.column("margin"),
+                               batch.column("argmax"))
+        self._keys.add_many(batch.column("sample"), batch.column("step"), batch.column("head"))
         self._outbox.put(DecisionBatchItem(batch))
         return batch.num_rows
 
@@ -516,6 +526,7 @@ class TraceWriter:
                 closed=utc_now(),
                 counts={k: self._files[k].rows for k in ("decisions", "tensors", "values")},
                 bytes=sizes,
+                checksums=self._checksums(),
             )
             write_json_atomic(self._status_path, self._status)
         except OSError as exc:
@@ -533,6 +544,14 @@ class TraceWriter:
             seconds=time.perf_counter() - self._t0,
         )
         return self._summary
+
+    def _checksums(self) -> dict[str, str]:
+        """Checksums of this part's finished data files, and of the vocabulary it wrote (SPEC.md §5.1)."""
+        sums = {kind: file_checksum(f.path) for kind, f in self._files.items()}
+        vocab = self.path / f"vocab-{self.part}.arrow"
+        if vocab.exists():
+            sums["vocab"] = file_checksum(vocab)
+        return sums
 
     def __enter__(self) -> TraceWriter:
         return self

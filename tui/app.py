@@ -42,7 +42,7 @@ from .viewtensors import preview
 from .viewvalues import SampleRow, StepDetail
 from .widgets import Notices, Plots, Prompt, SamplesPane, StepDetailPane, StepTable, TensorsPane
 
-_READ_ERRORS = (TraceError, pa.ArrowException, OSError)
+_READ_ERRORS = (TraceError,)  # tracefmt translates pyarrow's and the OS's errors
 
 
 class ViewApp(KeyActions, App[None]):

@@ -68,9 +68,49 @@ def _stderr() -> Console:
     return Console(stderr=True, highlight=False)
 
 
+#: Longest diagnostic printed: a damaged file cannot make a message quote megabytes of it.
+MAX_MESSAGE = 2000
+
+
 def say(label: str, style: str, message: str) -> None:
-    """Print ``label: message`` to stderr; the message is shown verbatim (no rich markup)."""
+    """Print ``label: message`` to stderr; the message is shown verbatim (no rich markup), cut
+    to :data:`MAX_MESSAGE` characters."""
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 40] + f" ... ({len(message) - MAX_MESSAGE + 40:,} characters cut)"
     _stderr().print(Text.assemble((f"{label}: ", style), message), soft_wrap=True)
+
+
+def json_safe(value: object) -> object:
+    """Return ``value`` with NaN and ±Inf floats as the strings "nan", "inf", "-inf" (SPEC.md §6),
+    so that the JSON printed is standard JSON."""
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_output(path: str, text: str, *, what: str) -> None:
+    """Write ``text`` to the file ``path`` (a command's --json, --save-mapping, ...).
+
+    Raises:
+        TraceUsageError: the file cannot be written (the message names it and why).
+    """
+    from pathlib import Path
+
+    from tracefmt.errors import TraceUsageError
+
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise TraceUsageError(f"cannot write the {what} to {path}: {reason}; choose a writable path") from None
 
 
 def _progress_callback(
@@ -115,7 +155,7 @@ def cmd_info(args: argparse.Namespace) -> Outcome:
     with TraceReader(args.trace) as reader:
         info = summarize(reader)
     if args.json:
-        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps(json_safe(info), indent=2, default=str, allow_nan=False) + "\n")
     else:
         from .info import render_info
 

@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from differ import DiffOptions, DiffReport, Policy, VERDICTS, diff, load_mapping, load_policy
 from differ.gate import CONDITIONS, FIGURES, Gate, GateResult, gate_from_toml, load_gate
@@ -180,6 +179,7 @@ def run(args: argparse.Namespace) -> DiffOutcome:
     """
     from rich.console import Console
 
+    from .cli import write_output
     from .diffreport import progress_bar, render
 
     opts = options(args)
@@ -192,14 +192,14 @@ def run(args: argparse.Namespace) -> DiffOutcome:
     if args.save_mapping:
         mapping = report.worst.mapping
         text = mapping.to_toml() if mapping is not None else "[names]\n"
-        Path(args.save_mapping).write_text(text, encoding="utf-8")
+        write_output(args.save_mapping, text, what="name mapping")
         err.print(f"[dim]mapping written to {args.save_mapping}[/]")
     text = _json(report, checked) if args.json else ""
     if args.json == "-":
         sys.stdout.write(text + "\n")
     else:
         if args.json:
-            Path(args.json).write_text(text + "\n", encoding="utf-8")
+            write_output(args.json, text + "\n", what="JSON report")
             err.print(f"[dim]JSON report written to {args.json}[/]")
         out = Console()
         render(report, out, rows=args.rows, fmt=None if args.format == "auto" else args.format, gate=checked)

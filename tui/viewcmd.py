@@ -3,14 +3,11 @@
 ``tui/cli.py`` registers the command with :func:`add_parser` and calls :func:`run`; TraceError
 subclasses raised here (not a trace, a bad report, bad options) are mapped to exit code 2 there.
 textual is imported only inside :func:`run`, so ``trace info`` and ``trace diff`` never load it.
-
-    python -m tui.viewcmd A [B] [--diff-json REPORT] [--sample S] [--step N]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from tracefmt.errors import TraceUsageError
 
@@ -102,22 +99,3 @@ def load_triage(path: str) -> dict:
     if not isinstance(doc, dict) or doc.get("schema") != "steptrace.triage/1":
         raise TraceUsageError(f"--triage {path} is not a `trace triage --json` report (schema steptrace.triage/1)")
     return doc
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m tui.viewcmd``) until ``trace view`` is wired in cli.py."""
-    from tracefmt.errors import TraceError
-
-    parser = argparse.ArgumentParser(prog="trace")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["view", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        run(args)
-    except TraceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,8 +10,9 @@ record batch once, one batch at a time, and keeps only a compact index:
 
 Rows are then read by (part, batch, row) through a byte-bounded LRU cache of projected record
 batches, so memory depends on the batch size and the cache bound, not on the number of steps.
-Closed parts are memory-mapped Arrow IPC files read with column projection; an interrupted part
-(no footer) is recovered through :func:`tracefmt.ipcfile.read_arrow`, which holds its batches.
+Files are read through :meth:`tracefmt.TraceReader.part_files` (:class:`tracefmt.DataFile`):
+memory-mapped, projected to the columns asked for, interrupted parts recovered, and every
+pyarrow failure already a TraceError there.
 """
 
 from __future__ import annotations
@@ -20,21 +21,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tracefmt import TraceReader
-from tracefmt.errors import TraceCorruptError, TraceFormatError
-from tracefmt.ipcfile import read_arrow
-from tracefmt.metadata import check_version
-from tracefmt.schema import META_KIND, META_VERSION, PARTS_DIR, REQUIRED, SCHEMAS, data_file
+from tracefmt import DataFile, TraceReader
 
 #: Head codes are packed with sample codes as ``sample * _HEADS + head``.
 _HEADS = 1 << 16
-_IPC_ERRORS = (pa.ArrowInvalid, pa.ArrowIOError, OSError, pa.ArrowNotImplementedError)
 
 
 class BatchCache:
@@ -86,76 +81,6 @@ class BatchCache:
             while self.bytes > self.max_bytes and len(self._items) > 1:
                 _, old = self._items.popitem(last=False)
                 self.bytes -= old.nbytes
-
-
-class PartFile:
-    """One data file (``decisions``, ``tensors`` or ``values``) of one part, read batch by batch.
-
-    Args:
-        path: the ``.arrow`` file.
-        kind: its kind.
-        complete: the part was closed (the file has its footer); else it is recovered.
-
-    Raises:
-        TraceFormatError: the file is not a steptrace file of ``kind``.
-        TraceCorruptError: a closed part's file is missing or damaged.
-    """
-
-    def __init__(self, path: Path, kind: str, complete: bool) -> None:
-        self.path = path
-        self.kind = kind
-        self._batches: list[pa.RecordBatch] | None = None
-        self._readers: dict[tuple[str, ...], pa.ipc.RecordBatchFileReader] = {}
-        self._lock = threading.Lock()
-        if complete:
-            try:
-                self._mm = pa.memory_map(str(path))
-                reader = pa.ipc.open_file(self._mm)
-            except FileNotFoundError:
-                raise TraceCorruptError(f"{path} is missing; the trace is damaged") from None
-            except _IPC_ERRORS as exc:
-                raise TraceCorruptError(f"{path} is truncated or damaged ({exc}); the trace is damaged") from None
-            self.schema = reader.schema
-            self.num_batches = reader.num_record_batches
-            md = self.schema.metadata or {}
-            if md.get(META_KIND) != kind.encode():
-                raise TraceFormatError(f"{path} is not a steptrace {kind} file; do not put foreign files in parts/")
-            check_version(md.get(META_VERSION, b"").decode(errors="replace"), str(path))
-            missing = [c for c in REQUIRED[kind] if c not in self.schema.names]
-            if missing:
-                raise TraceFormatError(f"{path} lacks required column(s) {', '.join(missing)} (SPEC.md §3)")
-        else:
-            data = read_arrow(path, kind, allow_partial=True)
-            self.schema = data.schema
-            self._batches = data.batches
-            self.num_batches = len(data.batches)
-        self.damaged_tail = False if complete else data.damaged_tail
-
-    def read(self, i: int, columns: tuple[str, ...]) -> pa.RecordBatch:
-        """Return batch ``i`` with only ``columns`` (absent optional columns as nulls).
-
-        Raises:
-            TraceCorruptError: the batch cannot be decoded.
-        """
-        have = tuple(c for c in columns if c in self.schema.names)
-        try:
-            if self._batches is not None:
-                b = self._batches[i].select(list(have))
-            else:
-                with self._lock:  # one reader per projection, used by one thread at a time
-                    r = self._readers.get(have)
-                    if r is None:
-                        idx = [self.schema.get_field_index(c) for c in have]
-                        opts = pa.ipc.IpcReadOptions(included_fields=idx)
-                        r = self._readers[have] = pa.ipc.open_file(self._mm, options=opts)
-                    b = r.get_batch(i)
-        except _IPC_ERRORS as exc:
-            raise TraceCorruptError(f"{self.path}: record batch {i} cannot be read ({exc}); the trace is damaged") from None
-        if len(have) == len(columns):
-            return b.select(list(columns)) if tuple(b.schema.names) != columns else b
-        full = SCHEMAS[self.kind]
-        arrays = [b.column(c) if c in have else pa.nulls(b.num_rows, full.field(c).type) for c in columns]
-        return pa.RecordBatch.from_arrays(arrays, names=list(columns))
 
 
 def codes(col: pa.Array, table: dict[str, int]) -> np.ndarray:
@@ -246,7 +171,7 @@ class DecisionIndex:
 
     KEYS = ("sample", "step", "head")
 
-    def __init__(self, files: list[PartFile | None], samples: dict[str, int]) -> None:
+    def __init__(self, files: list[DataFile | None], samples: dict[str, int]) -> None:
         self.heads: dict[str, int] = {}
         self.rows = 0
         cols: list[list[np.ndarray]] = [[] for _ in range(7)]
@@ -254,7 +179,7 @@ class DecisionIndex:
         for p, f in enumerate(files):
             self.file_rows.append(0)
             for b in range(f.num_batches if f is not None else 0):
-                batch = f.read(b, self.KEYS)
+                batch = f.batch(b, self.KEYS)
                 self.file_rows[-1] += batch.num_rows
                 s = codes(batch.column(0), samples)
                 h = codes(batch.column(2), self.heads)
@@ -294,12 +219,12 @@ class DecisionIndex:
 class TensorIndex:
     """A zone map of tensors files: per (part, batch, sample), the smallest and largest step."""
 
-    def __init__(self, files: list[PartFile | None], samples: dict[str, int]) -> None:
+    def __init__(self, files: list[DataFile | None], samples: dict[str, int]) -> None:
         zs, lo, hi, zp, zb = [], [], [], [], []
         self.rows = 0
         for p, f in enumerate(files):
             for b in range(f.num_batches if f is not None else 0):
-                batch = f.read(b, ("sample", "step"))
+                batch = f.batch(b, ("sample", "step"))
                 if batch.num_rows == 0:
                     continue
                 self.rows += batch.num_rows
@@ -323,15 +248,11 @@ class TensorIndex:
         return list(zip(self.part[m].tolist(), self.batch[m].tolist()))
 
 
-def open_files(reader: TraceReader, kind: str) -> list[PartFile | None]:
+def open_files(reader: TraceReader, kind: str) -> list[DataFile | None]:
     """Open the ``kind`` file of every part of ``reader``'s trace, in ``reader.parts`` order
-    (None for an interrupted part that never created one).
+    (None for an interrupted part that never created one); see :meth:`TraceReader.part_files`.
 
     Raises:
         TraceFormatError, TraceCorruptError: a file is foreign or damaged.
     """
-    out: list[PartFile | None] = []
-    for part in reader.parts:
-        path = reader.path / PARTS_DIR / data_file(part.id, kind)
-        out.append(PartFile(path, kind, part.complete) if path.exists() or part.complete else None)
-    return out
+    return reader.part_files(kind)

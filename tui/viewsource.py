@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tracefmt import TraceReader
+from tracefmt import DataFile, TraceReader
 from tracefmt.errors import TraceCorruptError, ValuesNotRecordedError
 
-from .viewindex import BatchCache, DecisionIndex, PartFile, Runs, TensorIndex, codes, open_files
+from .viewindex import BatchCache, DecisionIndex, Runs, TensorIndex, codes, open_files
 from .viewvalues import Decision, TensorStat
 
 ROW_COLUMNS = ("step", "head", "chosen", "argmax", "forced", "topk_ids", "topk_logits", "margin", "logsumexp",
@@ -68,8 +68,8 @@ class TraceSource:
         self.samples: dict[str, int] = {}
         self.index: DecisionIndex | None = None
         self._tindex: TensorIndex | None = None
-        self._tfiles: list[PartFile | None] | None = None
-        self._files: list[PartFile | None] = []
+        self._tfiles: list[DataFile | None] | None = None
+        self._files: list[DataFile | None] = []
         self._vocab: list[str | None] | None = None
         self._lock = threading.Lock()
 
@@ -141,7 +141,7 @@ class TraceSource:
         files = self._files if kind == "decisions" else self._tensor_files()
         f = files[part]
         assert f is not None
-        return self.cache.load((id(self), kind, part, batch, columns), lambda: f.read(batch, columns))
+        return self.cache.load((id(self), kind, part, batch, columns), lambda: f.batch(batch, columns))
 
     def _decision(self, d: dict) -> Decision:
         ids = tuple(d["topk_ids"] or ())
@@ -193,7 +193,7 @@ class TraceSource:
             else:
                 f = self._files[p]
                 assert f is not None
-                col = f.read(b, (column,)).column(0)
+                col = f.batch(b, (column,)).column(0)
             yield ok[m], col, frow[m]
 
     def values_at(self, runs: Runs, rows: np.ndarray, column: str) -> np.ndarray:
@@ -255,7 +255,7 @@ class TraceSource:
         return out
 
     # ------------------------------------------------------------------ tensors
-    def _tensor_files(self) -> list[PartFile | None]:
+    def _tensor_files(self) -> list[DataFile | None]:
         with self._lock:
             if self._tfiles is None:
                 self._tfiles = open_files(self.reader, "tensors")
@@ -306,7 +306,7 @@ class TraceSource:
         for p, b in zones:
             f = files[p]
             assert f is not None
-            batch = f.read(b, ("sample", "step", "abs_max", "nan_count", "inf_count"))
+            batch = f.batch(b, ("sample", "step", "abs_max", "nan_count", "inf_count"))
             m = codes(batch.column(0), self.samples) == code
             step, mag, nans, infs = (batch.column(i).to_numpy(zero_copy_only=False)[m] for i in range(1, 5))
             bucket_max(out, flag, step.astype(np.int64), mag.astype(np.float64), (nans + infs) > 0, lo, hi)
