@@ -8,6 +8,7 @@ Only the report goes to stdout; progress and notes go to stderr.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import os
 import sys
 from dataclasses import dataclass
