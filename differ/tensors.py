@@ -442,16 +442,7 @@ def _compare_positions(ra: TraceReader, rb: TraceReader, samples: list[str], nam
                 continue
             cut = (slice(None),) * ax + (slice(-n, None),)
             m = compare_values(a[cut], b[cut], tolerance(i))
-            cols["basis"][i] = BASES.index(BASIS_VALUES)
-            cols["bitexact"][i] = False  # the tensors differ in shape: never bit-exact as a whole
-            cols["within"][i] = m.within
-            cols["reason"][i] = REASONS.index(m.reason)
-            for key in ("max_abs", "mean_abs", "max_rel", "cosine", "sqnr_db"):
-                v = getattr(m, key)
-                cols[key][i] = np.nan if v is None else v
-            cols["bad"][i] = -1 if m.bad is None else m.bad
-            cols["nan_mismatch"][i] = m.nan_mismatch
-            cols["inf_mismatch"][i] = m.inf_mismatch
+            _store_values_metrics(cols, i, m, bitexact=False)  # differing shapes: never bit-exact as a whole
             cols["shape_mismatch"][i] = False
             cols["numel"][i] = m.numel
             cols["positions"][i] = n
@@ -507,16 +498,21 @@ def _values_pass(ra: TraceReader, rb: TraceReader, samples: list[str], names: li
         m = results[k]
         if m is None:
             continue
-        cols["basis"][i] = BASES.index(BASIS_VALUES)
-        cols["bitexact"][i] = bool(m.bitexact)
-        cols["within"][i] = m.within
-        cols["reason"][i] = REASONS.index(m.reason)
-        for key in ("max_abs", "mean_abs", "max_rel", "cosine", "sqnr_db"):
-            v = getattr(m, key)
-            cols[key][i] = np.nan if v is None else v
-        cols["bad"][i] = -1 if m.bad is None else m.bad
-        cols["nan_mismatch"][i] = m.nan_mismatch
-        cols["inf_mismatch"][i] = m.inf_mismatch
+        _store_values_metrics(cols, i, m, bitexact=bool(m.bitexact))
+
+
+def _store_values_metrics(cols: dict[str, np.ndarray], i: int, m: TensorMetrics, *, bitexact: bool) -> None:
+    """Write a values comparison into row ``i`` of the tensor-diff columns."""
+    cols["basis"][i] = BASES.index(BASIS_VALUES)
+    cols["bitexact"][i] = bitexact
+    cols["within"][i] = m.within
+    cols["reason"][i] = REASONS.index(m.reason)
+    for key in ("max_abs", "mean_abs", "max_rel", "cosine", "sqnr_db"):
+        v = getattr(m, key)
+        cols[key][i] = np.nan if v is None else v
+    cols["bad"][i] = -1 if m.bad is None else m.bad
+    cols["nan_mismatch"][i] = m.nan_mismatch
+    cols["inf_mismatch"][i] = m.inf_mismatch
 
 
 def to_table(td: TensorDiff, samples: list[str]) -> pa.Table:
