@@ -1,7 +1,7 @@
 """Benchmark of the differ (issue 3). One run prints three figures:
 
 1. diff of N decision steps (default 1 M: 1,000 samples x 1,000 steps, k = 8), target < 2 s;
-2. tensor-comparison throughput of ``differ.compare_values`` (max/mean abs, max rel, cosine,
+2. tensor-comparison throughput of ``steptrace.differ.compare_values`` (max/mean abs, max rel, cosine,
    SQNR, tolerance count) against ``np.abs(a - b).max()`` on the same in-memory arrays,
    target >= 0.5x;
 3. peak memory of a full diff (values compared) of two traces with GB of tensor values, in a
@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from differ import compare_values, diff
-from differ.policy import default_tensor_tolerance
-from tracefmt import TraceWriter
+from steptrace.differ import compare_values, diff
+from steptrace.differ.policy import default_tensor_tolerance
+from steptrace.tracefmt import TraceWriter
 
 #: Decision rows per ``add_decisions`` call.
 WRITE_BATCH = 1 << 17
@@ -123,7 +123,7 @@ def _best_interleaved(fns: list, reps: int, repeat: int) -> list[float]:
 
 
 def bench_tensors(quick: bool) -> None:
-    """In-cache tensor comparison: ``differ.compare_values`` against ``np.abs(a - b).max()`` on the
+    """In-cache tensor comparison: ``steptrace.differ.compare_values`` against ``np.abs(a - b).max()`` on the
     same arrays, timed in alternation. ``sumsq known`` is the differ's own call (Σa², Σb² from the
     traces' ``l2`` statistics, which saves two passes). TARGET: >= 0.5x at every size."""
     rng = np.random.default_rng(0)
@@ -169,7 +169,7 @@ def write_tensors(path: Path, gb: float, seed: int, noise: float) -> None:
 #: (anonymous = heap and numpy buffers; file = mapped trace pages, reclaimable page cache).
 _MEMORY_CHILD = """
 import json, sys, threading, time
-from differ import diff, DiffOptions
+from steptrace.differ import diff, DiffOptions
 peak = {"RssAnon": 0, "RssFile": 0}
 done = threading.Event()
 def status():

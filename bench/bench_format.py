@@ -115,10 +115,10 @@ import zstandard
 from rich.console import Console
 from rich.table import Table
 
-from tracefmt import TraceReader, TraceWriter
-from tracefmt.checksum import file_checksum
-from tracefmt.decisions import decide
-from tracefmt.payload import shuffle_bytes
+from steptrace.tracefmt import TraceReader, TraceWriter
+from steptrace.tracefmt.checksum import file_checksum
+from steptrace.tracefmt.decisions import decide
+from steptrace.tracefmt.payload import shuffle_bytes
 
 MB = 1e6
 SAMPLE = "s0"

@@ -77,7 +77,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from recorder_models import TransformerLM
 
-from recorders.torch import TorchRecorder
+from steptrace.recorders.torch import TorchRecorder
 
 CONFIGS = ("none", "decisions", "stats", "full", "floor")
 TARGETS = {"decisions": 0.03, "stats": 0.30}
@@ -234,7 +234,7 @@ def bench_script(args: argparse.Namespace, out: Path) -> list[str]:
     script = out / "mlp_decode.py"
     script.write_text(SCRIPT)
     steps = str(args.script_steps)
-    cli = [sys.executable, "-c", "import sys; from tui.cli import main; sys.exit(main(sys.argv[1:]))", "record"]
+    cli = [sys.executable, "-c", "import sys; from steptrace.tui.cli import main; sys.exit(main(sys.argv[1:]))", "record"]
     configs = {
         "plain": [sys.executable, str(script), steps],
         "--logits": [*cli, "-o", str(out / "l.trace"), "--logits", "head", str(script), steps],
@@ -268,7 +268,7 @@ def bench_ort(args: argparse.Namespace, out: Path) -> list[str]:
     ONNX Runtime fetching the same outputs."""
     import onnxruntime as ort
 
-    from recorders.onnxruntime import OrtRecorder, expose_intermediates
+    from steptrace.recorders.onnxruntime import OrtRecorder, expose_intermediates
 
     torch.manual_seed(0)
     layers: list[torch.nn.Module] = []

@@ -29,9 +29,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recorders.torch import TorchRecorder  # noqa: E402
-from recorders.triage import triage  # noqa: E402
-from recorders.triagerun import TorchRun  # noqa: E402
+from steptrace.recorders.torch import TorchRecorder  # noqa: E402
+from steptrace.recorders.triage import triage  # noqa: E402
+from steptrace.recorders.triagerun import TorchRun  # noqa: E402
 
 D, VOCAB, PROMPT = 16, 32, [1, 2, 3]
 

@@ -5,7 +5,7 @@ tracefmt.TraceWriter — k = 8 decisions with pieces and a watched EOS, and tens
 recorded step every ``--tensor-every`` steps, values on one of them every 100 steps) — then, in a
 fresh process per size, opens ``trace view`` headless (Textual's test driver, 160x48) and measures:
 
-- import time of the viewer (textual + tui.app);
+- import time of the viewer (textual + steptrace.tui.app.main);
 - time to first paint: from starting the app to the step table showing real rows (target < 1 s);
 - time to jump to the last step (``G``) and to the middle (``g`` + step), rows shown;
 - peak RSS of the process (``ru_maxrss``) after opening, jumping and paging around.
@@ -40,7 +40,7 @@ CHUNK = 1 << 17
 
 def build(path: Path, steps: int, *, tensor_every: int = 10) -> float:
     """Write a one-sample trace of ``steps`` steps (see the module docstring); return seconds."""
-    from tracefmt import TraceWriter
+    from steptrace.tracefmt import TraceWriter
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -85,8 +85,8 @@ def child(trace: str) -> None:
     import asyncio
 
     t_imp = time.perf_counter()
-    from tui.app import ViewApp
-    from tui.widgets.steptable import StepTable
+    from steptrace.tui.app.main import ViewApp
+    from steptrace.tui.app.widgets.steptable import StepTable
 
     t_imp = time.perf_counter() - t_imp
 

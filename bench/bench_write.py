@@ -26,7 +26,7 @@ import time
 import numpy as np
 import zstandard
 
-from tracefmt import TraceWriter
+from steptrace.tracefmt import TraceWriter
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Layer rule: differ imports tracefmt only (never recorders/ or tui/, never a framework).
 
-    from differ import diff, DiffOptions, load_policy
+    from steptrace.differ import diff, DiffOptions, load_policy
     report = diff("ref.trace", ["cand.trace"], DiffOptions(align="resync"))
     print(report.verdict, report.worst.first_divergence)
     json_text = report.dumps()

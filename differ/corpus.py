@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tracefmt import TraceReader
-from tracefmt.errors import TraceUsageError
+from steptrace.tracefmt import TraceReader
+from steptrace.tracefmt.errors import TraceUsageError
 
 from .decisions import Side, load_side
 from .errors import IncompatibleTracesError

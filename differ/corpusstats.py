@@ -7,8 +7,8 @@ decision), vectorised. Only *fresh* rows count: both sides have the step and no 
 fed back differed (rows after a free-running divergence see different contexts, so comparing
 their distributions says nothing about the runtime).
 
-    from differ import diff
-    from differ.corpusstats import corpus_stats
+    from steptrace.differ import diff
+    from steptrace.differ.corpusstats import corpus_stats
     stats = corpus_stats(diff("ref.trace", ["cand.trace"]).worst.steps_table)
     print(stats)          # one line
     stats.to_json()       # the figures

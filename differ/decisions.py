@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tracefmt import TraceReader
+from steptrace.tracefmt import TraceReader
 
 from .columns import codes, combined, dense_lists, numpy_col
 from .policy import Policy
@@ -269,7 +269,7 @@ def _block(out: DecisionDiff, A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, 
            heads: list[str], policy: Policy, grid: str) -> None:
     """Compare one block of rows present on both sides; write results at positions ``r``.
 
-    The top-k lists are taken rank-major (``(k, rows)``, see :mod:`differ.topk`); bit-exactness
+    The top-k lists are taken rank-major (``(k, rows)``, see :mod:`steptrace.differ.topk`); bit-exactness
     is judged on the float32 values as stored, the arithmetic is float64. Rows that are the same
     decision bit for bit (same argmax at rank 0 of identical lists, equal logsumexp, finite
     logits, no probability above e) get the results the arithmetic would give them: rank 0,
@@ -339,7 +339,7 @@ def _general(A: Side, B: Side, ia: np.ndarray, ib: np.ndarray, a_ids: np.ndarray
              ltol: np.ndarray, same: np.ndarray, bitexact: np.ndarray) -> dict[str, np.ndarray]:
     """Ranks, gaps, gap noise, logit difference, drift, KLD and Δp of rows (rank-major blocks).
 
-    Near ties are judged later (:mod:`differ.neartie`), against the noise of the whole pair.
+    Near ties are judged later (:mod:`steptrace.differ.neartie`), against the noise of the whole pair.
     """
     a_log, b_log = a_raw.astype(np.float64), b_raw.astype(np.float64)
     la_b, ra_b = logit_of(a_ids, a_log, bt, A.chosen[ia], A.chosen_logit[ia], A.chosen_rank[ia])

@@ -4,7 +4,7 @@ the ``trace`` command maps it to exit code 2 in its one place, and each message 
 
 from __future__ import annotations
 
-from tracefmt.errors import TraceFormatError, TraceUsageError
+from steptrace.tracefmt.errors import TraceFormatError, TraceUsageError
 
 
 class IncompatibleTracesError(TraceUsageError):

@@ -1,5 +1,5 @@
 """Tensor comparison metrics: computed from values when both sides recorded them, vectorised
-numpy in cache-sized chunks; the statistics-only path lives in :mod:`differ.tensors`.
+numpy in cache-sized chunks; the statistics-only path lives in :mod:`steptrace.differ.tensors`.
 
 Definitions (a = reference, b = candidate, over elements finite on both sides):
 ``max_abs = max|a-b|``, ``mean_abs = mean|a-b|``, ``max_rel = max(|a-b| / |a|)`` (elements with a = b = 0 skipped;
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tracefmt.dtypes import widen_float16
+from steptrace.tracefmt.dtypes import widen_float16
 
 from .policy import TensorTolerance
 

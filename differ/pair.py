@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tracefmt import TraceReader
+from steptrace.tracefmt import TraceReader
 
 from .align import A_ONLY, B_ONLY, BOTH, Alignment, align_keys, align_resync, align_steps
 from .decisions import DecisionDiff, Side, compare_decisions, load_side

@@ -1,6 +1,6 @@
 """Report values: what a diff found, as dataclasses with a one-line ``__str__`` and a stable
 ``to_json()`` (schema ``steptrace.diff/1``, documented in docs/differ.md). Rendering is elsewhere
-(``tui/diffreport.py``).
+(``tui/render/diff.py``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Reading a saved ``trace diff --json`` report (schema ``steptrace.diff/1``) back into the report
-values of :mod:`differ.report`, so viewers and scripts never parse the JSON themselves.
+values of :mod:`steptrace.differ.report`, so viewers and scripts never parse the JSON themselves.
 
 The per-row tables (``steps_table``, ``tensors_table``) are not in the JSON: a loaded
 :class:`~differ.report.PairReport` has them as None.

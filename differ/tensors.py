@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tracefmt import TraceReader
-from tracefmt.errors import ValuesNotRecordedError
+from steptrace.tracefmt import TraceReader
+from steptrace.tracefmt.errors import ValuesNotRecordedError
 
 from .columns import codes, combined, merge_sorted, numpy_col, pack_pair
 from .errors import DiffFormatError

@@ -3,7 +3,7 @@
 Row verdicts, best to worst: ``identical`` (bit-exact decisions and digests), ``equivalent``
 (same decision, everything within tolerance), ``drift`` (same decision, something beyond
 tolerance), ``flip`` (different token, a near tie), ``divergent`` (different token, not a near
-tie, :mod:`differ.neartie`), ``missing`` (one side has no such step). Once the tokens fed back
+tie, :mod:`steptrace.differ.neartie`), ``missing`` (one side has no such step). Once the tokens fed back
 differ (free-running decode), later rows of the sample are marked ``after`` and do not count as
 fresh mismatches; rows of open-loop heads (not fed back: CTC frames, VAD chunks) never are.
 """

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from differ import DiffOptions, Policy, diff
-from recorders.hf import record_generate
+from steptrace.differ import DiffOptions, Policy, diff
+from steptrace.recorders.hf import record_generate
 
 
 def build(*, layers: int, embd: int, heads: int, vocab: int, seed: int) -> GPT2LMHeadModel:

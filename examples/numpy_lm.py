@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tracefmt import TraceWriter
+from steptrace.tracefmt import TraceWriter
 
 VOCAB = ["<pad>", "<s>", "<eos>"] + [f"▁{w}" for w in "the a cat dog sat ran on in mat log big small red".split()] + list(
     "abcdefghijklmnopqrstuvwxyz.,"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from differ import DecisionTolerance, Policy
+from steptrace.differ import DecisionTolerance, Policy
 
 
 def tolerance(atol: float | None = None, rtol: float | None = None) -> Policy:

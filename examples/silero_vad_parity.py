@@ -70,11 +70,11 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from differ import DiffOptions, Policy, diff
+from steptrace.differ import DiffOptions, Policy, diff
 from examples.parity import tolerance
-from recorders.capture import Recorder
-from recorders.onnxruntime import OrtRecorder, quantize_dynamic_copy
-from recorders.torch import TorchRecorder
+from steptrace.recorders.capture import Recorder
+from steptrace.recorders.onnxruntime import OrtRecorder, quantize_dynamic_copy
+from steptrace.recorders.torch import TorchRecorder
 
 RATE = 16000
 CHUNK = 512  # samples per streaming call at 16 kHz

@@ -2,7 +2,7 @@
 fp32 vs int8 — each run recorded with steptrace and each pair diffed.
 
 Runs (greedy, one sample per prompt, one step per generated character; the committed weights in
-``tui/assets/tiny_lm``, rebuilt in torch by ``examples/tiny_lm/model.load_from_onnx``):
+``assets/tiny_lm``, rebuilt in torch by ``examples/tiny_lm/model.load_from_onnx``):
 
 - ``torch_kv``: torch with the KV cache (prefill the prompt, then one id per call), recorded by
   :class:`recorders.torch.TorchRecorder` (decisions and the ``logits:token`` vector);
@@ -13,7 +13,7 @@ Runs (greedy, one sample per prompt, one step per generated character; the commi
 - ``ort_int8``: the same graph quantized with ``quantize_dynamic`` (int8 weights, dynamic uint8
   activations; :func:`recorders.onnxruntime.quantize_dynamic_copy`), recorded the same way.
 
-Pairs diffed with :func:`differ.diff` and the default tolerance policy: ``kv-vs-full``
+Pairs diffed with :func:`steptrace.differ.diff` and the default tolerance policy: ``kv-vs-full``
 (torch_kv vs torch_full), ``torch-vs-ort`` (torch_kv vs ort_fp32), ``fp32-vs-int8`` (ort_fp32 vs
 ort_int8). With ``--teacher-forcing`` every candidate is fed the reference's tokens
 (``reference=``), so a pair stays aligned past its first flip and every step counts.
@@ -30,7 +30,7 @@ identical text; teacher-forced, all 200 steps are compared and the 4 that flip a
 (each explained by the grid or by the pair's own noise, p90 0.28; docs/differ.md §4).
 
 Prints one verdict line per pair. Exit status 0 when KV vs full and torch vs ORT choose the same
-token at every step (int8 is expected to flip; see tui/assets/tiny_lm/README.md).
+token at every step (int8 is expected to flip; see assets/tiny_lm/README.md).
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from differ import DiffOptions, Policy, diff
+from steptrace.differ import DiffOptions, Policy, diff
 from examples.parity import tolerance
 from examples.tiny_lm import ortlm
 from examples.tiny_lm.decode_torch import greedy
 from examples.tiny_lm.model import load_from_onnx
-from recorders.onnxruntime import OrtRecorder, quantize_dynamic_copy
-from recorders.torch import TorchRecorder
+from steptrace.recorders.onnxruntime import OrtRecorder, quantize_dynamic_copy
+from steptrace.recorders.torch import TorchRecorder
 
 ASSETS = ortlm.ASSETS
 #: Runs in recording order.

@@ -1,10 +1,10 @@
 """recorders: runtime hooks (PyTorch, ONNX Runtime, CoreML, Hugging Face, scripts) that write
 traces through tracefmt. Each ML framework is imported in exactly one module of this package
-(``recorders.torch`` is the only one that imports torch); importing this package imports none.
+(``steptrace.recorders.torch`` is the only one that imports torch); importing this package imports none.
 
-The framework-agnostic core (:mod:`recorders.capture`) is re-exported here::
+The framework-agnostic core (:mod:`steptrace.recorders.capture`) is re-exported here::
 
-    from recorders import Budget, CapturePolicy, Recorder, Reference, decide
+    from steptrace.recorders import Budget, CapturePolicy, Recorder, Reference, decide
 """
 
 from .capture import Budget, CapturePolicy, HostCopy, Recorder, Reference, RefTensor, StepKey, Trigger

@@ -1,6 +1,6 @@
 """The framework-agnostic core every recorder builds on (torch, ONNX Runtime, CoreML, HF).
 
-A :class:`Recorder` owns one :class:`tracefmt.TraceWriter` and keeps the bookkeeping SPEC.md
+A :class:`Recorder` owns one :class:`steptrace.tracefmt.TraceWriter` and keeps the bookkeeping SPEC.md
 needs: the open step ``(sample, index)``, call indices and execution order within it, one
 decision per head and step. On top of that it applies
 
@@ -36,9 +36,9 @@ from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
-from tracefmt import TraceMetadata, TraceReader, TraceWriter, WriteSummary
-from tracefmt.decisions import first_max
-from tracefmt.errors import TraceWriteError
+from steptrace.tracefmt import TraceMetadata, TraceReader, TraceWriter, WriteSummary
+from steptrace.tracefmt.decisions import first_max
+from steptrace.tracefmt.errors import TraceWriteError
 
 from .decisions import Decision, decide, host_logits, write_decision
 from .errors import RecorderUsageError, StepOrderError
@@ -101,7 +101,7 @@ class Recorder(StepBook):
         policy: which tensors to record (a :class:`CapturePolicy` or anything it accepts).
         budget: hold ``"full"`` tensors in a ring and keep their values only around triggers;
             None keeps the values of every ``"full"`` tensor.
-        reference: a reference trace (path, :class:`tracefmt.TraceReader` or
+        reference: a reference trace (path, :class:`steptrace.tracefmt.TraceReader` or
             :class:`Reference`) for teacher forcing and transplant.
         teacher_forcing: with a reference, :meth:`decide` returns the reference's token (and
             records ``forced=true``) for every head but the ``open_loop`` ones. Set False to use
@@ -109,15 +109,15 @@ class Recorder(StepBook):
         sample: the sample id of steps that do not name one.
         k: top-k candidates kept per decision.
         watched: watched tokens ``{"eos": 3}``, added to the metadata.
-        metadata: run metadata (:class:`tracefmt.TraceMetadata` or a dict of its fields).
+        metadata: run metadata (:class:`steptrace.tracefmt.TraceMetadata` or a dict of its fields).
         defaults: metadata fields to fill where ``metadata`` leaves them None (framework
             recorders pass ``runtime``, ``runtime_version``, ``device``, ``precision``).
         tags: tags added to the metadata's where it has none of that name (framework
             recorders describe their set-up; the recorder adds ``steptrace.capture``,
             ``steptrace.budget``, ``steptrace.reference``, ``steptrace.teacher_forcing``).
         vocab: token pieces (sequence indexed by id, or mapping); also fills ``piece``.
-        mode: ``"create"``, ``"append"`` or ``"overwrite"`` (as :class:`tracefmt.TraceWriter`).
-        writer_options: further :class:`tracefmt.TraceWriter` options (``flush_steps``,
+        mode: ``"create"``, ``"append"`` or ``"overwrite"`` (as :class:`steptrace.tracefmt.TraceWriter`).
+        writer_options: further :class:`steptrace.tracefmt.TraceWriter` options (``flush_steps``,
             ``queue_bytes``, ``encoding``, ``zstd_level``, ``fsync``, ...).
         open_loop: heads whose chosen ids are not fed back into the model (CTC frames, VAD
             chunks, per-position outputs), added to the metadata's ``open_loop`` (SPEC.md §2).
@@ -530,7 +530,7 @@ class Recorder(StepBook):
         and as statistics only elsewhere.
 
         Returns:
-            The writer's :class:`tracefmt.WriteSummary`.
+            The writer's :class:`steptrace.tracefmt.WriteSummary`.
 
         Raises:
             TraceWriteError: writing failed (what was flushed before stays readable).

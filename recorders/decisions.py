@@ -11,7 +11,7 @@ and watched logits and ranks). How a framework's logits become decisions is a
 
 numpy arrays (ONNX Runtime, CoreML, JSONL importers) and anything ``np.asarray`` accepts go to
 the reference implementation :func:`tracefmt.decisions.decide` (or
-:func:`tracefmt.decisions.decide_many` for a batch). :mod:`recorders.torch` registers torch
+:func:`tracefmt.decisions.decide_many` for a batch). :mod:`steptrace.recorders.torch` registers torch
 tensors: CPU tensors are viewed as numpy (several times faster there than a dozen small torch
 kernels), tensors on a device (CUDA, MPS) are decided there by
 :func:`recorders.torch.decide_tensor`. A framework module is loaded when its first tensor
@@ -31,10 +31,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tracefmt import TraceWriter
-from tracefmt.decisions import Decision, decide_many
-from tracefmt.decisions import decide as _decide_numpy
-from tracefmt.errors import TraceUsageError
+from steptrace.tracefmt import TraceWriter
+from steptrace.tracefmt.decisions import Decision, decide_many
+from steptrace.tracefmt.decisions import decide as _decide_numpy
+from steptrace.tracefmt.errors import TraceUsageError
 
 __all__ = ["Decision", "LogitsKind", "decide", "decide_rows", "decide_with", "host_logits", "is_torch_tensor", "logits_kind",
            "register_logits_kind", "write_decision"]
@@ -53,7 +53,7 @@ class LogitsKind(Protocol):
 
 #: Framework modules that register a :class:`LogitsKind`, by the top-level module of the
 #: framework's tensor type; loaded when the first such tensor arrives.
-FRAMEWORK_MODULES = {"torch": "recorders.torch"}
+FRAMEWORK_MODULES = {"torch": "steptrace.recorders.torch"}
 _KINDS: dict[type, LogitsKind | None] = {}
 
 

@@ -1,13 +1,13 @@
 """Errors raised by the recorders.
 
-Every class subclasses a :mod:`tracefmt.errors` class, so ``except TraceError`` catches them and
+Every class subclasses a :mod:`steptrace.tracefmt.errors` class, so ``except TraceError`` catches them and
 the ``trace`` command maps them to exit codes like any other steptrace failure. Messages say
 what went wrong and what to do.
 """
 
 from __future__ import annotations
 
-from tracefmt.errors import TraceNotFoundError, TraceUsageError
+from steptrace.tracefmt.errors import TraceNotFoundError, TraceUsageError
 
 
 class RecorderUsageError(TraceUsageError):

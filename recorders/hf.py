@@ -1,6 +1,6 @@
 """Hugging Face ``generate`` recorder: every step's decision of every sequence of the batch,
 each sequence its own sample. The only module of steptrace that imports transformers; torch
-calls go through :mod:`recorders.torch` helpers (scores are handled as torch tensors
+calls go through :mod:`steptrace.recorders.torch` helpers (scores are handled as torch tensors
 duck-typed).
 
     out = record_generate(model, "cand.trace", input_ids=ids, attention_mask=mask,
@@ -38,7 +38,7 @@ import numpy as np
 import transformers
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from tracefmt import WriteSummary
+from steptrace.tracefmt import WriteSummary
 
 from .capture import HostCopy, Recorder
 from .decisions import decide_rows, is_torch_tensor
@@ -272,7 +272,7 @@ class GenerateRecorder(Recorder):
         """Write steps still pending (see :meth:`processors`), then close the trace.
 
         Returns:
-            The writer's :class:`tracefmt.WriteSummary`.
+            The writer's :class:`steptrace.tracefmt.WriteSummary`.
         """
         if not self._closed:
             for proc in list(self._live):
@@ -417,7 +417,7 @@ class GenerateRecording:
 
     Attributes:
         output: what ``generate`` returned (token ids, or a ``GenerateOutput``).
-        summary: the closed trace's :class:`tracefmt.WriteSummary`.
+        summary: the closed trace's :class:`steptrace.tracefmt.WriteSummary`.
         samples: the sample id of each sequence, in row order.
     """
 

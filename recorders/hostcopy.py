@@ -4,7 +4,7 @@ the non-finite check the budget's trigger uses.
 A framework recorder whose tensors live on a device (CUDA) starts the reduction and the
 device-to-host copy without waiting and hands the recorder a :class:`HostCopy`. The
 :class:`Finisher` thread waits for each copy in turn, digests the host bytes and passes the row
-to the :class:`tracefmt.TraceWriter`, so the model thread never waits for a copy or a digest.
+to the :class:`steptrace.tracefmt.TraceWriter`, so the model thread never waits for a copy or a digest.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from tracefmt import TraceWriter
-from tracefmt.errors import TraceError
-from tracefmt.payload import TensorStats, digest
+from steptrace.tracefmt import TraceWriter
+from steptrace.tracefmt.errors import TraceError
+from steptrace.tracefmt.payload import TensorStats, digest
 
 from .ring import HeldRow
 

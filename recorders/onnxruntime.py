@@ -46,7 +46,7 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from tracefmt.errors import UnsupportedDtypeError
+from steptrace.tracefmt.errors import UnsupportedDtypeError
 
 from .errors import RecorderUsageError
 from .policy import PolicyLike
@@ -436,7 +436,7 @@ def _precision(proto: onnx.ModelProto) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# quantize_dynamic_copy: the int8 copy `trace demo` compares with fp32 (tui/democmd.py).
+# quantize_dynamic_copy: the int8 copy `trace demo` compares with fp32 (tui/commands/demo.py).
 # ---------------------------------------------------------------------------------------------
 def quantize_dynamic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """Write an int8 copy of an ONNX model with ``onnxruntime.quantization.quantize_dynamic``.

@@ -112,7 +112,7 @@ class TransplantOrtRecorder(OrtRecorder):
         """Close as :meth:`OrtRecorder.close` does and remove the cut model.
 
         Returns:
-            The writer's :class:`tracefmt.WriteSummary`.
+            The writer's :class:`steptrace.tracefmt.WriteSummary`.
         """
         try:
             return super().close()

@@ -1,6 +1,6 @@
 """Module outputs as trees of tensors: naming their elements, reaching and replacing one, and the
 decided vector of a logits tensor. Framework-free (torch tensors are recognised duck-typed), used
-by :mod:`recorders.scripthooks`; the naming is :class:`~recorders.torch.TorchRecorder`'s:
+by :mod:`steptrace.recorders.scripthooks`; the naming is :class:`~recorders.torch.TorchRecorder`'s:
 tuple/list elements ``name.0``, ``name.1``, mapping elements ``name.key``, nested as deep as
 they go.
 """

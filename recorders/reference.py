@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tracefmt import TraceReader
-from tracefmt.errors import TraceNotFoundError
+from steptrace.tracefmt import TraceReader
+from steptrace.tracefmt.errors import TraceNotFoundError
 
 from .errors import ReferenceNotFoundError
 
@@ -34,7 +34,7 @@ class Reference:
     """A reference trace opened for teacher forcing and transplant.
 
     Args:
-        trace: the trace directory, or an open :class:`tracefmt.TraceReader`.
+        trace: the trace directory, or an open :class:`steptrace.tracefmt.TraceReader`.
         samples: candidate sample id -> reference sample id, where they differ.
 
     Raises:

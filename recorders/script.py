@@ -31,9 +31,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tracefmt import WriteSummary
-from tracefmt.errors import TraceError, TraceExistsError
-from tracefmt.schema import MANIFEST
+from steptrace.tracefmt import WriteSummary
+from steptrace.tracefmt.errors import TraceError, TraceExistsError
+from steptrace.tracefmt.schema import MANIFEST
 
 from .errors import RecorderUsageError
 from .scripthooks import SAMPLE_ENV, ScriptRecorder
@@ -54,7 +54,7 @@ class ScriptResult:
         error: the script's uncaught exception, if any.
         traceback: its traceback text, trimmed to the script's frames.
         interrupted: the run was stopped by Ctrl-C (the caller re-raises KeyboardInterrupt).
-        summary: the closed trace's :class:`tracefmt.WriteSummary`.
+        summary: the closed trace's :class:`steptrace.tracefmt.WriteSummary`.
         steps: steps decided (calls of the ``logits`` module or session output).
         notes: things the user should know (tensors skipped, batches, probabilities).
         names: every module and value name seen, in the order first seen (for messages about

@@ -1,7 +1,7 @@
 """What ``trace record`` installs in a running script: global torch module hooks and patched
 ONNX Runtime sessions that turn module calls and session runs into steps, tensors and decisions.
-Imports no ML framework: :mod:`recorders.torch` and :mod:`recorders.onnxruntime` are imported
-by :mod:`recorders.script` once the script itself imports torch or onnxruntime.
+Imports no ML framework: :mod:`steptrace.recorders.torch` and :mod:`steptrace.recorders.onnxruntime` are imported
+by :mod:`steptrace.recorders.script` once the script itself imports torch or onnxruntime.
 
 Names. Every recorded name is ``ROOT.path``, whatever the order of calls. A torch module is
 named when it is first called: the outermost module of a call (a *root*) is named by its class
@@ -50,8 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from tracefmt import TraceMetadata, WriteSummary
-from tracefmt.errors import TraceError, UnsupportedDtypeError
+from steptrace.tracefmt import TraceMetadata, WriteSummary
+from steptrace.tracefmt.errors import TraceError, UnsupportedDtypeError
 
 from .capture import HostCopy, Recorder, Reference
 from .decisions import is_torch_tensor
@@ -74,7 +74,7 @@ class SampleIdsExhaustedError(RecorderUsageError):
 
 
 class _HostRecorder(Recorder):
-    """A :class:`Recorder` that also takes torch tensors (through :mod:`recorders.torch`)."""
+    """A :class:`Recorder` that also takes torch tensors (through :mod:`steptrace.recorders.torch`)."""
 
     def to_host(self, value: Any, dtype: str | None) -> tuple[np.ndarray | HostCopy, str | None]:
         if is_torch_tensor(value):
@@ -97,7 +97,7 @@ class _Mod:
 class ScriptRecorder(SessionHooks):
     """Records a running script's torch module calls and ONNX Runtime runs into one trace.
 
-    :mod:`recorders.script` connects :meth:`torch_pre`/:meth:`torch_post` to global module
+    :mod:`steptrace.recorders.script` connects :meth:`torch_pre`/:meth:`torch_post` to global module
     hooks and :meth:`ort_run` to patched sessions; the trace is created at the first record
     (its ``runtime`` metadata is that of the framework recorded first).
 
@@ -431,7 +431,7 @@ class ScriptRecorder(SessionHooks):
         """Close the trace (creating an empty one if the script recorded nothing).
 
         Returns:
-            The writer's :class:`tracefmt.WriteSummary`.
+            The writer's :class:`steptrace.tracefmt.WriteSummary`.
 
         Raises:
             TraceWriteError: writing failed.

@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from tracefmt import WriteSummary
-from tracefmt.decisions import Decision
-from tracefmt.errors import TraceUsageError, UnsupportedDtypeError
-from tracefmt.payload import TensorStats
+from steptrace.tracefmt import WriteSummary
+from steptrace.tracefmt.decisions import Decision
+from steptrace.tracefmt.errors import TraceUsageError, UnsupportedDtypeError
+from steptrace.tracefmt.payload import TensorStats
 
 from .capture import HostCopy, Recorder
 from .decisions import decide_with, register_logits_kind
@@ -537,7 +537,7 @@ class TorchRecorder(Recorder):
         """Remove the hooks, then close as :meth:`recorders.capture.Recorder.close` does.
 
         Returns:
-            The writer's :class:`tracefmt.WriteSummary`.
+            The writer's :class:`steptrace.tracefmt.WriteSummary`.
         """
         for h in self._handles:
             h.remove()

@@ -1,7 +1,7 @@
 """Transplant triage: the root cause of a divergence, not its first symptom.
 
-    from recorders.triage import triage
-    from recorders.triagerun import TorchRun
+    from steptrace.recorders.triage import triage
+    from steptrace.recorders.triagerun import TorchRun
 
     def run_fn(rec):                       # one teacher-forced run of the candidate
         tokens = list(prompt)
@@ -42,8 +42,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from differ import DiffOptions, Policy, diff
-from tracefmt import TraceReader
+from steptrace.differ import DiffOptions, Policy, diff
+from steptrace.tracefmt import TraceReader
 
 from .errors import NotDeterministicError, ReferenceValuesError, TriageError
 from .reference import Reference

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from differ import Policy
-from differ.policy import grid_dtype
-from tracefmt import TraceReader
+from steptrace.differ import Policy
+from steptrace.differ.policy import grid_dtype
+from steptrace.tracefmt import TraceReader
 
 from .errors import NotRerunnableError
 

@@ -1,6 +1,6 @@
 """What ``trace triage`` found, as values: the trials it ran, each tensor's local and propagated
 error, the root cause, the component table. JSON schema ``steptrace.triage/1``; rendering is
-``tui/triagecmd.py``'s.
+``tui/commands/triage.py``'s.
 """
 
 from __future__ import annotations

@@ -248,7 +248,7 @@ class TransplantScriptRecorder(ScriptRecorder):
         """Close as :meth:`ScriptRecorder.close` does and remove the cut models.
 
         Returns:
-            The writer's :class:`tracefmt.WriteSummary`.
+            The writer's :class:`steptrace.tracefmt.WriteSummary`.
         """
         try:
             return super().close()

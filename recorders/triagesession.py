@@ -1,5 +1,5 @@
 """The state of one ``trace triage``: the reference, the target, the re-runs made (cached by
-what they transplanted) and the budget they spend. Used by :mod:`recorders.triage`.
+what they transplanted) and the budget they spend. Used by :mod:`steptrace.recorders.triage`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from differ import Policy, compare_values
-from tracefmt import TraceReader
-from tracefmt.errors import TraceNotFoundError
+from steptrace.differ import Policy, compare_values
+from steptrace.tracefmt import TraceReader
+from steptrace.tracefmt.errors import TraceNotFoundError
 
 from .errors import NotDeterministicError, TriageError
 from .reference import Reference

@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_trace(*args: str, cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the `trace` command as a user would, in a fresh interpreter; returns the completed process."""
     return subprocess.run(
-        [sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=300
+        [sys.executable, "-m", "steptrace.tui.cli", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=300
     )
 
 
 def run_trace_here(*args: str, cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the `trace` command in this process (``tui.cli.main``), its stdout and stderr captured;
+    """Run the `trace` command in this process (``steptrace.tui.cli.main``), its stdout and stderr captured;
     returns what :func:`run_trace` would. A traceback is not caught: it fails the test."""
-    from tui.cli import main
+    from steptrace.tui.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     here = os.getcwd()

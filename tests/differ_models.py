@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tracefmt import TraceWriter
+from steptrace.tracefmt import TraceWriter
 
 V, H, EOS = 32, 16, 3
 VOCAB = [f"▁w{i}" for i in range(V)]

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tracefmt import TraceError, TraceReader, TraceWriter  # noqa: E402
+from steptrace.tracefmt import TraceError, TraceReader, TraceWriter  # noqa: E402
 
 BASES = ("writer", "multi", "interrupted", "jsonl")
 TRACE_KINDS = ("manifest", "part_json", "decisions", "tensors", "values", "vocab")
@@ -100,7 +100,7 @@ def _jsonl_source(folder: Path) -> Path:
 
 def build_corpus(root: Path) -> Path:
     """Write the base traces and JSONL files the cases mutate; returns ``root``."""
-    from tracefmt import import_jsonl
+    from steptrace.tracefmt import import_jsonl
 
     root.mkdir(parents=True, exist_ok=True)
     if (root / "done").exists():
@@ -275,7 +275,7 @@ def _closed(trace: Path, data_file: Path) -> bool:
 
 # ---------------------------------------------------------------------- running
 def _cli(argv: list[str]) -> int:
-    from tui.cli import main
+    from steptrace.tui.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -300,7 +300,7 @@ def _python_reader(trace: Path) -> int:
 
 
 def _viewer(trace: Path) -> int:
-    from tui.viewdata import ViewModel
+    from steptrace.tui.viewer.data import ViewModel
 
     try:
         m = ViewModel([trace])
@@ -564,7 +564,7 @@ _PEAK = ("import atexit, sys\n"
          "def peak():\n"
          "    sys.stderr.write(next(x for x in open('/proc/self/status') if x.startswith('VmHWM')))\n"
          "atexit.register(peak)\n"
-         "from tui.cli import main\n"
+         "from steptrace.tui.cli import main\n"
          "sys.exit(main(sys.argv[1:]))\n")
 
 

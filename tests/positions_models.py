@@ -169,7 +169,7 @@ def record_ort(model_path: Path, trace: Path, utts: list[Utterance], *, optimiza
     Returns:
         ``trace``.
     """
-    from recorders.onnxruntime import OrtRecorder
+    from steptrace.recorders.onnxruntime import OrtRecorder
 
     with OrtRecorder(trace, model_path, logits="logits", position="all", optimization=optimization, tensors=tensors,
                      watched={"blank": BLANK}) as rec:
@@ -186,7 +186,7 @@ def record_torch(model: CTCModel, trace: Path, utts: list[Utterance], *, modules
     Returns:
         ``trace``.
     """
-    from recorders.torch import TorchRecorder
+    from steptrace.recorders.torch import TorchRecorder
 
     with TorchRecorder(trace, model, modules={"encoder.*": modules, "head": modules} if isinstance(modules, str)
                        else modules, open_loop=["token"], watched={"blank": BLANK}) as rec, torch.no_grad():
@@ -239,7 +239,7 @@ def build_ctc_pair(out: Path, *, bug: bool = True, runtime: str = "onnx", sample
     Returns:
         The :class:`CTCPair`.
     """
-    from recorders.onnxruntime import expose_intermediates
+    from steptrace.recorders.onnxruntime import expose_intermediates
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,7 +307,7 @@ def record_vad_sequence(model: Path, trace: Path, framed: np.ndarray, *, sample:
     Returns:
         The speech probabilities, ``[n]``.
     """
-    from recorders.onnxruntime import OrtRecorder
+    from steptrace.recorders.onnxruntime import OrtRecorder
 
     sv = _silero()
     with OrtRecorder(trace, model, optimization="disable", open_loop=["vad"], k=2, vocab=sv.VOCAB,
@@ -340,7 +340,7 @@ def build_vad_pair(out: Path, *, bug: bool = True, max_chunks: int = 120) -> Vad
     import onnx
     from onnx import numpy_helper
 
-    from recorders.onnxruntime import expose_intermediates
+    from steptrace.recorders.onnxruntime import expose_intermediates
 
     sv = _silero()
     out = Path(out)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tui.cli import EXIT_ERROR, EXIT_MISMATCH, EXIT_OK, Outcome, build_parser, exit_code
-from tracefmt import TraceFormatError
+from steptrace.tui.cli import EXIT_ERROR, EXIT_MISMATCH, EXIT_OK, Outcome, build_parser, exit_code
+from steptrace.tracefmt import TraceFormatError
 
 GOLDEN = Path(__file__).parent / "golden" / "v1-basic"
 
@@ -60,7 +60,7 @@ def test_trace_info_does_not_import_heavy_modules(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from tui.cli import main; main(['info', '--json', %r]); "
+    code = ("import sys; from steptrace.tui.cli import main; main(['info', '--json', %r]); "
             "bad = [m for m in ('torch', 'onnxruntime', 'coremltools', 'textual', 'transformers') if m in sys.modules]; "
             "print('HEAVY', bad)") % str(GOLDEN)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -76,7 +76,7 @@ def test_help_of_info_validate_import_export_has_examples(trace_cli):
 
 
 def test_docs_named_in_help_ship_with_the_package(trace_cli):
-    from tui.docscmd import TOPICS, doc_text
+    from steptrace.tui.commands.docs import TOPICS, doc_text
 
     docs = Path(__file__).parent.parent / "docs"
     for topic, (name, _) in TOPICS.items():
@@ -92,8 +92,8 @@ def test_docs_named_in_help_ship_with_the_package(trace_cli):
 def test_info_lists_tensors_in_execution_order_and_folds_long_lists(tmp_path, trace_cli):
     import numpy as np
 
-    from tracefmt import TraceWriter
-    from tui.info import FOLD_OVER
+    from steptrace.tracefmt import TraceWriter
+    from steptrace.tui.render.info import FOLD_OVER
 
     names = ["encoder.conv", *[f"layers.{i}.{part}" for i in range(12) for part in ("attn", "mlp")], "lm_head"]
     assert len(names) <= FOLD_OVER < 2 * len(names)

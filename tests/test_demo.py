@@ -1,7 +1,7 @@
 """``trace demo``: the packaged tiny LM recorded in fp32 and int8 with ONNX Runtime, then diffed.
 
 Real ONNX Runtime sessions on the committed model; the demo runs once per module in a fresh
-interpreter (``python -X importtime -m tui.cli demo``), as a user would run it.
+interpreter (``python -X importtime -m steptrace.tui.cli demo``), as a user would run it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import pytest
 pytest.importorskip("onnxruntime", reason="trace demo needs onnxruntime (pip install 'steptrace[onnx]')")
 pytest.importorskip("onnx", reason="the demo's int8 copy needs the onnx package")
 
-from differ import DiffOptions, diff
-from tracefmt import TraceReader
-from tracefmt.validate import validate
-from tui import democmd
-from tui.cli import main
+from steptrace.differ import DiffOptions, diff
+from steptrace.tracefmt import TraceReader
+from steptrace.tracefmt.validate import validate
+from steptrace.tui.commands import demo as democmd
+from steptrace.tui.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 40
@@ -32,7 +32,7 @@ def demo(tmp_path_factory):
     """One demo run: (out dir, completed process, top-level modules the process imported)."""
     out = tmp_path_factory.mktemp("demo") / "out"
     env = {**os.environ, "COLUMNS": "160"}  # rich wraps at 80 columns when stdout is not a terminal
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "tui.cli", "demo", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "steptrace.tui.cli", "demo", "--out", str(out),
                            "--steps", str(STEPS)], check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
                 for line in proc.stderr.splitlines() if line.startswith("import time:")}
@@ -100,7 +100,7 @@ def test_bad_options_are_usage_errors(tmp_path, capsys):
 
 
 def test_missing_runtime_or_onnx_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    import recorders
+    from steptrace import recorders
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert main(["demo", "--out", str(tmp_path / "a")]) == 2
@@ -108,15 +108,15 @@ def test_missing_runtime_or_onnx_is_a_clear_error(tmp_path, monkeypatch, capsys)
     monkeypatch.undo()
 
     monkeypatch.setitem(sys.modules, "onnx", None)
-    monkeypatch.delitem(sys.modules, "recorders.onnxruntime", raising=False)
+    monkeypatch.delitem(sys.modules, "steptrace.recorders.onnxruntime", raising=False)
     monkeypatch.delattr(recorders, "onnxruntime", raising=False)
     assert main(["demo", "--out", str(tmp_path / "b")]) == 2
     assert "needs the onnx package: pip install 'steptrace[onnx]'" in capsys.readouterr().err
 
 
 def test_quantize_dynamic_copy_without_onnxruntime_quantization(tmp_path, monkeypatch):
-    from recorders.errors import RecorderUsageError
-    from recorders.onnxruntime import quantize_dynamic_copy
+    from steptrace.recorders.errors import RecorderUsageError
+    from steptrace.recorders.onnxruntime import quantize_dynamic_copy
 
     monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)
     with pytest.raises(RecorderUsageError, match="needs the onnx package"):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from differ import DiffOptions, diff
-from differ import tensors as tensors_mod
+from steptrace.differ import DiffOptions, diff
+from steptrace.differ import tensors as tensors_mod
 from differ_models import StepLM, decode_torch, writer
-from tui import diffcmd
+from steptrace.tui.commands import diff as diffcmd
 
 N, STEPS = 200, 6
 
@@ -100,7 +100,7 @@ def test_cli_outcomes_and_json(corpus: tuple[Path, Path, Path], tmp_path: Path, 
 
 
 def test_cli_import_time_has_no_frameworks() -> None:
-    code = "import tui.diffcmd, tui.diffreport, differ, sys; print(sorted(m for m in ('torch', 'onnxruntime', 'textual') if m in sys.modules))"
+    code = "import steptrace.tui.commands.diff, steptrace.tui.render.diff, steptrace.differ, sys; print(sorted(m for m in ('torch', 'onnxruntime', 'textual') if m in sys.modules))"
     res = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]"
     assert not any(f"| {m}" in res.stderr for m in ("torch", "onnxruntime", "textual"))

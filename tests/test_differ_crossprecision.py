@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs torch (pip install 'steptrace[torch]')")
 from torch import nn  # noqa: E402
 
-from differ import DiffOptions, diff  # noqa: E402
-from recorders.torch import TorchRecorder  # noqa: E402
+from steptrace.differ import DiffOptions, diff  # noqa: E402
+from steptrace.recorders.torch import TorchRecorder  # noqa: E402
 
 
 class Chain(nn.Module):

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from differ import DiffOptions, Policy, diff
-from tracefmt import TraceWriter
+from steptrace.differ import DiffOptions, Policy, diff
+from steptrace.tracefmt import TraceWriter
 
 V = 16
 EOS = 2
@@ -157,7 +157,7 @@ def test_logits_dtype_declared_by_a_jsonl_producer_sets_the_grid(tmp_path: Path)
     unless the producer declares the dtype the logits were computed in (SPEC.md §2, §6)."""
     import json
 
-    from tracefmt import import_jsonl
+    from steptrace.tracefmt import import_jsonl
 
     rng = np.random.default_rng(5)
     x = _logits(rng, 0.5)  # top logit 1.5: coin toss below 0.0075, a bf16 ulp 1/128
@@ -182,7 +182,7 @@ def test_logits_dtype_declared_by_a_jsonl_producer_sets_the_grid(tmp_path: Path)
 def test_cli_open_loop_and_ctc_options(tmp_path: Path) -> None:
     import json
 
-    from tui.cli import main
+    from steptrace.tui.cli import main
 
     rng = np.random.default_rng(8)
     steps = []
@@ -274,8 +274,8 @@ def test_culprit_is_looked_for_at_the_step_that_fed_the_divergence(tmp_path: Pat
 def test_saved_report_loads_back_into_report_values(tmp_path: Path) -> None:
     import json
 
-    from differ import DiffReport
-    from differ.errors import DiffFormatError
+    from steptrace.differ import DiffReport
+    from steptrace.differ.errors import DiffFormatError
 
     rng = np.random.default_rng(9)
     steps = [(x, x + rng.uniform(-0.01, 0.01, V)) for x in (_logits(rng) for _ in range(12))]

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from tracefmt import TraceWriter
-from tui.cli import main
+from steptrace.tracefmt import TraceWriter
+from steptrace.tui.cli import main
 
 
 def _trace(path, samples, steps=3, tensors=True):

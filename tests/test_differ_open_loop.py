@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("torch", reason="needs torch (pip install 'steptrace[torch]')")
 pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install 'steptrace[onnx]')")
 
-from differ import diff  # noqa: E402
+from steptrace.differ import diff  # noqa: E402
 from positions_models import build_ctc_pair, build_vad_pair  # noqa: E402
 
 
@@ -58,8 +58,8 @@ def test_viewer_points_a_divergence_without_tensors_to_its_culprit_step(ctc) -> 
     pytest.importorskip("textual", reason="the viewer needs textual")
     from rich.console import Console
 
-    from tui.viewdata import ViewModel
-    from tui.widgets.stepdetail import render_detail
+    from steptrace.tui.viewer.data import ViewModel
+    from steptrace.tui.app.widgets.stepdetail import render_detail
 
     m = ViewModel([ctc.ref, ctc.cand])
     m.open()

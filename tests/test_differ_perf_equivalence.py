@@ -16,14 +16,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from differ import compare_values
-from differ.columns import duplicates, merge_sorted
-from differ.decisions import Side, compare_decisions, load_side
-from differ.policy import Policy, TensorTolerance, default_tensor_tolerance
-from differ.summary import distinct_steps, first_in_segments, same_sequences, segment_max, segment_sums
-from differ.topk import rank_sum
-from differ.verdict import _after
-from tracefmt import TraceReader, TraceWriter
+from steptrace.differ import compare_values
+from steptrace.differ.columns import duplicates, merge_sorted
+from steptrace.differ.decisions import Side, compare_decisions, load_side
+from steptrace.differ.policy import Policy, TensorTolerance, default_tensor_tolerance
+from steptrace.differ.summary import distinct_steps, first_in_segments, same_sequences, segment_max, segment_sums
+from steptrace.differ.topk import rank_sum
+from steptrace.differ.verdict import _after
+from steptrace.tracefmt import TraceReader, TraceWriter
 
 SEEDS = st.integers(0, 2**32 - 1)
 

@@ -14,11 +14,11 @@ import pytest
 
 pytest.importorskip("torch")
 
-from differ import DiffOptions, NameMapping, diff
-from differ.policy import Policy
-from differ.tensors import compare_tensors, to_table
-from tracefmt import TraceReader
-from tui.cli import EXIT_MISMATCH, EXIT_OK, main
+from steptrace.differ import DiffOptions, NameMapping, diff
+from steptrace.differ.policy import Policy
+from steptrace.differ.tensors import compare_tensors, to_table
+from steptrace.tracefmt import TraceReader
+from steptrace.tui.cli import EXIT_MISMATCH, EXIT_OK, main
 
 GPT2_SCRIPT = textwrap.dedent('''
     """Greedy GPT-2 (built from a config, no hub) through generate, with or without a KV cache."""

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from differ import DiffOptions, Policy, diff
-from differ.policy import DecisionTolerance
+from steptrace.differ import DiffOptions, Policy, diff
+from steptrace.differ.policy import DecisionTolerance
 from differ_models import EOS, H, StepLM, decode_ort, decode_torch, export_onnx, writer
-from tracefmt import TraceReader
+from steptrace.tracefmt import TraceReader
 
 STEPS = 12
 

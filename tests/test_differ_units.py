@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from differ import (
+from steptrace.differ import (
     DiffOptions,
     IncompatibleTracesError,
     MappingError,
@@ -21,10 +21,10 @@ from differ import (
     load_mapping,
     load_policy,
 )
-from differ.policy import Policy, TensorTolerance, default_tensor_tolerance, parse_override, ulp
-from differ.sequence import align, edit_distance, pieces_to_text
-from tracefmt import TraceWriter
-from tracefmt.errors import TraceUsageError
+from steptrace.differ.policy import Policy, TensorTolerance, default_tensor_tolerance, parse_override, ulp
+from steptrace.differ.sequence import align, edit_distance, pieces_to_text
+from steptrace.tracefmt import TraceWriter
+from steptrace.tracefmt.errors import TraceUsageError
 
 
 def test_compare_values_metrics() -> None:

@@ -46,8 +46,8 @@ def _run(script: str, *args: str, timeout: float = 50) -> tuple[str, dict[str, s
 
 
 def _pair(ref: Path, cand: Path, **policy: float):
-    from differ import DiffOptions, diff
-    from differ.policy import DecisionTolerance, Policy
+    from steptrace.differ import DiffOptions, diff
+    from steptrace.differ.policy import DecisionTolerance, Policy
 
     pol = Policy()
     if policy:

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tracefmt import TraceCorruptError, TraceExistsError, TraceReader, TraceWriter
-from tracefmt.export import TENSOR_COLUMNS, TensorScan, export_parquet
+from steptrace.tracefmt import TraceCorruptError, TraceExistsError, TraceReader, TraceWriter
+from steptrace.tracefmt.export import TENSOR_COLUMNS, TensorScan, export_parquet
 
 from damage import forget_checksums
 

@@ -10,14 +10,14 @@ import textwrap
 import numpy as np
 import pytest
 
-from tracefmt import TraceReader
-from tracefmt.validate import validate
+from steptrace.tracefmt import TraceReader
+from steptrace.tracefmt.validate import validate
 
 WRITER = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from tracefmt import TraceWriter
+    from steptrace.tracefmt import TraceWriter
     path, sample, steps, kill_after = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     rng = np.random.default_rng(abs(hash(sample)) % 2**32)
     w = TraceWriter(path, mode="append", flush_steps=4, flush_ms=50, metadata={"model": "crash-test"})

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import xxhash
 
-from differ import diff
-from tracefmt import TraceReader, TraceWriter, digest
-from tracefmt.errors import TraceCorruptError, TraceFormatError, TraceUsageError
-from tracefmt.payload import DEFAULT_DIGEST, SHA256_128, XXH3_128
+from steptrace.differ import diff
+from steptrace.tracefmt import TraceReader, TraceWriter, digest
+from steptrace.tracefmt.errors import TraceCorruptError, TraceFormatError, TraceUsageError
+from steptrace.tracefmt.payload import DEFAULT_DIGEST, SHA256_128, XXH3_128
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tracefmt import (
+from steptrace.tracefmt import (
     TraceCorruptError,
     TraceExistsError,
     TraceFormatError,
@@ -21,7 +21,7 @@ from tracefmt import (
     UnsupportedDtypeError,
     ValuesNotRecordedError,
 )
-from tracefmt.validate import validate
+from steptrace.tracefmt.validate import validate
 
 from damage import forget_checksums
 

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from differ import TensorTolerance, compare_values
-from tracefmt import compute_stats
-from tracefmt.dtypes import widen_float16
-from tracefmt.payload import compute_stats_many
+from steptrace.differ import TensorTolerance, compare_values
+from steptrace.tracefmt import compute_stats
+from steptrace.tracefmt.dtypes import widen_float16
+from steptrace.tracefmt.payload import compute_stats_many
 
 
 def test_widen_float16_is_exact_for_every_bit_pattern():

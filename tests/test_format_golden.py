@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tracefmt import TraceReader
-from tracefmt.validate import validate
+from steptrace.tracefmt import TraceReader
+from steptrace.tracefmt.validate import validate
 
 GOLDEN = Path(__file__).parent / "golden"
 BASIC = GOLDEN / "v1-basic"

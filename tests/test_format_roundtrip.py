@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tracefmt import TraceReader, TraceWriter, compute_stats, digest
-from tracefmt.decisions import decide
-from tracefmt.dtypes import DTYPES, canonical
-from tracefmt.errors import TraceUsageError, TraceWriteError, UnsupportedDtypeError
-from tracefmt.payload import shuffle_bytes, unshuffle_bytes
+from steptrace.tracefmt import TraceReader, TraceWriter, compute_stats, digest
+from steptrace.tracefmt.decisions import decide
+from steptrace.tracefmt.dtypes import DTYPES, canonical
+from steptrace.tracefmt.errors import TraceUsageError, TraceWriteError, UnsupportedDtypeError
+from steptrace.tracefmt.payload import shuffle_bytes, unshuffle_bytes
 
 NUMPY_DTYPES = [n for n in DTYPES if n != "bfloat16"]
 SHAPES = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6)
@@ -261,7 +261,7 @@ def test_add_decisions_bulk_equals_row_by_row(tmp_path):
      ({"chosen": ["x"]}, "wrong type")],
 )
 def test_add_decisions_refuses_bad_tables(tmp_path, bad, match):
-    from tracefmt import TraceUsageError
+    from steptrace.tracefmt import TraceUsageError
 
     row = {"sample": ["s"], "step": [0], "chosen": [1], "topk_ids": [[1, 2]], "topk_logits": [[1.0, 0.5]]}
     row.update(bad)
@@ -275,7 +275,7 @@ def test_add_decisions_refuses_bad_tables(tmp_path, bad, match):
 def test_stats_of_many_small_tensors_match_one_at_a_time(items):
     """compute_stats_many (the writer's path for a batch of small tensors) agrees with
     compute_stats: counts, min and max exactly, the sums to the last bits SPEC.md §4.4 allows."""
-    from tracefmt.payload import compute_stats_many
+    from steptrace.tracefmt.payload import compute_stats_many
 
     arrays = [canonical(np.asarray(a), name) for name, a in items]
     names = [name for name, _ in items]
@@ -398,7 +398,7 @@ def test_lane_tensor_row_copies_and_checks_the_dtype(tmp_path):
        dtype=st.sampled_from([np.float32, np.float64]))
 def test_decide_many_equals_decide_row_by_row(data, n, v, k, dtype):
     """The writer's batched derivation gives exactly what decide() gives, ties and NaN included."""
-    from tracefmt.decisions import decide_many
+    from steptrace.tracefmt.decisions import decide_many
 
     x = data.draw(hnp.arrays(dtype, (n, v), elements=st.one_of(
         st.sampled_from([0.0, 1.0, -1.0, -np.inf, np.inf, np.nan]), st.floats(-50, 50, width=32))))
@@ -411,7 +411,7 @@ def test_decide_many_equals_decide_row_by_row(data, n, v, k, dtype):
 def test_a_failure_on_the_writer_thread_is_reported_not_hung(tmp_path, monkeypatch):
     """An unexpected exception on the background thread surfaces as TraceWriteError on the
     caller's next call and at close, instead of leaving the caller waiting on a dead thread."""
-    import tracefmt.writerloop as writer_module
+    import steptrace.tracefmt.writerloop as writer_module
 
     def broken(items):
         raise RuntimeError("bug in the batch path")

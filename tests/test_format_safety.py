@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import zstandard
 
-from tracefmt import (
+from steptrace.tracefmt import (
     JsonlError,
     TraceCorruptError,
     TraceExistsError,
@@ -23,9 +23,9 @@ from tracefmt import (
     TraceWriter,
     import_jsonl,
 )
-from tracefmt.checksum import file_checksum
-from tracefmt.validate import validate
-from tui.cli import main
+from steptrace.tracefmt.checksum import file_checksum
+from steptrace.tracefmt.validate import validate
+from steptrace.tui.cli import main
 
 from damage import forget_checksums
 
@@ -225,7 +225,7 @@ def test_duplicate_keys_are_refused_by_writer_importer_and_validate(tmp_path):
 
 
 def test_second_writer_of_a_part_name_is_refused_at_start(tmp_path, monkeypatch):
-    import tracefmt.writer as writer_module
+    import steptrace.tracefmt.writer as writer_module
 
     monkeypatch.setattr(writer_module, "part_id", lambda: "host-1-abcdef")
     first = TraceWriter(tmp_path / "t.trace", mode="append")
@@ -286,7 +286,7 @@ def test_npy_lines_need_no_dtype_or_shape(tmp_path):
 _BOMB = """
 import resource, sys, zstandard
 from pathlib import Path
-from tracefmt import JsonlError, import_jsonl
+from steptrace.tracefmt import JsonlError, import_jsonl
 folder = Path(sys.argv[1])
 cctx = zstandard.ZstdCompressor(level=3)
 with open(folder / "bomb.jsonl.zst", "wb") as f, cctx.stream_writer(f) as w:

@@ -18,7 +18,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracefmt import (
+from steptrace.tracefmt import (
     JsonlError,
     TraceExistsError,
     TraceNotFoundError,
@@ -27,8 +27,8 @@ from tracefmt import (
     TraceWriteError,
     TraceWriter,
 )
-from tracefmt.jsonl import ImportSummary, export_jsonl, import_jsonl
-from tracefmt.payload import digest
+from steptrace.tracefmt.jsonl import ImportSummary, export_jsonl, import_jsonl
+from steptrace.tracefmt.payload import digest
 
 NAN = math.nan
 # Bit patterns that matter: quiet NaN with payload, signalling NaN, -0.0, ±Inf, subnormal.
@@ -664,8 +664,8 @@ def test_io_failures_are_trace_errors(tmp_path: Path) -> None:
 
 
 def test_export_refuses_to_overwrite_without_the_flag(tmp_path: Path) -> None:
-    from tracefmt.errors import TraceExistsError
-    from tui.cli import main
+    from steptrace.tracefmt.errors import TraceExistsError
+    from steptrace.tui.cli import main
 
     src = make_trace(tmp_path / "a.trace")
     out = tmp_path / "a.jsonl"

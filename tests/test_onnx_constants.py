@@ -15,8 +15,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from recorder_models import TransformerLM
 
-from recorders.errors import RecorderUsageError
-from recorders.onnxruntime import expose_intermediates
+from steptrace.recorders.errors import RecorderUsageError
+from steptrace.recorders.onnxruntime import expose_intermediates
 
 PROMPT = [1, 5, 9]
 

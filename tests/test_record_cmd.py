@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from recorders.onnxruntime import OrtRecorder
-from recorders.torch import TorchRecorder
-from tracefmt import TraceReader
-from tracefmt.validate import validate
-from tui.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_MISMATCH, main
+from steptrace.recorders.onnxruntime import OrtRecorder
+from steptrace.recorders.torch import TorchRecorder
+from steptrace.tracefmt import TraceReader
+from steptrace.tracefmt.validate import validate
+from steptrace.tui.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_MISMATCH, main
 
 ROOT = Path(__file__).resolve().parent.parent
 H = 24
@@ -257,7 +257,7 @@ def test_sys_exit_zero_is_success_and_nonzero_is_reported(scripts, tmp_path, cap
 def test_ctrl_c_leaves_a_valid_closed_trace(scripts, tmp_path):
     out = tmp_path / "int.trace"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tui.cli", "record", "-o", str(out), "--modules", "*", "--logits", "head",
+        [sys.executable, "-m", "steptrace.tui.cli", "record", "-o", str(out), "--modules", "*", "--logits", "head",
          str(scripts / "gru_decode.py"), "--steps", "100000", "--sleep", "0.005"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

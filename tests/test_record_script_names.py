@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tracefmt import TraceReader
-from tui.cli import EXIT_ERROR, EXIT_MISMATCH, main
+from steptrace.tracefmt import TraceReader
+from steptrace.tui.cli import EXIT_ERROR, EXIT_MISMATCH, main
 
 ASR_SCRIPT = textwrap.dedent('''
     """Encode each utterance, then decode greedily from its summary: knows nothing of steptrace."""

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recorders.capture import Budget, CapturePolicy, Recorder, Reference, has_nonfinite
-from recorders.decisions import decide, decide_rows, write_decision
-from recorders.errors import RecorderUsageError, ReferenceNotFoundError, StepOrderError
-from tracefmt import TraceReader, TraceWriter
-from tracefmt.decisions import decide as decide_reference
+from steptrace.recorders.capture import Budget, CapturePolicy, Recorder, Reference, has_nonfinite
+from steptrace.recorders.decisions import decide, decide_rows, write_decision
+from steptrace.recorders.errors import RecorderUsageError, ReferenceNotFoundError, StepOrderError
+from steptrace.tracefmt import TraceReader, TraceWriter
+from steptrace.tracefmt.decisions import decide as decide_reference
 
 
 def rows(table, *cols):

@@ -22,11 +22,11 @@ ct = pytest.importorskip("coremltools", reason="coremltools is not installed (pi
 from coremltools.converters.mil.frontend.milproto.load import load as load_program
 from coremltools.proto import FeatureTypes_pb2, MIL_pb2
 
-from recorders.coreml import CoreMLRecorder, CoreMLUnavailableError, expose_intermediates
-from recorders.errors import RecorderUsageError
-from tracefmt import TraceReader
-from tracefmt.decisions import decide as decide_reference
-from tracefmt.errors import TraceError, TraceUsageError
+from steptrace.recorders.coreml import CoreMLRecorder, CoreMLUnavailableError, expose_intermediates
+from steptrace.recorders.errors import RecorderUsageError
+from steptrace.tracefmt import TraceReader
+from steptrace.tracefmt.decisions import decide as decide_reference
+from steptrace.tracefmt.errors import TraceError, TraceUsageError
 
 ON_MAC = sys.platform == "darwin"
 NEEDS_MAC = pytest.mark.skipif(not ON_MAC, reason=f"CoreML predict needs macOS; this machine is {platform.system()}")

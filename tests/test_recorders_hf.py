@@ -17,10 +17,10 @@ transformers = pytest.importorskip("transformers", reason="recorders.hf needs tr
 
 from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
 
-import differ
-from recorders.errors import RecorderUsageError, ReferenceNotFoundError
-from recorders.hf import GenerateRecorder, GenerationModeError, record_generate
-from tracefmt import TraceReader
+from steptrace import differ
+from steptrace.recorders.errors import RecorderUsageError, ReferenceNotFoundError
+from steptrace.recorders.hf import GenerateRecorder, GenerationModeError, record_generate
+from steptrace.tracefmt import TraceReader
 
 V = 96
 EOS = 24  # sample 1 says it at step 0, sample 0 at step 3, sample 2 never (12 steps)

@@ -18,13 +18,13 @@ from onnx import TensorProto, helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from recorder_models import GRULM, TransformerLM, greedy
 
-import recorders.onnxruntime as ort_rec
-from recorders.errors import RecorderUsageError, ReferenceNotFoundError, StepOrderError
-from recorders.onnxruntime import OrtRecorder, expose_intermediates
-from recorders.torch import TorchRecorder
-from tracefmt import TraceReader, digest
-from tracefmt.decisions import decide as decide_reference
-from tracefmt.errors import TraceError
+import steptrace.recorders.onnxruntime as ort_rec
+from steptrace.recorders.errors import RecorderUsageError, ReferenceNotFoundError, StepOrderError
+from steptrace.recorders.onnxruntime import OrtRecorder, expose_intermediates
+from steptrace.recorders.torch import TorchRecorder
+from steptrace.tracefmt import TraceReader, digest
+from steptrace.tracefmt.decisions import decide as decide_reference
+from steptrace.tracefmt.errors import TraceError
 
 PROMPT = [1, 5, 9]
 H = 32

@@ -19,13 +19,13 @@ import torch
 from positions_models import (BLANK, BUGGED, ONNX_CONV0, V, CTCModel, build_ctc_pair, build_vad_pair, export_onnx,
                               plant_bug, record_torch, utterances)
 
-from recorders import Recorder
-from recorders.errors import RecorderUsageError, StepOrderError
-from recorders.onnxruntime import OrtRecorder
-from recorders.torch import TorchRecorder
-from tracefmt import TraceMetadata, TraceReader
-from tracefmt.decisions import decide as decide_reference
-from tui.cli import EXIT_ERROR, main
+from steptrace.recorders import Recorder
+from steptrace.recorders.errors import RecorderUsageError, StepOrderError
+from steptrace.recorders.onnxruntime import OrtRecorder
+from steptrace.recorders.torch import TorchRecorder
+from steptrace.tracefmt import TraceMetadata, TraceReader
+from steptrace.tracefmt.decisions import decide as decide_reference
+from steptrace.tui.cli import EXIT_ERROR, main
 
 FRAMES = 48
 TESTS = Path(__file__).resolve().parent
@@ -317,7 +317,7 @@ def eval_list(text: str) -> list[int]:
 # ---------------------------------------------------------------------- CoreML
 def test_coreml_recorder_position_all(tmp_path):
     ct = pytest.importorskip("coremltools", reason="the CoreML recorder needs coremltools")
-    from recorders.coreml import CoreMLRecorder, CoreMLUnavailableError, predict_unavailable_reason
+    from steptrace.recorders.coreml import CoreMLRecorder, CoreMLUnavailableError, predict_unavailable_reason
 
     model = CTCModel().eval()
     u = utterances(1, seed=2, frames=16)[0]

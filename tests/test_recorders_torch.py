@@ -19,14 +19,14 @@ from hypothesis import strategies as st
 from recorder_models import EOS, GRULM, TransformerLM
 from torch import nn
 
-from recorders.capture import Budget
-from recorders.decisions import decide, decide_rows
-from recorders.errors import RecorderUsageError, ReferenceNotFoundError, StepOrderError, TransplantMismatchError
-from recorders.torch import TorchRecorder, decide_tensor
-from tracefmt import TraceReader
-from tracefmt.decisions import decide as decide_reference
-from tracefmt.errors import UnsupportedDtypeError
-from tracefmt.validate import validate
+from steptrace.recorders.capture import Budget
+from steptrace.recorders.decisions import decide, decide_rows
+from steptrace.recorders.errors import RecorderUsageError, ReferenceNotFoundError, StepOrderError, TransplantMismatchError
+from steptrace.recorders.torch import TorchRecorder, decide_tensor
+from steptrace.tracefmt import TraceReader
+from steptrace.tracefmt.decisions import decide as decide_reference
+from steptrace.tracefmt.errors import UnsupportedDtypeError
+from steptrace.tracefmt.validate import validate
 
 NO_CUDA = "no CUDA device on this machine; the device tool was not lent to this task"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
@@ -480,7 +480,7 @@ CHILD = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, sys.argv[2])
     from recorder_models import TransformerLM
-    from recorders.torch import TorchRecorder
+    from steptrace.recorders.torch import TorchRecorder
     model = TransformerLM(seed=0, context=4096)
     rec = TorchRecorder(sys.argv[1], model, modules={"head": "full", "blocks.*": "stats"}, step_module="",
                         writer_options={"flush_steps": 2, "flush_ms": 20})

@@ -21,14 +21,15 @@ import pytest
 import torch
 from rich.console import Console
 
-from differ import DiffOptions, Policy, diff
-from differ.corpusstats import MARGIN_BUCKETS, corpus_stats
-from differ.errors import IncompatibleTracesError, PolicyError
-from differ.gate import load_gate, parse_gate
+from steptrace.differ import DiffOptions, Policy, diff
+from steptrace.differ.corpusstats import MARGIN_BUCKETS, corpus_stats
+from steptrace.differ.errors import IncompatibleTracesError, PolicyError
+from steptrace.differ.gate import load_gate, parse_gate
 from differ_models import StepLM, decode_torch, writer
-from tui import cli, diffcmd
-from tui.diffprogress import progress_bar
-from tui.reporttext import format_report
+from steptrace.tui import cli
+from steptrace.tui.commands import diff as diffcmd
+from steptrace.tui.render.progress import progress_bar
+from steptrace.tui.render.text import format_report
 
 N, STEPS, TIE = 40, 6, 0.05
 

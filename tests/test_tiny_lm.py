@@ -1,6 +1,6 @@
 """The demo's tiny LM: committed ONNX graphs, numpy/ORT greedy decoding, torch parity, int8 copy.
 
-Real ONNX Runtime sessions on the committed models (tui/assets/tiny_lm) and the real torch model
+Real ONNX Runtime sessions on the committed models (assets/tiny_lm) and the real torch model
 rebuilt from their initializers; nothing mocked.
 """
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from examples.tiny_lm import ortlm
 
-ASSETS = ROOT / "tui" / "assets" / "tiny_lm"
+ASSETS = ROOT / "assets" / "tiny_lm"
 MAX_NEW = ortlm.DEMO_MAX_NEW
 
 

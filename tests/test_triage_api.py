@@ -1,4 +1,4 @@
-"""`recorders.triage` driven from Python: an ONNX Runtime model with a planted bug in one node's
+"""`steptrace.recorders.triage` driven from Python: an ONNX Runtime model with a planted bug in one node's
 weights (through OrtRecorder, the graph cut at each transplanted value), and a two-component
 torch model (encoder + predictor + joint, seed 003's shape) whose encoder drifts: the component
 table shows the encoder decides it."""
@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from differ import diff
-from recorders.onnxruntime import OrtRecorder, expose_intermediates
-from recorders.torch import TorchRecorder
-from recorders.triage import triage
-from recorders.triagerun import OrtRun, TorchRun
+from steptrace.differ import diff
+from steptrace.recorders.onnxruntime import OrtRecorder, expose_intermediates
+from steptrace.recorders.torch import TorchRecorder
+from steptrace.recorders.triage import triage
+from steptrace.recorders.triagerun import OrtRun, TorchRun
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "triage_chain.py"
 PROMPT = [1, 2, 3]
@@ -181,7 +181,7 @@ def test_component_table_shows_the_encoder_decides(tmp_path):
 
 
 def test_trace_triage_cuts_the_graph_of_an_onnx_runtime_script(onnx_models, tmp_path, capsys):
-    from tui.cli import EXIT_OK, main
+    from steptrace.tui.cli import EXIT_OK, main
 
     d, bug = onnx_models
     script = str(Path(__file__).resolve().parent / "scripts" / "triage_onnx.py")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recorders import Recorder
-from tui.cli import EXIT_ERROR, EXIT_MISMATCH, EXIT_OK, main
+from steptrace.recorders import Recorder
+from steptrace.tui.cli import EXIT_ERROR, EXIT_MISMATCH, EXIT_OK, main
 
 SCRIPT = str(Path(__file__).resolve().parent / "scripts" / "triage_chain.py")
 BUGGY = [SCRIPT, "--drift", "1e-3", "--bug-layer", "2", "--bug-from", "4"]
@@ -164,9 +164,9 @@ def test_viewer_marks_the_root_cause_in_the_tensors_pane(traces, tmp_path, capsy
     pytest.importorskip("textual")
     import view_fixtures as vf
 
-    from tui.app import ViewApp
-    from tui.viewcmd import load_triage
-    from tui.widgets import TensorsPane
+    from steptrace.tui.app.main import ViewApp
+    from steptrace.tui.commands.view import load_triage
+    from steptrace.tui.app.widgets import TensorsPane
 
     out = tmp_path / "t.json"
     assert main(["triage", str(traces / "ref.trace"), "--candidate", str(traces / "cand.trace"), *REC,
@@ -196,9 +196,9 @@ def test_viewer_marks_the_root_cause_in_the_tensors_pane(traces, tmp_path, capsy
 
 
 def test_logit_error_is_the_differs_logit_noise_on_agreeing_steps(traces, tmp_path):
-    from differ import diff
-    from recorders.triagejudge import is_restored, logit_errors, Noise, read_rows
-    from tracefmt import TraceReader
+    from steptrace.differ import diff
+    from steptrace.recorders.triagejudge import is_restored, logit_errors, Noise, read_rows
+    from steptrace.tracefmt import TraceReader
 
     forced = tmp_path / "forced.trace"
     assert main(["record", "-o", str(forced), *REC, "--teacher", str(traces / "ref.trace"), *BUGGY]) == EXIT_OK

@@ -1,4 +1,4 @@
-"""The viewer's lazy data layer (tui.viewindex, tui.viewsource, tui.viewdata) against
+"""The viewer's lazy data layer (steptrace.tui.viewer.index, steptrace.tui.viewer.source, steptrace.tui.viewer.data) against
 tracefmt.TraceReader: shuffled rows, several heads and samples, gaps, small batches, searches,
 filters, plot series, tensor values, interrupted parts, the bounded batch cache."""
 
@@ -11,10 +11,10 @@ import pyarrow as pa
 import pytest
 import view_fixtures as vf
 
-from tracefmt import TraceReader, TraceWriter
-from tui.viewdata import ViewModel
-from tui.viewindex import BatchCache
-from tui.viewsource import TraceSource
+from steptrace.tracefmt import TraceReader, TraceWriter
+from steptrace.tui.viewer.data import ViewModel
+from steptrace.tui.viewer.index import BatchCache
+from steptrace.tui.viewer.source import TraceSource
 
 
 def _shuffled(path: Path, *, compact: bool, seed: int = 0) -> Path:

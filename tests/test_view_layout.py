@@ -13,17 +13,17 @@ import pytest
 import view_fixtures as vf
 from rich.console import Console
 
-from tracefmt import TraceWriter
+from steptrace.tracefmt import TraceWriter
 
 pytest.importorskip("textual")
 
 from textual.widgets import DataTable  # noqa: E402
 from textual.widgets._footer import FooterKey  # noqa: E402
 
-from tui.app import ViewApp  # noqa: E402
-from tui.viewvalues import display_piece, row_verdict  # noqa: E402
-from tui.widgets import HelpScreen, StepDetailPane, TensorsPane  # noqa: E402
-from tui.widgets.stepdetail import render_detail  # noqa: E402
+from steptrace.tui.app.main import ViewApp  # noqa: E402
+from steptrace.tui.viewer.values import display_piece, row_verdict  # noqa: E402
+from steptrace.tui.app.widgets import HelpScreen, StepDetailPane, TensorsPane  # noqa: E402
+from steptrace.tui.app.widgets.stepdetail import render_detail  # noqa: E402
 
 #: A vocabulary whose pieces include a space and a newline (character-level models have them).
 VOCAB = [" ", "\n", "a", "b", "c", "d", "e", "f"]

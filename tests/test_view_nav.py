@@ -16,15 +16,15 @@ import pyarrow.compute as pc
 import pytest
 import view_fixtures as vf
 
-from tracefmt import TraceReader, TraceWriter
-from tracefmt.errors import TraceNotFoundError, TraceUsageError
+from steptrace.tracefmt import TraceReader, TraceWriter
+from steptrace.tracefmt.errors import TraceNotFoundError, TraceUsageError
 
 pytest.importorskip("textual")
 
 
-from tui.app import ViewApp
-from tui.viewdata import ViewModel
-from tui.widgets import HelpScreen, Notices, SamplesPane, StepDetailPane, TensorsPane
+from steptrace.tui.app.main import ViewApp
+from steptrace.tui.viewer.data import ViewModel
+from steptrace.tui.app.widgets import HelpScreen, Notices, SamplesPane, StepDetailPane, TensorsPane
 
 SIZE = (120, 32)
 
@@ -217,7 +217,7 @@ async def test_mouse_click_selects_row(traces):
 
 @vf.run_async
 async def test_saved_report_is_reused(traces, tmp_path):
-    from differ import diff
+    from steptrace.differ import diff
 
     report = tmp_path / "r.json"
     report.write_text(diff(traces["ca"], [traces["cb"]]).dumps())
@@ -285,14 +285,14 @@ def test_bad_paths_and_options_raise_trace_errors(traces, tmp_path):
 
 
 def test_viewcmd_help_and_no_textual_import():
-    code = ("import sys, argparse, tui.viewcmd as v; p = argparse.ArgumentParser(); "
+    code = ("import sys, argparse, steptrace.tui.commands.view as v; p = argparse.ArgumentParser(); "
             "v.add_parser(p.add_subparsers()); assert 'textual' not in sys.modules, 'textual imported'; "
             "p.parse_args(['view', '--help'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=vf_root(), timeout=60,
                          check=False)
     assert out.returncode == 0, out.stderr
     assert "--diff-json" in out.stdout and "first divergence" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "tui.cli", "view", "/nonexistent.trace"], capture_output=True, text=True,
+    bad = subprocess.run([sys.executable, "-m", "steptrace.tui.cli", "view", "/nonexistent.trace"], capture_output=True, text=True,
                          cwd=vf_root(), timeout=60, check=False)
     assert bad.returncode == 2 and "error:" in bad.stderr
 

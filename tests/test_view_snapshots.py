@@ -16,7 +16,7 @@ import view_fixtures as vf
 pytest.importorskip("textual")
 pytest.importorskip("pytest_textual_snapshot")
 
-from tui.app import ViewApp
+from steptrace.tui.app.main import ViewApp
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((200, 50), id="200x50")]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tracefmt import TraceWriter
+from steptrace.tracefmt import TraceWriter
 
 V = 40
 EOS = 2

@@ -3,7 +3,7 @@
 Layer rule: tracefmt imports no other steptrace layer.
 """
 
-__version__ = "0.1.0"
+from .. import __version__  # noqa: E402  (the package version, one source: steptrace/__init__.py)
 
 from .arrowio import DataFile  # noqa: E402
 from .errors import (  # noqa: E402

@@ -4,7 +4,7 @@ Every pyarrow call on a trace file happens inside :func:`guarded`, which turns a
 OS error (and the ``UnicodeDecodeError``/``MemoryError`` a damaged buffer can cause) into a
 :class:`TraceCorruptError` or :class:`TraceFormatError` that names the file and says what to do.
 Before pyarrow sees a closed part's file, its size is compared with the size recorded at close
-and, where the caller asks, its checksum is verified (:mod:`tracefmt.checksum`). A batch read from
+and, where the caller asks, its checksum is verified (:mod:`steptrace.tracefmt.checksum`). A batch read from
 a file whose checksum was not verified (the values file on open, interrupted parts, parts
 written before format 1.1) is validated in full (``RecordBatch.validate(full=True)``: offsets,
 dictionary indices, UTF-8) before anything else touches it, so damaged bytes give an error, never

@@ -3,7 +3,7 @@ unified column layout readers hand out.
 
 A data file is a standard Arrow IPC *file*. While it is written, its bytes are the file magic
 followed by an IPC *stream*; the footer comes at close. Reading goes through
-:mod:`tracefmt.arrowio` (the one door that translates pyarrow's errors).
+:mod:`steptrace.tracefmt.arrowio` (the one door that translates pyarrow's errors).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The recorders' fast path into a :class:`tracefmt.TraceWriter` (an internal interface).
+"""The recorders' fast path into a :class:`steptrace.tracefmt.TraceWriter` (an internal interface).
 
 A recorder hooking every module of a model writes dozens of rows per decode step from inside
 the model's forward pass, where each Python step costs 5-20x its micro-benchmark price (cold

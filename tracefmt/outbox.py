@@ -1,4 +1,4 @@
-"""The way from a :class:`tracefmt.TraceWriter`'s callers to its background thread: a queue
+"""The way from a :class:`steptrace.tracefmt.TraceWriter`'s callers to its background thread: a queue
 bounded in bytes (:class:`Budget`), recycled copy buffers (:class:`BufferPool`), rows held
 back to travel in batches (:class:`Outbox`), and the order/call counts of rows given without
 them (:class:`StepCounter`)."""

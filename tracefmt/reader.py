@@ -90,7 +90,7 @@ class TraceReader:
     # ------------------------------------------------------------------ parts
     def part_files(self, kind: str) -> list[DataFile | None]:
         """Open the ``kind`` data file of every part, in :attr:`parts` order (batches are read on
-        demand: see :class:`tracefmt.DataFile`); None for an interrupted part that never created one.
+        demand: see :class:`steptrace.tracefmt.DataFile`); None for an interrupted part that never created one.
 
         At the first call, every closed part's files are checked against the sizes recorded at
         close (so a truncated values file fails reading decisions too); a file's checksum is

@@ -1,4 +1,4 @@
-"""What a :class:`tracefmt.TraceWriter` hands its background thread: named queue items, and the
+"""What a :class:`steptrace.tracefmt.TraceWriter` hands its background thread: named queue items, and the
 decision and tensor rows built from them in one place each, in SPEC.md §3.1 / §4.1 column order.
 
 Every item is a small named record; the background thread dispatches on its type. Rows are

@@ -2,9 +2,9 @@
 checked public API.
 
 The caller's thread only validates its arguments and copies arrays; statistics, digests,
-compression and disk I/O run on a background thread (:mod:`tracefmt.writerloop`) behind a
-queue bounded in bytes (:mod:`tracefmt.outbox`). Items on the queue and the rows they become
-are named in :mod:`tracefmt.writeitems`; recorders' unchecked fast path is
+compression and disk I/O run on a background thread (:mod:`steptrace.tracefmt.writerloop`) behind a
+queue bounded in bytes (:mod:`steptrace.tracefmt.outbox`). Items on the queue and the rows they become
+are named in :mod:`steptrace.tracefmt.writeitems`; recorders' unchecked fast path is
 :class:`tracefmt.lane.RecorderLane` (``TraceWriter.lane``).
 """
 
@@ -190,7 +190,7 @@ class TraceWriter:
                               flush_steps=flush_steps, flush_s=flush_s, digest=digest_function(digest))
         self._thread = threading.Thread(target=self._worker.run, name=f"steptrace-writer-{self.part}", daemon=True)
         self._outbox.consumer = self._thread
-        #: The recorders' fast path into this writer (an internal interface, see :mod:`tracefmt.lane`).
+        #: The recorders' fast path into this writer (an internal interface, see :mod:`steptrace.tracefmt.lane`).
         self.lane = RecorderLane(self, self._outbox, self._pool)
         self._thread.start()
         _open_writers.add(self)

@@ -1,4 +1,4 @@
-"""The background thread of a :class:`tracefmt.TraceWriter`: takes queued items, computes
+"""The background thread of a :class:`steptrace.tracefmt.TraceWriter`: takes queued items, computes
 statistics and digests, derives decisions from logits, has values compressed on an encoder
 thread, and flushes record batches to the part's files."""
 

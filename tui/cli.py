@@ -17,10 +17,10 @@ from typing import Protocol
 from rich.console import Console
 from rich.text import Text
 
-from tracefmt import TraceError, __version__
+from steptrace.tracefmt import TraceError, __version__
 
-from .info import FOLD_OVER
-from .wording import plural
+from steptrace.tui.render.info import FOLD_OVER
+from steptrace.tui.render.wording import plural
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -104,7 +104,7 @@ def write_output(path: str, text: str, *, what: str) -> None:
     """
     from pathlib import Path
 
-    from tracefmt.errors import TraceUsageError
+    from steptrace.tracefmt.errors import TraceUsageError
 
     try:
         Path(path).write_text(text, encoding="utf-8")
@@ -149,15 +149,15 @@ def stdout_console() -> Console:
 
 def cmd_info(args: argparse.Namespace) -> Outcome:
     """``trace info TRACE [--json] [--all]``."""
-    from tracefmt import TraceReader
-    from tracefmt.validate import summarize
+    from steptrace.tracefmt import TraceReader
+    from steptrace.tracefmt.validate import summarize
 
     with TraceReader(args.trace) as reader:
         info = summarize(reader)
     if args.json:
         sys.stdout.write(json.dumps(json_safe(info), indent=2, default=str, allow_nan=False) + "\n")
     else:
-        from .info import render_info
+        from steptrace.tui.render.info import render_info
 
         render_info(info, stdout_console(), every=args.all)
     return Outcome()
@@ -165,8 +165,8 @@ def cmd_info(args: argparse.Namespace) -> Outcome:
 
 def cmd_validate(args: argparse.Namespace) -> Outcome:
     """``trace validate TRACE [--deep] [--strict]``."""
-    from tracefmt.errors import TraceCorruptError
-    from tracefmt.validate import validate
+    from steptrace.tracefmt.errors import TraceCorruptError
+    from steptrace.tracefmt.validate import validate
 
     report = validate(args.trace, deep=args.deep)
     for w in report.warnings:
@@ -183,7 +183,7 @@ def cmd_validate(args: argparse.Namespace) -> Outcome:
 
 def cmd_import(args: argparse.Namespace) -> Outcome:
     """``trace import jsonl IN OUT``."""
-    from tracefmt.jsonl import import_jsonl
+    from steptrace.tracefmt.jsonl import import_jsonl
 
     update, stop = _progress_callback(f"importing {args.input}")
     try:
@@ -200,7 +200,7 @@ def cmd_import(args: argparse.Namespace) -> Outcome:
 def cmd_export(args: argparse.Namespace) -> Outcome:
     """``trace export TRACE --format jsonl|parquet -o OUT``."""
     if args.format == "jsonl":
-        from tracefmt.jsonl import export_jsonl
+        from steptrace.tracefmt.jsonl import export_jsonl
 
         update, stop = _progress_callback(f"exporting {args.trace}", total=True)
         try:
@@ -209,7 +209,7 @@ def cmd_export(args: argparse.Namespace) -> Outcome:
             stop()
         stdout_console().print(f"wrote {plural(lines, 'line')} to {args.output}", highlight=False)
     else:
-        from tracefmt.export import export_parquet
+        from steptrace.tracefmt.export import export_parquet
 
         files = export_parquet(args.trace, args.output, overwrite=args.overwrite)
         stdout_console().print(f"wrote {', '.join(files.values())}", highlight=False)
@@ -302,27 +302,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "an existing folder (parquet)")
     p.set_defaults(func=cmd_export)
 
-    from . import diffcmd
+    from steptrace.tui.commands import diff as diffcmd
 
     diffcmd.add_parser(sub).set_defaults(func=diffcmd.run)
 
-    from . import recordcmd
+    from steptrace.tui.commands import record as recordcmd
 
     recordcmd.add_parser(sub).set_defaults(func=recordcmd.run)
 
-    from . import triagecmd
+    from steptrace.tui.commands import triage as triagecmd
 
     triagecmd.add_parser(sub).set_defaults(func=triagecmd.run)
 
-    from . import viewcmd  # argparse only: textual is imported when `view` runs
+    from steptrace.tui.commands import view as viewcmd  # argparse only: textual is imported when `view` runs
 
     viewcmd.add_parser(sub)
 
-    from . import democmd  # argparse only: onnxruntime is imported when `demo` runs
+    from steptrace.tui.commands import demo as democmd  # argparse only: onnxruntime is imported when `demo` runs
 
     democmd.add_parser(sub)
 
-    from . import docscmd
+    from steptrace.tui.commands import docs as docscmd
 
     docscmd.add_parser(sub)
     return parser

@@ -2,5 +2,5 @@
 
 Modules: ``data`` (corpus and vocabulary), ``model`` (torch model, loader from ONNX), ``train``,
 ``export``, ``decode_torch`` (torch greedy decoding) and ``ortlm`` (numpy + onnxruntime greedy
-decoding; imports no torch). The trained model lives in ``tui/assets/tiny_lm``.
+decoding; imports no torch). The trained model lives in ``assets/tiny_lm``.
 """

@@ -19,10 +19,11 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from steptrace.assets import TINY_LM
 from examples.tiny_lm import data
 from examples.tiny_lm.model import TinyLM, load_from_onnx
 
-ASSETS = Path(__file__).resolve().parents[2] / "tui" / "assets" / "tiny_lm"
+ASSETS = TINY_LM
 
 
 @dataclass

@@ -9,7 +9,7 @@ TorchScript-based export (``dynamo=False``), opset 17, constant folding on: node
 module-scoped names (``/layers.0/attn/MatMul_output_0``) and MatMul initializers keep the
 parameter names, so :func:`model.load_from_onnx` can rebuild the torch model from either file.
 
-    python examples/tiny_lm/export.py --from-onnx tui/assets/tiny_lm/full.onnx --out /tmp/lm
+    python examples/tiny_lm/export.py --from-onnx assets/tiny_lm/full.onnx --out /tmp/lm
 """
 
 from __future__ import annotations

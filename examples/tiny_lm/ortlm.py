@@ -1,6 +1,6 @@
 """Greedy decoding of the committed tiny LM with numpy and ONNX Runtime only (no torch).
 
-The assets (``tui/assets/tiny_lm``) hold ``full.onnx`` (full recompute), ``step.onnx`` (KV cache)
+The assets (``assets/tiny_lm``) hold ``full.onnx`` (full recompute), ``step.onnx`` (KV cache)
 and ``vocab.json``. :class:`OrtLM` decodes a prompt either way; its ``on_step`` hook sees every
 step's logits and may force the token (teacher forcing), which is how a recorder plugs in.
 :func:`quantized_copy` makes an int8 (``quantize_dynamic``) copy at run time; it needs the ``onnx``
@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-ASSETS = Path(__file__).resolve().parents[2] / "tui" / "assets" / "tiny_lm"
+from steptrace.assets import TINY_LM
+
+ASSETS = TINY_LM
 
 #: Prompts the demo decodes (each is prefixed with the BOS/newline by :func:`prompt_ids`). With the
 #: committed model on the machine they were chosen on, int8 keeps "Return the" identical for 100

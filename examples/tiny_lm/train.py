@@ -1,6 +1,6 @@
 """Train the demo's tiny character LM on the stdlib's docstrings (CPU, 2 threads, a few minutes).
 
-    python examples/tiny_lm/train.py                       # train, export to tui/assets/tiny_lm
+    python examples/tiny_lm/train.py                       # train, export to assets/tiny_lm
     python examples/tiny_lm/train.py --steps 50 --out /tmp/lm   # a quick smoke run
 
 Everything is seeded (torch, numpy, the batch order) and torch runs deterministic algorithms
@@ -29,10 +29,11 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from steptrace.assets import TINY_LM
 from examples.tiny_lm import data, export
 from examples.tiny_lm.model import Config, TinyLM
 
-ASSETS = Path(__file__).resolve().parents[2] / "tui" / "assets" / "tiny_lm"
+ASSETS = TINY_LM
 SEED = 20240604
 
 

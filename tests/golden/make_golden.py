@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tracefmt import TraceWriter
+from steptrace.tracefmt import TraceWriter
 
 HERE = Path(__file__).resolve().parent
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z in microseconds
@@ -52,7 +52,7 @@ def basic(path: Path) -> None:
 WRITER = """
 import sys, time
 import numpy as np
-from tracefmt import TraceWriter
+from steptrace.tracefmt import TraceWriter
 w = TraceWriter(sys.argv[1], mode="overwrite", flush_steps=1, flush_ms=10, metadata={"model": "golden-killed", "created": "2026-01-01T00:00:00.000000Z"})
 for step in range(100):
     w.add_decision("killed", step, chosen=step % 5, topk_ids=[step % 5, 9], topk_logits=[2.0, 1.0], time_us=1767225600000000 + step)
