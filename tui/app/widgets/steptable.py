@@ -12,7 +12,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import ClassVar
 
-import pyarrow as pa
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
@@ -140,7 +139,7 @@ class StepTable(ScrollView, can_focus=True):
         def load() -> None:
             try:
                 rows = self._loader(rm, page * PAGE, (page + 1) * PAGE)
-            except (TraceError, pa.ArrowException, OSError) as exc:
+            except TraceError as exc:  # tracefmt translates damaged bytes and I/O failures into TraceError
                 self.post_message(Failed(f"steps {page * PAGE}–{(page + 1) * PAGE - 1}", str(exc)))
                 rows = []  # the page stays a placeholder; it is not asked for again
             self.post_message(RowsLoaded(gen, page * PAGE, rows))
