@@ -23,6 +23,7 @@ TOPICS = {
     "record-script": ("recorders_hf_script.md", "`trace record script.py` and Hugging Face generate()"),
     "onnx-coreml": ("recorders_onnx_coreml.md", "recording from ONNX Runtime and CoreML"),
     "triage": ("triage.md", "trace triage: transplant bisection, local vs propagated error, component tables"),
+    "layout": ("layout.md", "where things are: the steptrace package, its layers, tui by role, the import rules"),
 }
 HELP = "show the documentation that ships with steptrace"
 EPILOG = """\
