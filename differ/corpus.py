@@ -15,10 +15,10 @@ import numpy as np
 from steptrace.tracefmt import TraceReader
 from steptrace.tracefmt.errors import TraceUsageError
 
-from .decisions import Side, load_side
 from .errors import IncompatibleTracesError
 from .pair import DiffOptions, _Reference, check_compatible, compare_pair, select_samples, trace_info
 from .report import CrossCheck, DiffReport
+from .side import Side, load_side
 from .tensors import Progress
 from .verdict import VERDICTS
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 from steptrace.tracefmt import TraceReader
 
 from .align import A_ONLY, B_ONLY, BOTH, Alignment, align_keys, align_resync, align_steps
-from .decisions import DecisionDiff, Side, compare_decisions, load_side
+from .decisions import DecisionDiff, compare_decisions
 from .errors import IncompatibleTracesError
 from .mapping import NameMapping, guess_mapping
 from .metrics import BASIS_STATS
@@ -32,6 +32,7 @@ from .report import (
     WatchedToken,
 )
 from .sequence import char_codes, ctc_keep, edit_distance, pieces_to_text, word_codes
+from .side import Side, load_side
 from .summary import (
     decision_summary,
     distinct_steps,
