@@ -93,8 +93,8 @@ def diff(
     rbs = [_open(c) for c in candidates]
     heads = None
     watched_pairs = []
-    # each trace's heads, then sample ids, read on two threads (in order, so errors come as before;
-    # a reader object given twice is asked once)
+    # each trace's heads, then sample ids, read on two threads; results come back in argument order,
+    # so a failure names the first trace that fails (a reader object given twice is asked once)
     readers = list({id(r): r for r in [ra, *rbs]}.values())
     with ThreadPoolExecutor(2, thread_name_prefix="steptrace-diff-meta") as pool:
         head_lists = dict(zip(map(id, readers), pool.map(TraceReader.heads, readers)))
