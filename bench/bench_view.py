@@ -1,4 +1,4 @@
-"""Benchmark of the viewer (issue 5): time to first paint and peak memory opening a large trace.
+"""Benchmark of the viewer: time to first paint and peak memory opening a large trace.
 
 For each size (default 100 k and 1 M steps) it builds, once, a one-sample trace with
 tracefmt.TraceWriter — k = 8 decisions with pieces and a watched EOS, and tensors (two per

@@ -10,7 +10,7 @@ close-time compaction rewrites only the small decisions/tensors files) with valu
 default encoding) and statistics only, and compresses the same tensors with zstd-1 in this
 process. Runs of the three alternate; the best of ``--repeats`` is shown.
 
-Target (issue 14): trace write with values >= 0.7x zstd-1 compress, float32 and float16. On a
+Target: trace write with values >= 0.7x zstd-1 compress, float32 and float16. On a
 2-core machine the writer's thread (statistics + digest) runs beside the encoder thread (zstd),
 so the write can reach zstd's rate only while statistics and digest cost less than compression.
 """

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .columns import duplicates, merge_sorted, pack_pair
-from .decisions import KEY_COLUMNS, Side
+from .side import KEY_COLUMNS, Side
 from .errors import AlignmentError, DiffFormatError
 from .sequence import align as align_sequences
 

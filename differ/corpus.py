@@ -15,10 +15,10 @@ import numpy as np
 from steptrace.tracefmt import TraceReader
 from steptrace.tracefmt.errors import TraceUsageError
 
-from .decisions import Side, load_side
 from .errors import IncompatibleTracesError
 from .pair import DiffOptions, _Reference, check_compatible, compare_pair, select_samples, trace_info
 from .report import CrossCheck, DiffReport
+from .side import Side, load_side
 from .tensors import Progress
 from .verdict import VERDICTS
 
@@ -93,8 +93,8 @@ def diff(
     rbs = [_open(c) for c in candidates]
     heads = None
     watched_pairs = []
-    # each trace's heads, then sample ids, read on two threads (in order, so errors come as before;
-    # a reader object given twice is asked once)
+    # each trace's heads, then sample ids, read on two threads; results come back in argument order,
+    # so a failure names the first trace that fails (a reader object given twice is asked once)
     readers = list({id(r): r for r in [ra, *rbs]}.values())
     with ThreadPoolExecutor(2, thread_name_prefix="steptrace-diff-meta") as pool:
         head_lists = dict(zip(map(id, readers), pool.map(TraceReader.heads, readers)))

@@ -1,5 +1,6 @@
 """One candidate against the reference: compatibility checks, alignment, decision and tensor
-comparison, verdicts, and the :class:`~differ.report.PairReport` with its summaries.
+comparison, verdicts, and the :class:`~differ.report.PairReport` with its summaries (each
+sample's first divergence is built by :mod:`steptrace.differ.firstdivergence`).
 """
 
 from __future__ import annotations
@@ -7,31 +8,22 @@ from __future__ import annotations
 import fnmatch
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from steptrace.tracefmt import TraceReader
 
-from .align import A_ONLY, B_ONLY, BOTH, Alignment, align_keys, align_resync, align_steps
-from .decisions import DecisionDiff, Side, compare_decisions, load_side
+from .align import B_ONLY, BOTH, Alignment, align_keys, align_resync, align_steps
+from .decisions import DecisionDiff, compare_decisions
+from .divergence import DriftOnset, FirstDivergence
 from .errors import IncompatibleTracesError
+from .firstdivergence import Lookback, culprit_at, first_divergence, or_none
 from .mapping import NameMapping, guess_mapping
-from .metrics import BASIS_STATS
 from .policy import Policy, coarser, grid_dtype
-from .neartie import RULES, ulps
-from .report import (
-    Culprit,
-    DriftOnset,
-    FirstDivergence,
-    NearTieEvidence,
-    PairReport,
-    SampleResult,
-    TraceInfo,
-    WatchedToken,
-)
+from .report import PairReport, SampleResult, TraceInfo
 from .sequence import char_codes, ctc_keep, edit_distance, pieces_to_text, word_codes
+from .side import Side, load_side
 from .summary import (
     decision_summary,
     distinct_steps,
@@ -44,7 +36,7 @@ from .summary import (
     tensor_summary,
     watched_summary,
 )
-from .tensors import BASES, Progress, TensorDiff, compare_tensors, step_signature, to_table
+from .tensors import Progress, TensorDiff, compare_tensors, step_signature, to_table
 from .verdict import DRIFT, FLIP, VERDICTS, StepStatus, judge_rows, tensor_status
 
 #: When fewer candidate tensor names than this fraction exist in the reference, guess a mapping.
@@ -241,25 +233,6 @@ def _guess(ra: TraceReader, rb: TraceReader) -> NameMapping | None:
     return None
 
 
-def _opt(x: Any) -> Any:
-    """numpy scalar -> Python, NaN / -1 sentinel -> None."""
-    if isinstance(x, (np.floating, float)):
-        return None if np.isnan(x) else float(x)
-    if isinstance(x, (np.integer, int)):
-        return None if x < 0 else int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
-def _culprit(td: TensorDiff | None, idx: int) -> Culprit | None:
-    if td is None or idx < 0:
-        return None
-    c = td.cols
-    return Culprit(td.names[int(c["name"][idx])], int(c["call"][idx]), int(c["a_step"][idx]), int(c["order"][idx]),
-                   td.metrics(idx))
-
-
 def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Side, al: Alignment, dd: DecisionDiff,
             td: TensorDiff | None, st: StepStatus, heads: list[str], vocab_head: int, watched: dict[str, int],
             mapping: NameMapping, samples: list[str], opts: DiffOptions, open_loop: np.ndarray) -> PairReport:
@@ -343,11 +316,11 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
         if first_drifted[s] >= 0:
             i = int(first_drifted[s])
             onset = DriftOnset(samples[s], int(al.a_step[i]), heads[al.head[i]] if heads else None,
-                               _culprit(td, int(st.t_first[i])) if st.t_fail[i] else None, _opt(dd.logit_diff[i]))
+                               culprit_at(td, int(st.t_first[i])) if st.t_fail[i] else None, or_none(dd.logit_diff[i]))
         fd = None
         if fd_row >= 0:
-            fd = _first_divergence(fd_row, samples[s], al, dd, st, td, heads, A, B, ref.reader, rb, id_to_name, resync,
-                                   opts.policy, grid, lookback)
+            fd = first_divergence(fd_row, samples[s], al, dd, st, td, heads, A, B, ref.reader, rb, id_to_name, resync,
+                                  opts.policy, grid, lookback)
             if fd.kind != "drift":
                 hist_steps.append(fd.step)
             if fd.culprit:
@@ -402,94 +375,3 @@ def _report(ref: _Reference, rb: TraceReader, info_b: TraceInfo, A: Side, B: Sid
         tensors_table=to_table(td, samples) if td is not None else None,
         mapping=mapping,
     )
-
-
-class Lookback:
-    """Finds, for a step without a tensor beyond tolerance, the tensors that fed it: the latest
-    earlier step of the sample with a tensor beyond tolerance, and there the first such tensor in
-    execution order (an encoder run once at step 0 whose frames are decided at later steps)."""
-
-    def __init__(self, td: TensorDiff | None) -> None:
-        self.idx = np.zeros(0, np.int64)
-        self.key = np.zeros(0, np.int64)
-        if td is not None and td.rows:
-            c = td.cols
-            bad = np.flatnonzero(~c["within"])
-            # sort by (sample, step, order): the first entry of a (sample, step) is its first in order
-            order = np.lexsort((c["order"][bad], c["a_step"][bad], c["sample"][bad]))
-            self.idx = bad[order]
-            self.key = (c["sample"][self.idx].astype(np.int64) << 32) | c["a_step"][self.idx].astype(np.int64)
-
-    def __call__(self, sample: int, step: int) -> int:
-        """Return the tensor comparison index to name for ``(sample, step)``, -1 when none."""
-        pos = int(np.searchsorted(self.key, (sample << 32) | step)) - 1  # the last key before the step
-        if pos < 0 or int(self.key[pos]) >> 32 != sample:
-            return -1
-        first = int(np.searchsorted(self.key, self.key[pos]))  # that step's first tensor in order
-        return int(self.idx[first])
-
-
-def _first_divergence(i: int, sample: str, al: Alignment, dd: DecisionDiff, st: StepStatus, td: TensorDiff | None,
-                      heads: list[str], A: Side, B: Side, ra: TraceReader, rb: TraceReader,
-                      id_to_name: dict[int, str], resync: bool, policy: Policy, grid: str,
-                      lookback: Lookback) -> FirstDivergence:
-    kind = VERDICTS[int(st.verdict[i])]
-    detail = None
-    gap = int(al.gap[i])
-    if gap == A_ONLY:
-        detail = "dropped" if resync else "candidate has no such step (ended early)"
-    elif gap == B_ONLY:
-        detail = "inserted" if resync else "candidate has extra steps (over-generation)"
-    a_step, b_step = _opt(al.a_step[i]), _opt(al.b_step[i])
-    step = a_step if a_step is not None else b_step
-    a_tok, b_tok = _opt(dd.a_tok[i]), _opt(dd.b_tok[i])
-    watched = []
-    for tok, w in dd.watched.items():
-        if tok in (a_tok, b_tok) or (gap != BOTH and (w["a_rank"][i] >= 0 or w["b_rank"][i] >= 0)):
-            watched.append(WatchedToken(id_to_name.get(tok, str(tok)), int(tok), _opt(w["a_rank"][i]), _opt(w["b_rank"][i]),
-                                        _opt(w["a_lost_by"][i]), _opt(w["b_lost_by"][i]), _opt(w["b_bias"][i])))
-    evidence = None
-    if gap == BOTH and a_tok != b_tok:
-        h = int(al.head[i])
-        tol = policy.for_head(heads[h] if heads else "")
-        hn = st.noise.get(h)
-        a_u, b_u = ulps(dd, i, grid)
-        evidence = NearTieEvidence(
-            rule=RULES[int(dd.rule[i])] or None, shift=_opt(dd.a_gap[i] + dd.b_gap[i]),
-            noise=hn.value if hn else None, noise_percentile=tol.noise_percentile, noise_steps=hn.steps if hn else 0,
-            noise_cap=tol.noise_cap, grid=grid, grid_epsilon=_opt(dd.epsilon[i]),
-            coin_toss=_opt(min(tol.coin_toss * dd.scale[i], tol.noise_cap)), a_gap_ulps=a_u, b_gap_ulps=b_u)
-    culprit = _culprit(td, int(st.t_first[i])) if st.t_fail[i] else None
-    if culprit is None and td is not None and a_step is not None:
-        culprit = _culprit(td, lookback(int(al.sample[i]), a_step))
-    confirm = _confirm(td, int(al.sample[i]), culprit.step if culprit else a_step,
-                       culprit.order if culprit else None)
-    return FirstDivergence(
-        sample=sample, step=int(step), a_step=a_step, b_step=b_step, head=heads[al.head[i]] if heads else None,
-        kind=kind, detail=detail, a_token=a_tok, b_token=b_tok,
-        a_piece=ra.piece(a_tok) if a_tok is not None else None, b_piece=rb.piece(b_tok) if b_tok is not None else None,
-        a_margin=_opt(dd.a_margin[i]), b_margin=_opt(dd.b_margin[i]),
-        a_rank_of_b=_opt(dd.a_rank_of_b[i]) if gap == BOTH and a_tok != b_tok else None,
-        b_rank_of_a=_opt(dd.b_rank_of_a[i]) if gap == BOTH and a_tok != b_tok else None,
-        a_gap=_opt(dd.a_gap[i]), b_gap=_opt(dd.b_gap[i]), epsilon=_opt(dd.epsilon[i]),
-        culprit=culprit, watched=watched, evidence=evidence, confirm_with_values=confirm,
-    )
-
-
-#: At most this many tensors are named for a values re-recording.
-CONFIRM_MAX = 8
-
-
-def _confirm(td: TensorDiff | None, sample: int, step: int | None, order: int | None) -> list[str]:
-    """Tensors judged from statistics alone at ``step`` up to the culprit (execution ``order``),
-    the nearest ``CONFIRM_MAX`` of them: their metrics are lower bounds, so one of them may be the
-    real first culprit. Recording their values settles it."""
-    if td is None or step is None or not td.rows:
-        return []
-    c = td.cols
-    m = (c["sample"] == sample) & (c["a_step"] == step) & (c["basis"] == BASES.index(BASIS_STATS))
-    if order is not None:
-        m &= c["order"] <= order
-    idx = np.flatnonzero(m)
-    idx = idx[np.argsort(c["order"][idx], kind="stable")]
-    return list(dict.fromkeys(td.names[int(c["name"][j])] for j in idx))[-CONFIRM_MAX:]  # nearest the culprit

@@ -11,9 +11,10 @@ import numpy as np
 import pyarrow as pa
 
 from .align import BOTH, Alignment
-from .decisions import DecisionDiff, Side
+from .decisions import DecisionDiff
 from .mapping import NameMapping
 from .neartie import RULES
+from .side import Side
 from .tensors import TensorDiff
 from .verdict import FLIP, VERDICTS, StepStatus
 

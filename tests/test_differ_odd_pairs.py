@@ -28,7 +28,7 @@ def test_disjoint_or_empty_sides_give_a_report(tmp_path, ref, cand, capsys):
     b = _trace(tmp_path / "cand.trace", cand)
     code = main(["diff", str(a), str(b), "--json", "-"])
     out = capsys.readouterr()
-    if ref and cand and not set(ref) & set(cand):  # nothing to compare: a usage error that says so (issue 13)
+    if ref and cand and not set(ref) & set(cand):  # nothing to compare: a usage error that says so
         assert code == 2 and "0 samples in common" in out.err
         return
     assert code == 1, out.err  # samples on one side only are "missing": a mismatch

@@ -2,7 +2,8 @@
 
 Data files are memory-mapped and loaded lazily, one kind at a time: asking for decisions never
 touches tensor files; reading one tensor's values maps the values file and inflates that one
-payload only.
+payload only. The files themselves are opened, checked and concatenated by
+:class:`steptrace.tracefmt.partdata.PartData`.
 """
 
 from __future__ import annotations
@@ -18,27 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .arrowio import DataFile, read_vocab
 from .dtypes import widen_bfloat16
-from .errors import (
-    TraceCorruptError,
-    TraceFormatError,
-    TraceNotFoundError,
-    TraceUsageError,
-    ValuesNotRecordedError,
-)
-from .arrowio import DataFile, guarded, read_vocab
-from .checksum import verify_file
-from .ipcfile import unify
+from .errors import TraceCorruptError, TraceNotFoundError, TraceUsageError, ValuesNotRecordedError
 from .metadata import TraceMetadata, read_manifest
-from .parts import check_sizes, scan_parts
+from .partdata import PartData
+from .parts import scan_parts
 from .payload import DEFAULT_MAX_TENSOR_BYTES, decode_values
-from .payload import SHA256_128
 from .payload import digest as tracefmt_digest
-from .schema import KINDS, PARTS_DIR, data_file
-
-#: A closed part's values file up to this size has its checksum verified when it is opened
-#: (about 12 ms at the ~20 GB/s xxh3 runs at here); larger ones by ``trace validate``.
-VERIFY_VALUES_BYTES = 256 << 20
 
 
 @dataclass
@@ -74,18 +62,22 @@ class TraceReader:
         verify_checksums: bool = True,
     ) -> None:
         self.path = Path(path)
-        self.verify_checksums = verify_checksums
         self._manifest = read_manifest(self.path)
         self.metadata = TraceMetadata.from_manifest(self._manifest)
         self.max_tensor_bytes = max_tensor_bytes
         self.parts = scan_parts(self.path)
-        self._sizes_checked = False
-        self._files: dict[str, list[DataFile | None]] = {}
-        self._data: dict[str, list[DataFile]] = {}
-        self._tables: dict[str, pa.Table] = {}
-        self._value_index: dict[int, np.ndarray] = {}
+        self._part_data = PartData(self.path, self.parts, verify_checksums=verify_checksums)
         self._keys: dict[tuple[str, int, str, int], int] | None = None
         self._vocab: list[str | None] | None = None
+
+    @property
+    def verify_checksums(self) -> bool:
+        """Whether checksums recorded at close are verified as files are opened."""
+        return self._part_data.verify_checksums
+
+    @verify_checksums.setter
+    def verify_checksums(self, value: bool) -> None:
+        self._part_data.verify_checksums = value
 
     # ------------------------------------------------------------------ parts
     def part_files(self, kind: str) -> list[DataFile | None]:
@@ -95,8 +87,8 @@ class TraceReader:
         At the first call, every closed part's files are checked against the sizes recorded at
         close (so a truncated values file fails reading decisions too); a file's checksum is
         verified first when it is a decisions or tensors file, or a values file of at most
-        :data:`VERIFY_VALUES_BYTES` (a larger values file is verified by ``trace validate``, and
-        each of its batches is validated in full as it is read).
+        :data:`~steptrace.tracefmt.partdata.VERIFY_VALUES_BYTES` (a larger values file is verified
+        by ``trace validate``, and each of its batches is validated in full as it is read).
 
         Args:
             kind: ``decisions``, ``tensors`` or ``values``.
@@ -108,24 +100,7 @@ class TraceReader:
             TraceFormatError: a file is foreign or of a newer format.
             TraceCorruptError: a closed part's file is missing, of the wrong size or checksum, or damaged.
         """
-        if kind not in KINDS:
-            raise TraceUsageError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        if not self._sizes_checked:  # every file of every part, at the first data read (a stat each)
-            check_sizes(self.path, self.parts)
-            self._sizes_checked = True
-        if kind not in self._files:
-            out: list[DataFile | None] = []
-            for part in self.parts:
-                path = self.path / PARTS_DIR / data_file(part.id, kind)
-                if not part.complete and kind not in part.file_bytes:
-                    out.append(None)
-                    continue
-                size = part.file_bytes.get(kind, 0)
-                verify = self.verify_checksums and (kind != "values" or size <= VERIFY_VALUES_BYTES)
-                out.append(DataFile(path, kind, complete=part.complete, size=part.sizes_at_close.get(kind),
-                                    checksum=part.checksums.get(kind), verify=verify))
-            self._files[kind] = out
-        return self._files[kind]
+        return self._part_data.files(kind)
 
     def verify(self) -> list[str]:
         """Verify every checksum recorded at close (all data files and the vocabulary).
@@ -133,17 +108,7 @@ class TraceReader:
         Returns:
             One message per file that does not match (empty when all match or none is recorded).
         """
-        problems = []
-        for part in self.parts:
-            if not part.complete:
-                continue
-            for kind, expected in sorted(part.checksums.items()):
-                name = f"vocab-{part.id}.arrow" if kind == "vocab" else f"{PARTS_DIR}/{data_file(part.id, kind)}"
-                try:
-                    verify_file(self.path / name, expected, where=f"part {part.id}")
-                except TraceFormatError as exc:
-                    problems.append(str(exc))
-        return problems
+        return self._part_data.verify()
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -156,43 +121,12 @@ class TraceReader:
         return all(p.complete for p in self.parts)
 
     def _load(self, kind: str) -> list[DataFile]:
-        if kind not in self._data:
-            out = []
-            for part, d in zip(self.parts, self.part_files(kind)):
-                if d is None:
-                    d = DataFile(self.path / PARTS_DIR / data_file(part.id, kind), kind, complete=False)
-                expected = part.counts.get(kind)
-                if kind == "values" and part.complete and d.num_batches == (expected or 0) + 1:
-                    # one value per batch (SPEC.md §5.4): the count checks out without reading
-                    # every batch of a large file; `trace validate --deep` reads them all
-                    part.recovered[kind] = expected
-                    out.append(d)
-                    continue
-                if part.complete and expected is not None and d.num_rows != expected:
-                    raise TraceCorruptError(
-                        f"part {part.id}: {kind} file holds {d.num_rows} rows but the part was closed "
-                        f"with {part.counts[kind]}; the trace is damaged"
-                    )
-                part.recovered[kind] = d.num_rows
-                part.damaged_tail = part.damaged_tail or d.damaged_tail
-                out.append(d)
-            self._data[kind] = out
-        return self._data[kind]
+        """Every part's ``kind`` file, its row count checked (:meth:`PartData.load`)."""
+        return self._part_data.load(kind)
 
     def _table(self, kind: str) -> pa.Table:
         """All parts' rows of ``kind``, unified to SPEC.md columns, with a ``_part`` column."""
-        if kind not in self._tables:
-            tables = []
-            for i, d in enumerate(self._load(kind)):
-                with guarded(d.path, "decoding its columns"):
-                    t = unify(d.table(), kind)
-                tables.append(t.append_column("_part", pa.array(np.full(t.num_rows, i, np.int32))))
-            if tables:
-                table = pa.concat_tables(tables)
-            else:
-                table = unify(pa.table({}), kind).append_column("_part", pa.array([], pa.int32()))
-            self._tables[kind] = table
-        return self._tables[kind]
+        return self._part_data.table(kind)
 
     # ------------------------------------------------------------------ vocabulary
     @property
@@ -378,7 +312,7 @@ class TraceReader:
         Raises:
             TraceCorruptError: the value is missing or damaged, or does not match its digest.
         """
-        enc, data = self._value_payload(part, value_ref)
+        enc, data = self._part_data.value_payload(part, value_ref)
         limit = self.max_tensor_bytes if max_bytes is None else max_bytes
         arr = decode_values(data, enc, dtype, tuple(shape), max_bytes=limit)
         if verify and digest is not None and tracefmt_digest(
@@ -388,29 +322,6 @@ class TraceReader:
             return widen_bfloat16(arr)
         return arr
 
-    def _value_location(self, part: int, data: DataFile, ref: int) -> tuple[pa.RecordBatch, int]:
-        """Return (batch, row) holding value ``ref`` of ``part``.
-
-        Files with one value per batch after the schema-carrying empty batch (what this writer
-        writes) map ``ref`` to batch ``ref + 1`` directly; other layouts use cumulative counts.
-        """
-        info = self.parts[part]
-        n = data.num_batches
-        if info.complete and n == info.counts.get("values", -1) + 1 and 0 <= ref < n - 1:
-            batch = data.batch(ref + 1)
-            if batch.num_rows == 1:
-                return batch, 0
-        if part not in self._value_index:
-            self._value_index[part] = np.cumsum([0] + [data.batch(i).num_rows for i in range(n)])
-        bounds = self._value_index[part]
-        if not 0 <= ref < bounds[-1]:
-            raise TraceCorruptError(
-                f"part {info.id}: value_ref {ref} points past the {bounds[-1]} stored values"
-                + ("" if info.complete else " (interrupted recording: its values were not flushed)")
-            )
-        i = int(np.searchsorted(bounds, ref, side="right") - 1)
-        return data.batch(i), ref - int(bounds[i])
-
     def _key_index(self) -> dict[tuple[str, int, str, int], int]:
         """(sample, step, name, call) -> row of the tensors table; built once, on first use."""
         if self._keys is None:
@@ -418,16 +329,6 @@ class TraceReader:
             cols = [t[c].to_pylist() for c in ("sample", "step", "name", "call")]
             self._keys = {k: i for i, k in enumerate(zip(*cols))}
         return self._keys
-
-    def _value_payload(self, part: int, ref: int) -> tuple[str, memoryview]:
-        data = self._load("values")[part]
-        batch, j = self._value_location(part, data, ref)
-        enc = batch.column("encoding")[j].as_py()
-        col = batch.column("data")
-        offsets = np.frombuffer(col.buffers()[1], dtype=np.int64, count=len(col) + 1, offset=col.offset * 8)
-        buf = col.buffers()[2]
-        start, end = int(offsets[j]), int(offsets[j + 1])
-        return enc, memoryview(buf)[start:end]
 
     # ------------------------------------------------------------------ iteration
     def iter_steps(self, *, sample: str | None = None) -> Iterator[StepView]:
@@ -449,10 +350,7 @@ class TraceReader:
     # ------------------------------------------------------------------ bookkeeping
     def close(self) -> None:
         """Release the memory maps (tables handed out before stay valid while referenced)."""
-        self._files.clear()
-        self._data.clear()
-        self._tables.clear()
-        self._value_index.clear()
+        self._part_data.clear()
         self._keys = None
 
     def __enter__(self) -> TraceReader:

@@ -96,23 +96,6 @@ def json_safe(value: object) -> object:
     return value
 
 
-def write_output(path: str, text: str, *, what: str) -> None:
-    """Write ``text`` to the file ``path`` (a command's --json, --save-mapping, ...).
-
-    Raises:
-        TraceUsageError: the file cannot be written (the message names it and why).
-    """
-    from pathlib import Path
-
-    from steptrace.tracefmt.errors import TraceUsageError
-
-    try:
-        Path(path).write_text(text, encoding="utf-8")
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise TraceUsageError(f"cannot write the {what} to {path}: {reason}; choose a writable path") from None
-
-
 def _progress_callback(
     label: str, *, total: bool = False
 ) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:

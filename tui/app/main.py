@@ -7,13 +7,11 @@ traces, traces that cannot be compared) become notices, never a crash.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
-import pyarrow as pa
 from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
@@ -38,7 +36,7 @@ from steptrace.tui.app.messages import (
     TensorChosen,
 )
 from steptrace.tui.viewer.data import RowMap, ViewModel
-from steptrace.tui.viewer.tensors import preview
+from steptrace.tui.viewer.tensors import mark_root_cause, preview_text
 from steptrace.tui.viewer.values import SampleRow, StepDetail
 from steptrace.tui.app.widgets import Notices, Plots, Prompt, SamplesPane, StepDetailPane, StepTable, TensorsPane
 
@@ -369,21 +367,12 @@ class ViewApp(KeyActions, App[None]):
         d = msg.detail
         if d is None or msg.rowmap is not self.rowmap or d.row.row != self.table.cursor:
             return
-        d = self._mark_root_cause(d)
+        d = mark_root_cause(d, self.triage)
         self.detail = d
         self.query_one(StepDetailPane).show(d)
         tensors = self.query_one(TensorsPane)
         if tensors.has_class("-shown"):
             tensors.show(d.tensors, pair=self.model.pair, step=d.row.step, note=d.pointer)
-
-    def _mark_root_cause(self, d: StepDetail) -> StepDetail:
-        """The detail with the triage's root cause named ``NAME ◆ root cause`` at its step."""
-        rc = (self.triage or {}).get("root_cause")
-        if not rc or d.sample != rc.get("sample") or d.row.a_step != rc.get("step"):
-            return d
-        lines = tuple(dataclasses.replace(ln, name=f"{ln.name} ◆ root cause") if ln.name == rc.get("name") and not ln.call
-                      else ln for ln in d.tensors)
-        return dataclasses.replace(d, tensors=lines)
 
     def on_series_loaded(self, msg: SeriesLoaded) -> None:
         """Draw the plots of the open sample."""
@@ -393,25 +382,8 @@ class ViewApp(KeyActions, App[None]):
     def on_tensor_chosen(self, msg: TensorChosen) -> None:
         """Preview the values of the tensor under the tensors pane's cursor."""
         ln = msg.line
-
-        def load() -> Message:
-            parts = []
-            for label, src, t in (("A", self.model.a, ln.a), ("B", self.model.b, ln.b)):
-                if t is None or src is None:
-                    continue
-                if not t.has_values:
-                    parts.append(f"{label}: statistics only (min {t.min:.4g}, max {t.max:.4g}, mean {t.mean:.4g})"
-                                 if t.min is not None else f"{label}: statistics only")
-                    continue
-                try:
-                    v = preview(src, t)
-                    more = " …" if t.shape and int(np.prod(t.shape)) > v.size else ""
-                    parts.append(f"{label}: " + " ".join(f"{x:.4g}" for x in v.tolist()) + more)
-                except TraceError as exc:
-                    parts.append(f"{label}: {exc}")
-            return PreviewLoaded(ln.name, "\n".join(parts))
-
-        self._work("values preview", load, "preview")
+        self._work("values preview", lambda: PreviewLoaded(ln.name, preview_text(self.model.a, self.model.b, ln)),
+                   "preview")
 
     def on_preview_loaded(self, msg: PreviewLoaded) -> None:
         """Show a values preview."""

@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> DiffOutcome:
     """
     from rich.console import Console
 
-    from steptrace.tui.cli import write_output
+    from steptrace.tui.commands.output import write_output
     from steptrace.tui.render.diff import progress_bar, render
 
     opts = options(args)

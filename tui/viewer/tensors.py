@@ -1,16 +1,19 @@
-"""Tensors for the viewer: one step's tensor lines (both sides and the differ's metrics) and the
-per-bucket tensor error (or magnitude) over a sample's steps for the plots."""
+"""Tensors for the viewer: one step's tensor lines (both sides and the differ's metrics), the
+per-bucket tensor error (or magnitude) over a sample's steps for the plots, a tensor's values
+preview, and the triage's root cause marked among a step's tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
 
+from steptrace.tracefmt.errors import TraceError
 from steptrace.tui.viewer.source import TraceSource, bucket_max
-from steptrace.tui.viewer.values import TensorCompare, TensorLine, TensorStat
+from steptrace.tui.viewer.values import StepDetail, TensorCompare, TensorLine, TensorStat
 
 if TYPE_CHECKING:
     from steptrace.tui.viewer.data import SampleDiff
@@ -86,4 +89,36 @@ def preview(src: TraceSource, t: TensorStat, n: int = 12) -> np.ndarray:
     return np.asarray(src.tensor_values(t)).reshape(-1)[:n]
 
 
-__all__ = ["preview", "tensor_lines", "tensor_series"]
+def preview_text(a: TraceSource, b: TraceSource | None, ln: TensorLine) -> str:
+    """The values preview of a tensors-pane line, one line per side that recorded the tensor:
+    its first values, its statistics when it recorded statistics only, or why its values
+    cannot be read (reads values: call from a worker)."""
+    parts = []
+    for label, src, t in (("A", a, ln.a), ("B", b, ln.b)):
+        if t is None or src is None:
+            continue
+        if not t.has_values:
+            parts.append(f"{label}: statistics only (min {t.min:.4g}, max {t.max:.4g}, mean {t.mean:.4g})"
+                         if t.min is not None else f"{label}: statistics only")
+            continue
+        try:
+            v = preview(src, t)
+            more = " …" if t.shape and int(np.prod(t.shape)) > v.size else ""
+            parts.append(f"{label}: " + " ".join(f"{x:.4g}" for x in v.tolist()) + more)
+        except TraceError as exc:
+            parts.append(f"{label}: {exc}")
+    return "\n".join(parts)
+
+
+def mark_root_cause(d: StepDetail, triage: dict | None) -> StepDetail:
+    """The detail with the root cause of a ``trace triage --json`` report named
+    ``NAME ◆ root cause`` at its step (``d`` itself elsewhere, or without a report)."""
+    rc = (triage or {}).get("root_cause")
+    if not rc or d.sample != rc.get("sample") or d.row.a_step != rc.get("step"):
+        return d
+    lines = tuple(dataclasses.replace(ln, name=f"{ln.name} ◆ root cause") if ln.name == rc.get("name") and not ln.call
+                  else ln for ln in d.tensors)
+    return dataclasses.replace(d, tensors=lines)
+
+
+__all__ = ["mark_root_cause", "preview", "preview_text", "tensor_lines", "tensor_series"]

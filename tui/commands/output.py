@@ -1,0 +1,25 @@
+"""Output files of the ``trace`` subcommands (``--json FILE``, ``--save-mapping FILE``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from steptrace.tracefmt.errors import TraceUsageError
+
+
+def write_output(path: str, text: str, *, what: str) -> None:
+    """Write ``text`` to the file ``path`` (a command's --json, --save-mapping, ...).
+
+    Args:
+        path: the file to write.
+        text: its content (UTF-8).
+        what: names the content in the error message (``"JSON report"``).
+
+    Raises:
+        TraceUsageError: the file cannot be written (the message names it and why).
+    """
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise TraceUsageError(f"cannot write the {what} to {path}: {reason}; choose a writable path") from None
