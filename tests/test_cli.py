@@ -138,3 +138,13 @@ def test_each_command_runs_in_a_fresh_interpreter(tmp_path):
         assert "Traceback" not in res.stderr, (command, res.stderr)
         assert code is None or res.returncode == code, (command, res.returncode, res.stdout, res.stderr)
         assert text in res.stdout + res.stderr, (command, res.stdout, res.stderr)
+
+
+def test_diff_refuses_an_unwritable_output_before_diffing(trace_cli, tmp_path):
+    missing = tmp_path / "nowhere" / "r.json"
+    res = trace_cli("diff", str(GOLDEN), str(GOLDEN), "--json", str(missing))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"cannot write the JSON report to {missing}: the folder" in res.stderr
+    res = trace_cli("diff", str(GOLDEN), str(GOLDEN), "--save-mapping", str(tmp_path))
+    assert res.returncode == 2 and "cannot write the name mapping" in res.stderr and "it is a folder" in res.stderr
+    assert trace_cli("diff", str(GOLDEN), str(GOLDEN), "--json", str(tmp_path / "r.json")).returncode == 0

@@ -78,6 +78,15 @@ def test_first_divergence_of_a_plain_rerun_is_the_default_target(traces, tmp_pat
     assert rep["candidate"] is None and rep["root_cause"]["name"] == "ChainLM.layers.2"
 
 
+def test_an_unwritable_json_path_is_refused_before_any_rerun(traces, tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "t.json"
+    assert main(["triage", str(traces / "ref.trace"), *REC, "--json", str(missing), *BUGGY]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "cannot write the JSON report" in err and "does not exist" in err and "Traceback" not in err
+    assert main(["triage", str(traces / "ref.trace"), *REC, "--json", str(tmp_path), *BUGGY]) == EXIT_ERROR
+    assert "it is a folder" in capsys.readouterr().err
+
+
 def test_budget_exhausted_says_what_was_tried_and_exits_1(traces, tmp_path, capsys):
     out = tmp_path / "t.json"
     code = main(["triage", str(traces / "ref.trace"), *REC, "--budget", "2", "--json", str(out), *BUGGY])

@@ -180,11 +180,15 @@ def run(args: argparse.Namespace) -> DiffOutcome:
     """
     from rich.console import Console
 
-    from steptrace.tui.commands.output import write_output
+    from steptrace.tui.commands.output import check_writable, write_output
     from steptrace.tui.render.diff import progress_bar, render
 
     opts = options(args)
     budgets = gate(args)
+    if args.json and args.json != "-":
+        check_writable(args.json, what="JSON report")
+    if args.save_mapping:
+        check_writable(args.save_mapping, what="name mapping")
     err = Console(stderr=True)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     with progress_bar(err, enabled=show) as cb:

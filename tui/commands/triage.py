@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from steptrace.tracefmt.errors import TraceUsageError
+from steptrace.tui.commands.output import check_writable, write_output
 
 HELP = "find the root cause of a divergence: transplant bisection over re-runs of a script"
 DESCRIPTION = """\
@@ -192,6 +193,8 @@ def run(args: argparse.Namespace) -> TriageOutcome:
     from steptrace.tracefmt import TraceReader
 
     target = _split(args)
+    if args.json:
+        check_writable(args.json, what="JSON report")  # before minutes of re-runs, not after
     if args.candidate is not None:
         with TraceReader(args.candidate) as cr:
             check_rerunnable(cr, "the candidate", script=bool(target))
@@ -218,10 +221,9 @@ def run(args: argparse.Namespace) -> TriageOutcome:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report.reference = args.reference
-    if args.json:
-        Path(args.json).write_text(report.dumps() + "\n")
     render(report, Console())
     if args.json:
+        write_output(args.json, report.dumps() + "\n", what="JSON report")
         err.print(f"JSON report written to {args.json}")
     return TriageOutcome(mismatch=report.mismatch, found=report.found, json_path=args.json)
 
