@@ -19,124 +19,31 @@ import pyarrow as pa
 from steptrace.tracefmt import TraceReader
 from steptrace.tracefmt.errors import ValuesNotRecordedError
 
-from .columns import codes, combined, merge_sorted, numpy_col, pack_pair
+from .columns import combined, merge_sorted, pack_pair
 from .errors import DiffFormatError
 from .mapping import NameMapping
-from .metrics import BASIS_DIGEST, BASIS_STATS, BASIS_VALUES, TensorMetrics, compare_values
+from .metrics import TensorMetrics, compare_values
 from .policy import SIGNIFICAND_BITS, Policy, TensorTolerance, coarser, default_tensor_tolerance
+from .tensorcols import (
+    BASES,
+    REASONS,
+    TENSOR_COLUMNS,
+    TensorSide,
+    digest_algorithm,
+    load_tensor_side,
+    step_signature,
+    store_values_metrics,
+    tensor_names,
+)
+from .tensorpositions import compare_positions
 
-TENSOR_COLUMNS = ["sample", "step", "name", "call", "order", "dtype", "shape", "numel", "min", "max", "mean", "std",
-                  "abs_max", "l2", "nan_count", "inf_count", "digest", "has_values"]
-BASES = (BASIS_DIGEST, BASIS_VALUES, BASIS_STATS)
-REASONS = (None, "shape", "nan", "inf", "elements", "max_abs", "mean_abs", "cosine", "sqnr_db")
+__all__ = ["BASES", "POOL_MIN_ELEMENTS", "REASONS", "TENSOR_COLUMNS", "Progress", "TensorDiff", "compare_tensors",
+           "step_signature", "tensor_names", "to_table"]
+
 #: Value comparisons below this many elements in all run in-process (a pool costs ~0.5 s).
 POOL_MIN_ELEMENTS = 8 << 20
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class _TSide:
-    """One trace's tensor rows as numpy columns."""
-
-    table: pa.Table
-    sample: np.ndarray
-    step: np.ndarray
-    name: np.ndarray
-    call: np.ndarray
-    order: np.ndarray
-    dtype: list[str]
-    numel: np.ndarray
-    stats: dict[str, np.ndarray]
-    nan: np.ndarray
-    inf: np.ndarray
-    digest: np.ndarray  # (rows, 2) uint64
-    digest_ok: np.ndarray
-    shape_full: np.ndarray  # hash of the shape
-    shape_sq: np.ndarray  # hash of the shape without size-1 dims
-    values: np.ndarray
-
-
-def _shape_hashes(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    arr = combined(col)
-    n = len(arr)
-    import pyarrow.compute as pc
-
-    lens = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    vals = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.uint64)
-    rows = np.repeat(np.arange(n), lens)
-    out = []
-    for keep in (np.ones(vals.size, bool), vals != 1):
-        v, r = vals[keep], rows[keep]
-        starts = np.searchsorted(r, np.arange(n))
-        pos = np.arange(v.size) - starts[r] if v.size else np.zeros(0, np.int64)
-        mult = np.uint64(0x9E3779B97F4A7C15) * (pos.astype(np.uint64) + np.uint64(1))
-        h = np.zeros(n, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            np.add.at(h, r, (v + np.uint64(1)) * mult)
-            h = h * np.uint64(31) + np.bincount(r, minlength=n).astype(np.uint64)
-        out.append(h)
-    return out[0], out[1]
-
-
-def _digests(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    arr = combined(col)
-    n = len(arr)
-    valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    if n == 0:
-        return np.zeros((0, 2), np.uint64), valid
-    buf = arr.buffers()[1]
-    raw = np.frombuffer(buf, dtype=np.uint8)[arr.offset * 16 : (arr.offset + n) * 16]
-    return raw.view(np.uint64).reshape(n, 2), valid
-
-
-def _digest_algorithm(reader: TraceReader) -> str | None:
-    """The digest algorithm every part of ``reader``'s trace uses; None when parts differ."""
-    algorithms = {p.digest for p in reader.parts}
-    return algorithms.pop() if len(algorithms) == 1 else None
-
-
-def _load(reader: TraceReader, samples: list[str], names: list[str], rename: Callable[[str], str] | None) -> _TSide:
-    t = reader.tensors(columns=TENSOR_COLUMNS)
-    sample_codes = codes(t["sample"], samples)
-    if (sample_codes < 0).any():  # samples filtered out
-        t = t.filter(pa.array(sample_codes >= 0))
-    name_col = t["name"]
-    if rename is not None:
-        mapped = [rename(x) for x in combined(name_col).to_pylist()]
-        name_col = pa.array(mapped, pa.utf8())
-    shape_full, shape_sq = _shape_hashes(t["shape"])
-    digest, digest_ok = _digests(t["digest"])
-    return _TSide(
-        table=t,
-        sample=codes(t["sample"], samples),
-        step=numpy_col(t["step"], np.int64, 0)[0],
-        name=codes(name_col, names),
-        call=numpy_col(t["call"], np.int64, 0)[0],
-        order=numpy_col(t["order"], np.int64, 0)[0],
-        dtype=combined(t["dtype"]).to_pylist(),
-        numel=numpy_col(t["numel"], np.int64, 0)[0],
-        stats={c: numpy_col(t[c], np.float64, np.nan)[0] for c in ("min", "max", "mean", "std", "abs_max", "l2")},
-        nan=numpy_col(t["nan_count"], np.int64, 0)[0],
-        inf=numpy_col(t["inf_count"], np.int64, 0)[0],
-        digest=digest,
-        digest_ok=digest_ok,
-        shape_full=shape_full,
-        shape_sq=shape_sq,
-        values=numpy_col(t["has_values"], bool, False)[0],
-    )
-
-
-def tensor_names(reader: TraceReader, rename: Callable[[str], str] | None = None) -> list[str]:
-    """Return the distinct tensor names of a trace (after ``rename``)."""
-    names = reader.tensor_names()
-    return sorted({rename(n) for n in names}) if rename else names
-
-
-def step_signature(reader: TraceReader, sample: str, step: int) -> list[tuple[str, str, tuple[int, ...]]]:
-    """Return ``(name, dtype, shape)`` of one step's tensors in execution order (for guessing a mapping)."""
-    t = reader.tensors(sample=sample, step=step, columns=["name", "dtype", "shape"]).to_pylist()
-    return [(r["name"], r["dtype"], tuple(r["shape"])) for r in t]
 
 
 @dataclass
@@ -253,8 +160,8 @@ def compare_tensors(
     """
     rename = mapping.rename if (mapping.names or mapping.rules) else None
     names = sorted(set(tensor_names(ra)) | set(tensor_names(rb, rename)))
-    A = _load(ra, samples, names, None)
-    B = _load(rb, samples, names, rename)
+    A = load_tensor_side(ra, samples, names, None)
+    B = load_tensor_side(rb, samples, names, rename)
     b_step = B.step.copy()
     if step_map[0].size:
         ka, kb = pack_pair([step_map[0], step_map[1]], [B.sample, B.step])
@@ -303,8 +210,8 @@ def compare_tensors(
     shape_ok = A.shape_sq[ia] == B.shape_sq[ib]
     dtype_same = cols["dtype_a"] == cols["dtype_b"]
     # digests settle equality only when both traces use one and the same algorithm (SPEC.md §4.5)
-    algorithm = _digest_algorithm(ra)
-    same_algorithm = algorithm is not None and algorithm == _digest_algorithm(rb)
+    algorithm = digest_algorithm(ra)
+    same_algorithm = algorithm is not None and algorithm == digest_algorithm(rb)
     dig_ok = A.digest_ok[ia] & B.digest_ok[ib] & same_algorithm
     same_digest = dig_ok & (A.digest[ia] == B.digest[ib]).all(axis=1)
     bitexact = same_digest & dtype_same & shape_full
@@ -380,76 +287,13 @@ def compare_tensors(
             _values_pass(ra, rb, samples, names, A, B, ia, ib, need, cols, row_tol, dig_ok, jobs, progress)
     cols["positions"] = np.zeros(n, np.int64)
     if use_values:
-        _compare_positions(ra, rb, samples, names, A, B, ia, ib, np.flatnonzero(~shape_ok & ~skip), cols,
-                           lambda i: replace(tols[tol_idx[i]], atol=float(atol[i])) if scaled[i] else tols[tol_idx[i]])
+        compare_positions(ra, rb, samples, names, A, B, ia, ib, np.flatnonzero(~shape_ok & ~skip), cols,
+                          lambda i: replace(tols[tol_idx[i]], atol=float(atol[i])) if scaled[i] else tols[tol_idx[i]])
     return TensorDiff(cols, names, unmatched_a, unmatched_b)
 
 
-def _shape_rows(col: pa.ChunkedArray, rows: np.ndarray, rank: int) -> np.ndarray:
-    """The shapes of ``rows`` of a shape column, as an ``(rows, rank)`` int64 matrix (every
-    row must have that rank)."""
-    import pyarrow.compute as pc
-
-    flat = pc.list_flatten(combined(col).take(pa.array(rows, pa.int64())))
-    return flat.to_numpy(zero_copy_only=False).astype(np.int64).reshape(rows.size, rank)
-
-
-def _compare_positions(ra: TraceReader, rb: TraceReader, samples: list[str], names: list[str], A: _TSide, B: _TSide,
-                       ia: np.ndarray, ib: np.ndarray, rows: np.ndarray, cols: dict[str, np.ndarray],
-                       tolerance: Callable[[int], TensorTolerance]) -> None:
-    """Compare, from values, the positions both runs computed, for pairs whose shapes differ.
-
-    The rule (docs/differ.md, "Incremental and full computations"): when two tensors have the
-    same rank and differ in the size of exactly one axis — a full recompute's ``[1, T, d]``
-    against an incremental run's ``[1, 1, d]``, or a cache holding history against a shorter
-    one — the last ``n = min(Ta, Tb)`` positions of that axis are compared (both runs end at
-    the newest position). The pair is judged by :func:`~differ.metrics.compare_values` on those
-    positions and ``cols["positions"]`` holds ``n``. Pairs without values on both sides keep
-    their shape mismatch (statistics cover different positions).
-
-    Args:
-        ra, rb: the readers; samples, names: the code universes.
-        A, B: both sides' columns; ia, ib: the matched rows of each side.
-        rows: indices into the matched pairs whose (squeezed) shapes differ.
-        cols: the comparison columns, updated in place.
-        tolerance: the tolerance of pair ``i``.
-    """
-    import pyarrow.compute as pc
-
-    rows = rows[A.values[ia[rows]] & B.values[ib[rows]]]
-    if not rows.size:
-        return
-    ra_rank = pc.list_value_length(combined(A.table["shape"]).take(pa.array(ia[rows]))).to_numpy(zero_copy_only=False)
-    rb_rank = pc.list_value_length(combined(B.table["shape"]).take(pa.array(ib[rows]))).to_numpy(zero_copy_only=False)
-    b_names = combined(B.table["name"])
-    for rank in np.unique(ra_rank[ra_rank == rb_rank]).tolist():
-        sel = rows[(ra_rank == rank) & (rb_rank == rank)]
-        if rank == 0 or not sel.size:
-            continue
-        sa, sb = _shape_rows(A.table["shape"], ia[sel], rank), _shape_rows(B.table["shape"], ib[sel], rank)
-        differs = sa != sb
-        one = (differs.sum(axis=1) == 1)
-        axis = differs.argmax(axis=1)
-        keep = np.minimum(sa[np.arange(sel.size), axis], sb[np.arange(sel.size), axis])
-        for i, ax, n in zip(sel[one & (keep > 0)].tolist(), axis[one & (keep > 0)].tolist(),
-                            keep[one & (keep > 0)].tolist()):
-            a_row, b_row = int(ia[i]), int(ib[i])
-            sample = samples[int(A.sample[a_row])]
-            try:
-                a = ra.tensor(sample, int(A.step[a_row]), names[int(A.name[a_row])], call=int(A.call[a_row]))
-                b = rb.tensor(sample, int(B.step[b_row]), b_names[b_row].as_py(), call=int(B.call[b_row]))
-            except ValuesNotRecordedError:
-                continue
-            cut = (slice(None),) * ax + (slice(-n, None),)
-            m = compare_values(a[cut], b[cut], tolerance(i))
-            _store_values_metrics(cols, i, m, bitexact=False)  # differing shapes: never bit-exact as a whole
-            cols["shape_mismatch"][i] = False
-            cols["numel"][i] = m.numel
-            cols["positions"][i] = n
-
-
-def _values_pass(ra: TraceReader, rb: TraceReader, samples: list[str], names: list[str], A: _TSide, B: _TSide,
-                 ia: np.ndarray, ib: np.ndarray, need: np.ndarray, cols: dict[str, np.ndarray],
+def _values_pass(ra: TraceReader, rb: TraceReader, samples: list[str], names: list[str], A: TensorSide,
+                 B: TensorSide, ia: np.ndarray, ib: np.ndarray, need: np.ndarray, cols: dict[str, np.ndarray],
                  row_tol: list[TensorTolerance], dig_ok: np.ndarray, jobs: int,
                  progress: Progress | None) -> None:
     b_names = combined(B.table["name"]).to_pylist() if need.size else []
@@ -498,21 +342,7 @@ def _values_pass(ra: TraceReader, rb: TraceReader, samples: list[str], names: li
         m = results[k]
         if m is None:
             continue
-        _store_values_metrics(cols, i, m, bitexact=bool(m.bitexact))
-
-
-def _store_values_metrics(cols: dict[str, np.ndarray], i: int, m: TensorMetrics, *, bitexact: bool) -> None:
-    """Write a values comparison into row ``i`` of the tensor-diff columns."""
-    cols["basis"][i] = BASES.index(BASIS_VALUES)
-    cols["bitexact"][i] = bitexact
-    cols["within"][i] = m.within
-    cols["reason"][i] = REASONS.index(m.reason)
-    for key in ("max_abs", "mean_abs", "max_rel", "cosine", "sqnr_db"):
-        v = getattr(m, key)
-        cols[key][i] = np.nan if v is None else v
-    cols["bad"][i] = -1 if m.bad is None else m.bad
-    cols["nan_mismatch"][i] = m.nan_mismatch
-    cols["inf_mismatch"][i] = m.inf_mismatch
+        store_values_metrics(cols, i, m, bitexact=bool(m.bitexact))
 
 
 def to_table(td: TensorDiff, samples: list[str]) -> pa.Table:
