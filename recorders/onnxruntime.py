@@ -291,6 +291,18 @@ def quantize_dynamic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[st
 
 
 # ---------------------------------------------------------------------- sessions of a recorded script
+def _session_model(session: ort.InferenceSession) -> tuple[str | None, onnx.ModelProto | None]:
+    """The path ``session`` was opened from and its model; None where unknown (opened from
+    bytes, or the file went away since)."""
+    path = getattr(session, "_model_path", None) or None
+    if path is None:
+        return None, None
+    try:
+        return path, _load(path, weights=False)
+    except RecorderUsageError:
+        return path, None
+
+
 def session_defaults(session: ort.InferenceSession) -> dict[str, str | None]:
     """Return the metadata defaults of a run of ``session`` (as :class:`OrtRecorder` fills them).
 
@@ -300,13 +312,7 @@ def session_defaults(session: ort.InferenceSession) -> dict[str, str | None]:
     Returns:
         ``{"runtime": "onnxruntime", "runtime_version", "device", "model", "precision"}``.
     """
-    path = getattr(session, "_model_path", None) or None
-    proto = None
-    if path is not None:
-        try:
-            proto = _load(path, weights=False)
-        except RecorderUsageError:
-            proto = None  # the file went away since the session was opened: precision unknown
+    path, proto = _session_model(session)
     return run_defaults(session, path, proto, ort.__version__)
 
 
@@ -320,13 +326,8 @@ def session_topology(session: ort.InferenceSession) -> dict[str, tuple[int, str]
     Returns:
         The mapping (graph inputs and initializers at index -1).
     """
-    path = getattr(session, "_model_path", None) or None
-    if path is None:
-        return {}
-    try:
-        return producers(_load(path, weights=False).graph)
-    except RecorderUsageError:
-        return {}
+    _, proto = _session_model(session)
+    return producers(proto.graph) if proto is not None else {}
 
 
 def patch_sessions(on_run: Any) -> Any:
