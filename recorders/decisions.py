@@ -36,8 +36,8 @@ from steptrace.tracefmt.decisions import Decision, decide_many
 from steptrace.tracefmt.decisions import decide as _decide_numpy
 from steptrace.tracefmt.errors import TraceUsageError
 
-__all__ = ["Decision", "LogitsKind", "decide", "decide_rows", "decide_with", "host_logits", "is_torch_tensor", "logits_kind",
-           "register_logits_kind", "write_decision"]
+__all__ = ["Decision", "LogitsKind", "decide", "decide_on_device", "decide_rows", "decide_with", "host_logits",
+           "is_torch_tensor", "logits_kind", "register_logits_kind", "write_decision"]
 
 
 class LogitsKind(Protocol):
@@ -244,3 +244,92 @@ def write_decision(
         TraceWriteError: the writer's background thread failed earlier.
     """
     writer.add_decided(sample, step, decision, head=head, forced=forced, **keys)
+
+
+def decide_on_device(
+    torch: Any,
+    logits: Any,
+    *,
+    k: int = 8,
+    chosen: Sequence[int | None] | None = None,
+    watched: Sequence[int] = (),
+) -> list[Decision]:
+    """Decide every row of a torch tensor of logits on its device, one host transfer in all (the
+    algorithm of :func:`recorders.torch.decide_tensor`, whose docs give the rules).
+
+    Args:
+        torch: the torch module (:mod:`steptrace.recorders.torch` passes it: the one module that
+            imports torch).
+        logits: ``(vocabulary,)`` or ``(batch, vocabulary)`` tensor, any float dtype and device.
+        k: top candidates kept (at least 2; fewer if the vocabulary is smaller).
+        chosen: per row, the id used (None: the argmax); None for all argmax.
+        watched: ids whose logit and rank to report, in every row.
+
+    Returns:
+        One :class:`tracefmt.decisions.Decision` per row.
+
+    Raises:
+        TraceUsageError: bad shape, ``k < 2``, or an id outside the vocabulary.
+    """
+    x = logits.detach()
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.dim() != 2 or x.shape[1] < 2:
+        raise TraceUsageError(f"logits must be (vocabulary,) or (batch, vocabulary) with >= 2 classes, got {tuple(logits.shape)}")
+    if k < 2:
+        raise TraceUsageError(f"k={k}: SPEC.md needs at least the top 2 candidates")
+    b, v = x.shape
+    k = min(k, v)
+    rows_chosen = list(chosen) if chosen is not None else [None] * b
+    for t in [c for c in rows_chosen if c is not None] + list(watched):
+        if not 0 <= int(t) < v:
+            raise TraceUsageError(f"token id {t} is outside the logits (vocabulary of {v})")
+    xf = x if x.dtype == torch.float64 else x.float()  # exact for float16/bfloat16: same order as float64
+    dev = xf.device
+    nan = xf.isnan()
+    key = xf.masked_fill(nan, float("-inf"))
+    vals, idx = key.topk(k, dim=1)
+    kth = vals[:, k - 1 :]
+    by_id = idx.argsort(dim=1)
+    idx, vals = idx.gather(1, by_id), vals.gather(1, by_id)
+    by_val = vals.sort(dim=1, descending=True, stable=True).indices
+    greater_ids, greater = idx.gather(1, by_val), vals.gather(1, by_val)
+    n_greater = (greater > kth).sum(1, keepdim=True)
+    ids = torch.arange(v, device=dev)
+    tie_score = torch.where(key == kth, ids + nan.long() * v, 2 * v)
+    tied = tie_score.topk(k, dim=1, largest=False).indices  # (NaN, id) ascending
+    j = torch.arange(k, device=dev).unsqueeze(0)
+    top = torch.where(j < n_greater, greater_ids, tied.gather(1, (j - n_greater).clamp(min=0)))
+    if x.dtype == torch.float16:  # numpy widens float16 NaN to the canonical NaN: do the same
+        xf = xf.masked_fill(nan, float("nan"))
+    top_logits = xf.gather(1, top).float()
+    x64 = xf.double()
+    lse = torch.logsumexp(x64, dim=1)
+    m = x64.amax(dim=1)
+    lse = torch.where(m.isinf(), m, lse).masked_fill(nan.any(1), float("nan"))
+    own = torch.tensor([-1 if c is None else int(c) for c in rows_chosen], device=dev)
+    tokens = torch.cat([torch.where(own < 0, top[:, 0], own).unsqueeze(1),
+                        torch.tensor([list(watched)] * b, dtype=torch.long, device=dev).reshape(b, -1)], 1)
+    tv = xf.gather(1, tokens)
+    before = ids.view(1, 1, v) < tokens.unsqueeze(2)
+    xs = xf.unsqueeze(1)
+    rank_num = (xs > tv.unsqueeze(2)).sum(2) + ((xs == tv.unsqueeze(2)) & before).sum(2)
+    rank_nan = (~nan).sum(1, keepdim=True) + (nan.unsqueeze(1) & before).sum(2)
+    ranks = torch.where(tv.isnan(), rank_nan, rank_num)
+    packed = torch.cat([top.double(), top_logits.double(), lse.unsqueeze(1), tokens.double(), ranks.double(),
+                        tv.float().double()], 1).cpu().numpy()
+    out = []
+    m1 = tokens.shape[1]
+    for row in packed:
+        tk_ids = row[:k].astype(np.int32)
+        tk_logits = row[k : 2 * k].astype(np.float32)
+        toks = row[2 * k + 1 : 2 * k + 1 + m1].astype(np.int64)
+        rks = row[2 * k + 1 + m1 : 2 * k + 1 + 2 * m1].astype(np.int64)
+        tls = row[2 * k + 1 + 2 * m1 :].astype(np.float32)
+        out.append(Decision(
+            chosen=int(toks[0]), argmax=int(tk_ids[0]), topk_ids=tk_ids, topk_logits=tk_logits,
+            margin=float(np.float32(float(tk_logits[0]) - float(tk_logits[1]))), logsumexp=float(row[2 * k]),
+            chosen_logit=float(tls[0]), chosen_rank=int(rks[0]),
+            watched=[{"id": int(t), "logit": float(lg), "rank": int(r)} for t, lg, r in zip(toks[1:], tls[1:], rks[1:])],
+        ))
+    return out

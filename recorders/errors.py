@@ -27,6 +27,11 @@ class TransplantMismatchError(RecorderUsageError):
     """A reference tensor cannot replace a module's output: its dtype or shape differs."""
 
 
+class GenerationModeError(RecorderUsageError):
+    """``generate`` was asked for a decoding mode whose score rows are not one sequence each
+    (beam search, assisted or prompt-lookup decoding)."""
+
+
 class CoreMLUnavailableError(TraceUsageError):
     """Core ML cannot run a model on this machine (prediction needs macOS and its framework)."""
 

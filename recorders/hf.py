@@ -28,7 +28,6 @@ extra step past ``max_new_tokens`` and drop it afterwards; that step stays in th
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,9 @@ from steptrace.tracefmt import WriteSummary
 
 from .capture import HostCopy, Recorder
 from .decisions import decide_rows, is_torch_tensor
-from .errors import RecorderUsageError
+from .errors import GenerationModeError, RecorderUsageError
+from .generation import check_mode, eos_ids, simple_options
+from .pieces import PieceJoiner, token_pieces
 from .torch import force_rows, tensor_to_host, torch_defaults
 
 __all__ = [
@@ -53,89 +54,6 @@ __all__ = [
     "StepTraceStoppingCriteria",
     "record_generate",
 ]
-
-_REFUSED = {"assistant_model": "assisted decoding", "prompt_lookup_num_tokens": "prompt-lookup decoding",
-            "assistant_early_exit": "self-speculative decoding"}
-
-
-class GenerationModeError(RecorderUsageError):
-    """``generate`` was asked for a decoding mode whose score rows are not one sequence each
-    (beam search, assisted or prompt-lookup decoding)."""
-
-
-def _eos_ids(model: Any) -> list[int]:
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
-_REPLACEMENT = "\ufffd"
-#: Tokens one character may take at most when its bytes come one token at a time.
-_MAX_PARTIAL = 8
-
-
-def _pieces(tokenizer: Any) -> tuple[list[str], frozenset[int]]:
-    """Decoded text of every id of a Hugging Face tokenizer (one id at a time, as ``piece``),
-    and the ids that decode to part of a character (byte-fallback pieces such as ``<0xE7>``, or
-    byte-level BPE tokens holding part of a UTF-8 sequence), whose piece is their token string."""
-    n = len(tokenizer)
-    texts = list(tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
-                                        clean_up_tokenization_spaces=False))
-    partial = frozenset(i for i, t in enumerate(texts) if _REPLACEMENT in t)
-    if partial:
-        ids = sorted(partial)
-        for i, tok in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
-            if tok:
-                texts[i] = tok
-    return texts, partial
-
-
-class _PieceJoiner:
-    """Display pieces of one sample's tokens where a character spans several tokens: a token
-    that decodes to part of a character shows its token string (``<0xE7>``) until the token
-    completing the character, whose piece is the whole character (``篇``), decoded from them all."""
-
-    def __init__(self, tokenizer: Any, partial: frozenset[int]) -> None:
-        self.tokenizer = tokenizer
-        self.partial = partial
-        self.held: list[int] = []
-
-    def piece(self, token: int) -> str | None:
-        """The piece to record for ``token`` (None: the vocabulary's)."""
-        if token not in self.partial:
-            self.held = []
-            return None
-        ids = [*self.held, token]
-        text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if text.endswith(_REPLACEMENT):
-            self.held = ids if len(ids) < _MAX_PARTIAL else []
-            return None
-        self.held = []
-        return text
-
-
-def _check_mode(model: Any, kwargs: Mapping[str, Any]) -> None:
-    """Refuse decoding modes whose score rows are not one sequence each.
-
-    Raises:
-        GenerationModeError: beam search, assisted or prompt-lookup decoding.
-    """
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
-    if beams > 1:
-        raise GenerationModeError(
-            f"beam search (num_beams={beams}) cannot be recorded: beams are reordered at every step, so a row "
-            "of the scores is not one sequence. Record greedy or sampled decoding (num_beams=1), or record "
-            "the chosen beam's tokens with a TorchRecorder and teacher forcing"
-        )
-    for key, what in _REFUSED.items():
-        if kwargs.get(key) is not None or getattr(config, key, None) is not None:
-            raise GenerationModeError(f"{what} ({key}) cannot be recorded: it scores several tokens per step; "
-                                      "record plain greedy or sampled decoding")
 
 
 class GenerateRecorder(Recorder):
@@ -172,7 +90,7 @@ class GenerateRecorder(Recorder):
         if not isinstance(prefix, str):
             raise RecorderUsageError(f"prefix must be a string, got {prefix!r}")
         self.model = model
-        self.eos = _eos_ids(model)
+        self.eos = eos_ids(model)
         watched = dict(options.pop("watched", None) or {})
         for i, e in enumerate(self.eos):
             if e not in watched.values():
@@ -180,7 +98,7 @@ class GenerateRecorder(Recorder):
         self.tokenizer = tokenizer
         self._partial: frozenset[int] = frozenset()
         if tokenizer is not None and options.get("vocab") is None:
-            options["vocab"], self._partial = _pieces(tokenizer)
+            options["vocab"], self._partial = token_pieces(tokenizer)
         config = getattr(model, "config", None)
         defaults = {**torch_defaults(model), "model": getattr(config, "name_or_path", None) or type(model).__name__}
         defaults.update(options.pop("defaults", None) or {})
@@ -252,7 +170,7 @@ class GenerateRecorder(Recorder):
             RecorderUsageError: ``samples`` does not hold one id per sequence.
             ReferenceNotFoundError: teacher forcing past the reference's last step.
         """
-        _check_mode(self.model, kwargs)
+        check_mode(self.model, kwargs)
         procs, crits = self.processors(samples=samples, head=head)
         proc = procs[0]
         kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), *procs])
@@ -308,7 +226,7 @@ class StepTraceLogitsProcessor(LogitsProcessor):
         self._start: int | None = None
         self._finished: list[bool] = []
         self._pending: tuple[int, Any, list[int], set[int], list[int]] | None = None
-        self._joiners: dict[int, _PieceJoiner] = {}
+        self._joiners: dict[int, PieceJoiner] = {}
         recorder._live.append(self)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -370,7 +288,7 @@ class StepTraceLogitsProcessor(LogitsProcessor):
         for j, (i, d) in enumerate(zip(active, decisions)):
             keys = {}
             if joined:
-                joiner = self._joiners.setdefault(i, _PieceJoiner(rec.tokenizer, rec._partial))
+                joiner = self._joiners.setdefault(i, PieceJoiner(rec.tokenizer, rec._partial))
                 piece = joiner.piece(d.chosen)
                 if piece is not None:
                     keys["piece"] = piece
@@ -426,12 +344,6 @@ class GenerateRecording:
     samples: list[str]
 
 
-def _simple(kwargs: Mapping[str, Any]) -> str:
-    """The JSON-simple generate options (flags, lengths, temperatures) for the trace's tags."""
-    simple = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str)) or v is None}
-    return json.dumps(simple, sort_keys=True)
-
-
 def record_generate(
     model: Any,
     trace: str | os.PathLike[str],
@@ -466,9 +378,9 @@ def record_generate(
         ReferenceNotFoundError: teacher forcing past the reference's last step.
         TraceExistsError: a trace exists at ``trace`` (pass ``recorder_options={"mode": "overwrite"}``).
     """
-    _check_mode(model, generate_kwargs)  # before the trace is created
+    check_mode(model, generate_kwargs)  # before the trace is created
     opts = dict(recorder_options or {})
-    opts["tags"] = {"transformers.generate": _simple(generate_kwargs), **dict(opts.get("tags") or {})}
+    opts["tags"] = {"transformers.generate": simple_options(generate_kwargs), **dict(opts.get("tags") or {})}
     with GenerateRecorder(trace, model, tokenizer=tokenizer, prefix=prefix, **opts) as rec:
         output = rec.generate(*args, samples=samples, **generate_kwargs)
     return GenerateRecording(output, rec.close(), rec.last_samples)

@@ -1,7 +1,8 @@
 """ONNX Runtime recorder: every ``run()`` of an ``InferenceSession`` is a step (or part of one),
 its inputs and outputs recorded under the capture policy, a logits output decided; and
 :func:`expose_intermediates`, which marks node outputs as graph outputs (Polygraphy's "mark
-all") so the recorder sees them. The only module of steptrace that imports onnxruntime or onnx.
+all") so the recorder sees them. The only module of steptrace that imports onnxruntime or onnx; the
+framework-free work is in :mod:`~recorders.onnxgraph` (graph bookkeeping) and :mod:`~recorders.ortsession`.
 
     path, names = expose_intermediates("model.onnx", ["/blocks.*/attn/*", "/ln_f/*"])
     with OrtRecorder("cand.trace", path, tensors={"*": "stats"}, logits="logits",
@@ -30,7 +31,6 @@ trace's metadata (tags ``onnxruntime.graph_optimization_level``, ``onnxruntime.p
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import tempfile
@@ -46,51 +46,18 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from steptrace.tracefmt.errors import UnsupportedDtypeError
-
 from .errors import RecorderUsageError
+from .onnxgraph import CUT_SUFFIX as CUT_SUFFIX
+from .onnxgraph import META_EXPOSED, META_SKIPPED, cut_graph, producers, select_exposed, set_metadata
+from .ortsession import OrtSessionRecorder, route_runs, run_defaults
 from .policy import PolicyLike
-from .session import DEFAULT_POLICY, Exposure, RunRecorder, logits_heads
+from .session import Exposure
 
 __all__ = ["Exposure", "OrtRecorder", "expose_intermediates"]
 
 _PROTO_LIMIT = 2**31 - 2**26  # protobuf cannot serialise 2 GiB; keep a margin for the graph itself
-_QUANT_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeLinear",
-              "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeMatMul", "MatMulNBits"}
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
            "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
-_META_EXPOSED = "steptrace.exposed"
-_META_SKIPPED = "steptrace.exposure_skipped"
-
-
-def _topological(nodes: Sequence[onnx.NodeProto], inputs: set[str]) -> list[onnx.NodeProto]:
-    """Nodes in a topological order, stable for graphs already sorted (as ONNX requires)."""
-    produced = {o for n in nodes for o in n.output if o}
-    ready = set(inputs)
-    pending, out = list(nodes), []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(not i or i in ready or i not in produced for i in n.input):
-                out.append(n)
-                ready.update(o for o in n.output if o)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):  # a cycle: keep the file's order for the rest
-            out.extend(rest)
-            break
-        pending = rest
-    return out
-
-
-def _producers(graph: onnx.GraphProto) -> dict[str, tuple[int, str]]:
-    """Value name -> (topological index, source) for every node output and graph input."""
-    found = {i.name: (-1, "graph input") for i in graph.input}
-    found.update({t.name: (-1, "initializer") for t in graph.initializer})
-    for idx, n in enumerate(_topological(graph.node, set(found))):
-        src = f"{n.name} ({n.op_type})" if n.name else n.op_type
-        found.update({o: (idx, src) for o in n.output if o})
-    return found
 
 
 def _load(model: str | os.PathLike[str] | onnx.ModelProto, *, weights: bool) -> onnx.ModelProto:
@@ -180,46 +147,12 @@ def expose_intermediates(
                                          ".data file next to it, under the name the model refers to") from exc
     g = full.graph
     types = _infer_types(full)
-    outputs = {o.name for o in g.output}
-    names, skipped, seen = [], {}, set()
-    fixed = set() if constants else _constant_values(g)
-    for node in _topological(g.node, {i.name for i in g.input} | {t.name for t in g.initializer}):
-        by_node = any(fnmatch.fnmatchcase(node.name, p) for p in pats) if node.name else False
-        for value in node.output:
-            if not value or value in seen or not (by_node or any(fnmatch.fnmatchcase(value, p) for p in pats)):
-                continue
-            seen.add(value)
-            if value in outputs:
-                names.append(value)
-                continue
-            if value in fixed:
-                what = ("a Constant node's output" if node.op_type == "Constant"
-                        else f"{node.op_type} of initializers or constants")
-                skipped[value] = f"constant: {what} (constants=True exposes it)"
-                continue
-            vi = types.get(value)
-            kind = vi.type.WhichOneof("value") if vi is not None else None
-            if kind != "tensor_type" or vi.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
-                skipped[value] = (f"{node.op_type} output is a {kind}, not a tensor" if kind and kind != "tensor_type"
-                                  else f"no type could be inferred for this {node.op_type} output")
-                continue
-            g.output.append(vi)
-            names.append(value)
-    if not names and not skipped:
-        sample = [o for n in g.node[:8] for o in n.output if o]
-        raise RecorderUsageError(f"pattern(s) {', '.join(map(repr, pats))} match no node output or node name; "
-                                 f"values are named like {', '.join(sample[:6]) or '(empty graph)'}")
-    if not names and all(k in fixed for k in skipped):
-        raise RecorderUsageError(f"pattern(s) {', '.join(map(repr, pats))} match only constants ({len(skipped)}: "
-                                 f"{', '.join(list(skipped)[:6])}); pass constants=True to expose them")
+    names, skipped, fixed = select_exposed(g, types, pats, constants=constants)
     unusual = {k: v for k, v in skipped.items() if k not in fixed}
     if unusual:
         warnings.warn(f"{len(unusual)} value(s) not exposed: " +
                       "; ".join(f"{k}: {v}" for k, v in list(unusual.items())[:10]), stacklevel=2)
-    props = {p.key: p for p in full.metadata_props}
-    for key, val in ((_META_EXPOSED, json.dumps(names)), (_META_SKIPPED, json.dumps(skipped))):
-        entry = props[key] if key in props else full.metadata_props.add()
-        entry.key, entry.value = key, val
+    set_metadata(full, ((META_EXPOSED, json.dumps(names)), (META_SKIPPED, json.dumps(skipped))))
     if out_path is None:
         base = (Path(tempfile.mkdtemp(prefix="steptrace-onnx-")) / "model.onnx" if isinstance(model, onnx.ModelProto)
                 else Path(model))
@@ -237,37 +170,7 @@ def expose_intermediates(
     return Exposure(str(out), names, skipped)
 
 
-def _constant_values(graph: onnx.GraphProto) -> set[str]:
-    """Names of the values a graph computes from constants alone: ``Constant`` node outputs and
-    outputs of deterministic nodes (with at least one input and no subgraph) whose every input
-    is an initializer (not overridable as a graph input) or one of these values."""
-    known = {t.name for t in graph.initializer} - {i.name for i in graph.input}
-    found: set[str] = set()
-    for node in _topological(graph.node, {i.name for i in graph.input} | known):
-        ins = [i for i in node.input if i]
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            constant = True
-        elif not ins or node.op_type in _RANDOM or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                                       for a in node.attribute):
-            constant = False
-        else:
-            constant = all(i in known or i in found for i in ins)
-        if constant:
-            found.update(o for o in node.output if o)
-    return found
-
-
-_RANDOM = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-                     "Bernoulli", "Dropout"})
-
-
-def _check_recordable(name: str, value: np.ndarray) -> None:
-    if value.dtype.kind in "OUSVc":
-        raise UnsupportedDtypeError(f"ONNX value {name!r} is a {value.dtype} tensor, which steptrace cannot record; "
-                                    f"leave it out of the capture policy (e.g. {{{name!r}: 'none', '*': 'stats'}})")
-
-
-class OrtRecorder(RunRecorder):
+class OrtRecorder(OrtSessionRecorder):
     """Records an ONNX Runtime session's inputs, outputs and decisions, one step per ``run()``.
 
     Call :meth:`run` as you would ``InferenceSession.run``. Outside an explicit step each call
@@ -305,6 +208,8 @@ class OrtRecorder(RunRecorder):
         TraceExistsError: a trace exists at ``trace`` and ``mode="create"``.
     """
 
+    runtime_version = ort.__version__
+
     def __init__(
         self,
         trace: str | os.PathLike[str],
@@ -330,114 +235,22 @@ class OrtRecorder(RunRecorder):
         elif optimization is not None or session_options is not None or providers is not None:
             raise RecorderUsageError("optimization, session_options and providers apply when OrtRecorder opens the "
                                      "session from a path; this session is already open with its own")
-        self.session = session
-        self.input_names = [i.name for i in session.get_inputs()]
-        self.output_names = [o.name for o in session.get_outputs()]
-        bad = {h: n for h, n in logits_heads(logits).items() if n not in self.output_names}
-        if bad:
-            raise RecorderUsageError(f"logits output(s) {bad} are not outputs of the session; its outputs are "
-                                     f"{', '.join(self.output_names)}")
-        if model is None:
-            model = getattr(session, "_model_path", None) or None
-        raw = getattr(session, "_model_bytes", None) if model is None else None
-        proto = _load(model, weights=False) if model is not None else onnx.load_from_string(raw) if raw else None
-        self._producers = _producers(proto.graph) if proto is not None else {}
-        props = {p.key: p.value for p in proto.metadata_props} if proto is not None else {}
-        level = session.get_session_options().graph_optimization_level.name
-        exposed = json.loads(props.get(_META_EXPOSED, "[]"))
-        tags = {"onnxruntime.graph_optimization_level": level, "onnxruntime.providers": ",".join(session.get_providers()),
-                "onnxruntime.version": ort.__version__, "onnxruntime.exposed": str(len(exposed)),
-                "onnxruntime.topology": "known" if proto is not None else "unknown (pass model=PATH)"}
-        if props.get(_META_SKIPPED, "{}") != "{}":
-            tags["onnxruntime.exposure_skipped"] = props[_META_SKIPPED]
-        tags.update(options.pop("tags", None) or {})
-        provider = session.get_providers()[0]
-        defaults = {"runtime": "onnxruntime", "runtime_version": ort.__version__,
-                    "device": provider.removesuffix("ExecutionProvider").lower(),
-                    "model": str(model) if isinstance(model, (str, os.PathLike)) else None,
-                    "precision": _precision(proto) if proto is not None else None}
-        defaults.update(options.pop("defaults", None) or {})
-        if exposed and level != "ORT_DISABLE_ALL":
-            warnings.warn(f"this session has {len(exposed)} exposed intermediates and runs at {level}: exposed values "
-                          "block node fusions, so it runs other kernels than the unexposed model; record parity runs at "
-                          "ORT_DISABLE_ALL (optimization='disable')", stacklevel=2)
-        policy = DEFAULT_POLICY if tensors is None else tensors
-        super().__init__(trace, policy=policy, logits=logits, position=position, defaults=defaults, tags=tags, **options)
-        self._order = {n: self._producers.get(n, (len(self._producers), None)) for n in self.output_names}
+        super().__init__(trace, session, tensors=tensors, logits=logits, position=position, model=model, **options)
 
-    def run(
-        self,
-        output_names: Sequence[str] | None,
-        input_feed: Mapping[str, Any],
-        run_options: ort.RunOptions | None = None,
-    ) -> list[np.ndarray]:
-        """Run the session and record the step: inputs, outputs in topological order, decisions.
+    def _model_proto(self, model: str | os.PathLike[str] | onnx.ModelProto | None) -> onnx.ModelProto | None:
+        raw = getattr(self.session, "_model_bytes", None) if model is None else None
+        return _load(model, weights=False) if model is not None else onnx.load_from_string(raw) if raw else None
 
-        Args:
-            output_names: the outputs to return (None: all), as ``InferenceSession.run``.
-            input_feed: input name -> array.
-            run_options: ``onnxruntime.RunOptions``.
-
-        Returns:
-            The requested outputs, in the order asked for.
-
-        Raises:
-            RecorderUsageError: an unknown output name, a missing or unknown input, or inputs
-                the session refuses (wrong dtype or rank; the message lists what it expects).
-            StepOrderError: a logits head was already decided in the open explicit step.
-            ReferenceNotFoundError: teacher forcing past the reference's last step.
-        """
-        wanted = list(self.output_names if output_names is None else output_names)
-        unknown = [n for n in wanted if n not in self.output_names]
-        if unknown:
-            raise RecorderUsageError(f"output(s) {', '.join(map(repr, unknown))} are not outputs of the session; it has "
-                                     f"{', '.join(self.output_names)} (expose intermediates with expose_intermediates())")
-        missing = [n for n in self.input_names if n not in input_feed]
-        extra = [n for n in input_feed if n not in self.input_names]
-        if missing or extra:
-            raise RecorderUsageError(f"input feed: missing {missing or 'none'}, unknown {extra or 'none'}; the session "
-                                     f"takes {self._signature()}")
-        fetch = [n for n in self.output_names if n in wanted or n in self.heads.values() or self.policy.mode(n) != "none"]
+    def _run_session(self, fetch: list[str], feed: Mapping[str, Any], run_options: Any) -> list[Any]:
         try:
-            values = self.session.run(fetch, dict(input_feed), run_options)
+            return self.session.run(fetch, dict(feed), run_options)
         except InvalidArgument as exc:
-            given = ", ".join(f"{k}: {np.asarray(v).dtype}{list(np.shape(v))}" for k, v in input_feed.items())
+            given = ", ".join(f"{k}: {np.asarray(v).dtype}{list(np.shape(v))}" for k, v in feed.items())
             raise RecorderUsageError(f"ONNX Runtime refused the inputs ({exc}); given {given}; the session takes "
                                      f"{self._signature()}") from exc
-        out = dict(zip(fetch, values))
-        self._begin_run()
-        for name in self.input_names:
-            if self.policy.mode(name) != "none":
-                value = np.asarray(input_feed[name])
-                _check_recordable(name, value)
-                self.record(name, value, source="graph input")
-        for name in sorted(fetch, key=lambda n: self._order[n][0]):
-            if self.policy.mode(name) != "none":
-                _check_recordable(name, out[name])
-                self.record(name, out[name], source=self._order[name][1])
-        self._decide_outputs(out)
-        return [out[n] for n in wanted]
-
-    def _signature(self) -> str:
-        return ", ".join(f"{i.name}: {i.type}{i.shape}" for i in self.session.get_inputs())
 
 
-def _precision(proto: onnx.ModelProto) -> str:
-    """fp32 / fp16 / bf16 / int8 from the graph's ops and initializer types."""
-    if any(n.op_type in _QUANT_OPS for n in proto.graph.node):
-        return "int8"
-    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16",
-             onnx.TensorProto.DOUBLE: "fp64"}
-    counts: dict[int, int] = {}
-    for t in proto.graph.initializer:
-        if t.data_type in names:
-            counts[t.data_type] = counts.get(t.data_type, 0) + int(np.prod(t.dims, dtype=np.int64))
-    return names[max(counts, key=counts.__getitem__)] if counts else "fp32"
-
-
-# ---------------------------------------------------------------------------------------------
-# quantize_dynamic_copy: the int8 copy `trace demo` compares with fp32 (tui/commands/demo.py).
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------- the int8 copy of `trace demo`
 def quantize_dynamic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """Write an int8 copy of an ONNX model with ``onnxruntime.quantization.quantize_dynamic``.
 
@@ -475,13 +288,21 @@ def quantize_dynamic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[st
     finally:
         root.setLevel(level)
     return dst
-# ------------------------------------------------------------------- end quantize_dynamic_copy
 
 
-# =====================================================================================================
-# Session patching for `trace record` (recorders/script.py). Appended section: the code above is
-# unchanged. The only onnxruntime calls the script recorder makes.
-# =====================================================================================================
+# ---------------------------------------------------------------------- sessions of a recorded script
+def _session_model(session: ort.InferenceSession) -> tuple[str | None, onnx.ModelProto | None]:
+    """The path ``session`` was opened from and its model; None where unknown (opened from
+    bytes, or the file went away since)."""
+    path = getattr(session, "_model_path", None) or None
+    if path is None:
+        return None, None
+    try:
+        return path, _load(path, weights=False)
+    except RecorderUsageError:
+        return path, None
+
+
 def session_defaults(session: ort.InferenceSession) -> dict[str, str | None]:
     """Return the metadata defaults of a run of ``session`` (as :class:`OrtRecorder` fills them).
 
@@ -491,16 +312,8 @@ def session_defaults(session: ort.InferenceSession) -> dict[str, str | None]:
     Returns:
         ``{"runtime": "onnxruntime", "runtime_version", "device", "model", "precision"}``.
     """
-    path = getattr(session, "_model_path", None) or None
-    precision = None
-    if path is not None:
-        try:
-            precision = _precision(_load(path, weights=False))
-        except RecorderUsageError:
-            precision = None  # the file went away since the session was opened: precision unknown
-    return {"runtime": "onnxruntime", "runtime_version": ort.__version__,
-            "device": session.get_providers()[0].removesuffix("ExecutionProvider").lower(),
-            "model": str(path) if path is not None else None, "precision": precision}
+    path, proto = _session_model(session)
+    return run_defaults(session, path, proto, ort.__version__)
 
 
 def session_topology(session: ort.InferenceSession) -> dict[str, tuple[int, str]]:
@@ -513,13 +326,8 @@ def session_topology(session: ort.InferenceSession) -> dict[str, tuple[int, str]
     Returns:
         The mapping (graph inputs and initializers at index -1).
     """
-    path = getattr(session, "_model_path", None) or None
-    if path is None:
-        return {}
-    try:
-        return _producers(_load(path, weights=False).graph)
-    except RecorderUsageError:
-        return {}
+    _, proto = _session_model(session)
+    return producers(proto.graph) if proto is not None else {}
 
 
 def patch_sessions(on_run: Any) -> Any:
@@ -536,40 +344,10 @@ def patch_sessions(on_run: Any) -> Any:
     Returns:
         A function that restores ``InferenceSession.__init__`` and ``run``.
     """
-    import functools
-    import weakref
-
-    cls = ort.InferenceSession
-    orig_init, orig_run = cls.__init__, cls.run
-    created: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    @functools.wraps(orig_init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        orig_init(self, *args, **kwargs)
-        created.add(self)
-
-    @functools.wraps(orig_run)
-    def run(self: Any, output_names: Any, input_feed: Any, run_options: Any = None) -> Any:
-        if self not in created:
-            return orig_run(self, output_names, input_feed, run_options)
-        return on_run(self, output_names, input_feed, lambda names: orig_run(self, names, input_feed, run_options))
-
-    cls.__init__, cls.run = __init__, run  # type: ignore[method-assign]
-
-    def restore() -> None:
-        cls.__init__, cls.run = orig_init, orig_run  # type: ignore[method-assign]
-
-    return restore
-# ---------------------------------------------------------------------- end session patching
+    return route_runs(ort.InferenceSession, on_run)
 
 
-# =====================================================================================================
-# Graph cuts for transplant (recorders/ortcut.py, `trace triage`): the only onnx / onnxruntime calls
-# the ONNX Runtime transplant makes.
-# =====================================================================================================
-CUT_SUFFIX = "/steptrace.own"
-
-
+# ---------------------------------------------------------------------- graph cuts for transplant
 def cut_model(model: str | os.PathLike[str], names: Sequence[str], out_path: str | os.PathLike[str]) -> str:
     """Write a copy of ``model`` cut at ``names``: each value becomes a graph input that its
     consumers (and the graph output of that name, if any) read, so a session of the copy runs
@@ -593,19 +371,7 @@ def cut_model(model: str | os.PathLike[str], names: Sequence[str], out_path: str
         load_external_data_for_model(full, str(Path(model).parent))
     g = full.graph
     types = _infer_types(full)
-    produced = {o: n for n in g.node for o in n.output if o}
-    inputs = {i.name for i in g.input}
-    for name in names:
-        node = produced.get(name)
-        if node is None:
-            hint = "a graph input needs no cut: feed it" if name in inputs else "it is no node output of the graph"
-            raise RecorderUsageError(f"cannot transplant ONNX value {name!r}: {hint}")
-        vi = types.get(name)
-        if vi is None or vi.type.WhichOneof("value") != "tensor_type":
-            raise RecorderUsageError(f"cannot transplant ONNX value {name!r}: no tensor type can be inferred for it")
-        node.output[list(node.output).index(name)] = name + CUT_SUFFIX
-        new = g.input.add()
-        new.CopyFrom(vi)
+    cut_graph(g, types, names)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(full, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -643,4 +409,3 @@ def run_unrouted(session: ort.InferenceSession, names: Sequence[str], feed: Mapp
     from onnxruntime.capi.onnxruntime_inference_collection import Session
 
     return Session.run(session, list(names), dict(feed))
-# ---------------------------------------------------------------------- end graph cuts

@@ -295,3 +295,12 @@ def test_run_errors_are_clear(models, tmp_path):
             pytest.raises(RecorderUsageError, match=r"position 7 is outside the 3 positions") as err:
         rec.run(None, {"tokens": np.array([PROMPT])})
     assert isinstance(err.value, TraceError)
+
+
+def test_graph_bookkeeping_uses_the_onnx_ir_enum_values():
+    """recorders.onnxgraph imports no onnx: the enum values it compares are onnx.proto's."""
+    from steptrace.recorders import onnxgraph
+
+    assert (onnxgraph.UNDEFINED, onnxgraph.FLOAT, onnxgraph.FLOAT16, onnxgraph.DOUBLE, onnxgraph.BFLOAT16) == (
+        TensorProto.UNDEFINED, TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+    assert (onnxgraph.ATTR_GRAPH, onnxgraph.ATTR_GRAPHS) == (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)

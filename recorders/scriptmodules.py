@@ -1,0 +1,119 @@
+"""The torch half of :class:`recorders.scripthooks.ScriptRecorder`: :mod:`steptrace.recorders.script`
+connects :meth:`ModuleHooks.torch_pre` and :meth:`ModuleHooks.torch_post` to global module hooks,
+which name each module at its first call (``ROOT.path``), record its output's tensors, decide a
+logits output and end the step at the outermost return. torch itself is not imported here:
+modules and tensors are used through their own methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .decisions import is_torch_tensor
+from .outputs import element_at, elements, replace_element
+from .scriptnames import any_match
+
+__all__ = ["ModuleHooks"]
+
+_SELF = ()  # logits path: the module output itself (or its first tensor)
+
+
+@dataclass
+class _Mod:
+    name: str
+    rel: str  # the name after its root's label ("" for a root)
+    source: str
+    mode: str
+    logits: tuple | bool | None  # element path, False (never), None (not known before its first output)
+    starts_sample: bool = False
+
+
+class ModuleHooks:
+    """Mixin of :class:`~recorders.scripthooks.ScriptRecorder` for torch modules; uses its
+    bookkeeping (labels, globs, samples, steps, the writing section)."""
+
+    def _name_tree(self, root: Any) -> None:
+        label = self._label(type(root).__name__)
+        self._roots += 1
+        for path, mod in root.named_modules():
+            if mod in self._mods:
+                continue
+            name = f"{label}.{path}" if path else label
+            logits = _SELF if self._is_logits(name, path) else None
+            starts = any_match(self.sample_per, name, path)
+            self._mods[mod] = _Mod(name, path, type(mod).__name__, self._mode(name, path), logits, starts)
+            self._seen(name, path)
+
+    def torch_pre(self, module: Any) -> None:
+        """Before a module's forward: name it (and its tree) at its first call; start a sample
+        at a ``sample_per`` module; count depth.
+
+        Raises:
+            SampleIdsExhaustedError: more ``sample_per`` calls than sample ids.
+        """
+        if module not in self._mods:
+            self._name_tree(module)
+        info = self._mods.get(module)
+        if info is not None and info.starts_sample:
+            with self._writing():
+                self._start_sample(info.name)
+        self._depth += 1
+
+    def torch_post(self, module: Any, output: Any) -> Any:
+        """After a module's forward: record its output, decide logits, end the step at the
+        outermost return. Returns the output to use (teacher forcing) or None.
+
+        Raises:
+            TraceError: recording failed, or teacher forcing ran past the reference.
+        """
+        self._depth = max(self._depth - 1, 0)
+        info = self._mods.get(module)
+        result = None
+        if info is not None and self._before_first_sample(info.name if self._depth == 0 else None):
+            info = None
+        if info is not None and output is not None and (info.mode != "none" or info.logits is not False):
+            with self._writing():
+                result = self._torch_output(module, info, output)
+        if self._depth == 0 and self._decided:
+            self._end_step()
+        return result
+
+    def _logits_path(self, info: _Mod, output: Any) -> tuple | None:
+        if info.logits is None:  # first output seen: does an element match a logits glob?
+            hits = [p for n, p, _ in elements(info.name, output)
+                    if p and self._is_logits(n, n[len(info.name) - len(info.rel):] if info.rel else "")]
+            info.logits = hits[0] if hits else False
+        if info.logits is False:
+            return None
+        if info.logits == _SELF and not is_torch_tensor(output):
+            elems = list(elements(info.name, output))
+            by_key = [p for _, p, _ in elems if p and p[-1] == "logits"]
+            return by_key[0] if by_key else (elems[0][1] if elems else None)
+        return info.logits  # type: ignore[return-value]
+
+    def _torch_output(self, module: Any, info: _Mod, output: Any) -> Any:
+        path = self._logits_path(info, output)
+        if info.mode == "none" and path is None:
+            return None
+        from .torch import torch_defaults
+
+        rec = self._recorder(lambda: torch_defaults(module))
+        if path is not None and self._decided:
+            self._end_step()  # a second logits call inside one outer call: the next step
+        self._open_step(rec)
+        call = rec.next_call(info.name)
+        if info.mode != "none":
+            for name, _, t in elements(info.name, output):
+                self._record(rec, name, t, call, info.source, info.mode)
+            self._recorded.add(info.name)
+        if path is None:
+            return None
+        t = element_at(output, path)
+        hit = info.name if info.logits == _SELF else ".".join([info.name, *map(str, path)])
+        if info.rel and hit != info.name:
+            self.relative[hit] = ".".join([info.rel, *map(str, path)])
+        token = self._decide(rec, hit, t)
+        if not rec.teacher_forcing:
+            return None
+        return replace_element(output, path, self._forced(t, token))
