@@ -305,3 +305,13 @@ def test_record_help(trace_cli):
     for word in ("--logits", "--modules", "--tensors", "--teacher", "-m MODULE", "STEPTRACE_SAMPLE", "Ctrl-C",
                  "--sample-per", "--sample-from", "--scores", "ROOT.path"):
         assert word in res.stdout
+
+
+def test_notes_off_a_terminal_stay_on_one_line(scripts, tmp_path, capsys):
+    """stderr is a pipe or a log here: a long path must not be wrapped (it is searched for)."""
+    deep = tmp_path / ("a-long-folder-name-" * 4) / ("and-another-one-" * 3)
+    deep.mkdir(parents=True)
+    out = deep / "f.trace"
+    assert record("-o", str(out), "--logits", "head", str(scripts / "gru_decode.py"), "--steps", "2") == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert any(str(out) in line and line.startswith("recorded 2 steps") for line in lines), lines

@@ -16,9 +16,8 @@ from typing import Protocol
 
 from rich.console import Console
 from rich.text import Text
-
 from steptrace.tracefmt import TraceError, __version__
-
+from steptrace.tui.render.console import stderr_console
 from steptrace.tui.render.info import FOLD_OVER
 from steptrace.tui.render.wording import plural
 
@@ -65,7 +64,7 @@ def exit_code(outcome: HasMismatch | None = None, error: BaseException | None = 
 
 
 def _stderr() -> Console:
-    return Console(stderr=True, highlight=False)
+    return stderr_console()
 
 
 #: Longest diagnostic printed: a damaged file cannot make a message quote megabytes of it.

@@ -24,10 +24,10 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-
 from steptrace.assets import TINY_LM
 from steptrace.differ import DiffOptions, DiffReport, diff
 from steptrace.tracefmt.errors import TraceUsageError
+from steptrace.tui.render.console import stderr_console
 
 #: Prompts the demo decodes, each after the BOS (newline) id; the same as
 #: ``examples/tiny_lm/ortlm.py`` and the assets' README (see there what each one shows).
@@ -192,10 +192,9 @@ def run(args: argparse.Namespace) -> DemoOutcome:
         TraceError: any failure recording or diffing the traces.
     """
     from rich.console import Console
-
     from steptrace.tui.render.diff import progress_bar, render
 
-    err = Console(stderr=True, highlight=False)
+    err = stderr_console()
     def log(message: str) -> None:
         err.print(message, soft_wrap=True)
 

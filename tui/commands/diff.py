@@ -8,15 +8,16 @@ Only the report goes to stdout; progress and notes go to stderr.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from steptrace.differ import DiffOptions, DiffReport, Policy, VERDICTS, diff, load_mapping, load_policy
+from steptrace.differ import VERDICTS, DiffOptions, DiffReport, Policy, diff, load_mapping, load_policy
 from steptrace.differ.gate import CONDITIONS, FIGURES, Gate, GateResult, gate_from_toml, load_gate
 from steptrace.differ.policy import parse_override
 from steptrace.tracefmt.errors import TraceUsageError
+from steptrace.tui.render.console import stderr_console
 
 HELP = "compare traces step by step: first divergence, culprit tensor, verdicts"
 DESCRIPTION = """\
@@ -179,7 +180,6 @@ def run(args: argparse.Namespace) -> DiffOutcome:
         TraceError: any expected failure (the caller maps it to exit 2).
     """
     from rich.console import Console
-
     from steptrace.tui.commands.output import check_writable, write_output
     from steptrace.tui.render.diff import progress_bar, render
 
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> DiffOutcome:
         check_writable(args.json, what="JSON report")
     if args.save_mapping:
         check_writable(args.save_mapping, what="name mapping")
-    err = Console(stderr=True)
+    err = stderr_console()
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     with progress_bar(err, enabled=show) as cb:
         report = diff(args.reference, args.candidates, opts, progress=cb)

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.text import Text
-
 from steptrace.tracefmt.errors import TraceUsageError
+from steptrace.tui.render.console import stderr_console
 
 if TYPE_CHECKING:
     from steptrace.recorders.script import ScriptResult
@@ -228,7 +227,7 @@ def run(args: argparse.Namespace) -> RecordOutcome:
         raise TraceUsageError("--sample-from names the samples that --sample-per MODULE starts; give --sample-per too")
     ids = sample_ids(args.sample_from) if args.sample_from else None
     label = f"-m {name}" if args.module is not None else name
-    err = Console(stderr=True, highlight=False)
+    err = stderr_console()
     line = _Line(label)
     live = None
     if err.is_terminal:

@@ -22,9 +22,9 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
-
 from steptrace.tracefmt.errors import TraceUsageError
 from steptrace.tui.commands.output import check_writable, write_output
+from steptrace.tui.render.console import stderr_console
 
 HELP = "find the root cause of a divergence: transplant bisection over re-runs of a script"
 DESCRIPTION = """\
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> TriageOutcome:
     if not logits:
         raise TraceUsageError("give --logits GLOB: the module whose output is decided at each step (as for trace record)")
     comps = parse_components(args.components)
-    err = Console(stderr=True, highlight=False)
+    err = stderr_console()
     tmp = Path(tempfile.mkdtemp(prefix="steptrace-triage-ref-"))
     try:
         ref = _reference_with_values(args, err, modules, logits, tmp)
