@@ -10,8 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import steptrace.tracefmt.writerloop as writerloop
-from steptrace.tracefmt import TraceReader, TraceWriter, compute_stats, digest
+from steptrace.tracefmt import TraceReader, TraceWriter, compute_stats, digest, writerloop
 from steptrace.tracefmt.errors import TraceWriteError
 from steptrace.tracefmt.payload import Encoder
 from steptrace.tracefmt.schema import data_file
