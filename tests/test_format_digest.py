@@ -45,7 +45,7 @@ def test_new_parts_name_xxh3_and_their_values_verify(tmp_path):
     assert status["digest"] == DEFAULT_DIGEST == XXH3_128
     r = TraceReader(p)
     assert [part.digest for part in r.parts] == [XXH3_128]
-    assert json.loads((p / "steptrace.json").read_text())["version"] == "1.1"
+    assert json.loads((p / "steptrace.json").read_text())["version"] == "1.2"
     row = r.tensors(step=1, name="x").to_pylist()[0]
     assert row["digest"] == xxhash.xxh3_128_digest((np.arange(64, dtype=np.float32) + 1).tobytes())
     np.testing.assert_array_equal(r.tensor("s", 1, "x"), np.arange(64, dtype=np.float32) + 1)  # verified

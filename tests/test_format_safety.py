@@ -51,7 +51,7 @@ def _status(path: Path) -> tuple[Path, dict]:
 def test_close_records_size_and_checksum_of_every_file(tmp_path):
     path = _trace(tmp_path / "t.trace")
     f, doc = _status(path)
-    assert json.loads((path / "steptrace.json").read_text())["version"] == "1.1"
+    assert json.loads((path / "steptrace.json").read_text())["version"] == "1.2"
     part = doc["part"]
     for kind in ("decisions", "tensors", "values"):
         data = path / "parts" / f"{part}.{kind}.arrow"

@@ -156,7 +156,11 @@ def test_export_lines_are_strict_json(tmp_path: Path) -> None:
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", ln["time"]) for ln in d.values())
     t = {ln["name"]: ln for ln in lines if ln["kind"] == "tensor" and ln["call"] == 0}
     assert t["stats_only"]["stats"]["nan_count"] == 1 and "data_b64" not in t["stats_only"]
-    assert t["stats_only"]["digest"] == digest(np.array([1.0, np.nan, np.inf, -2.0]).tobytes(), "xxh3-128").hex()
+    # digests name their part's algorithm, and the meta line the file's (SPEC.md §6)
+    assert meta["digest"] == "xxh3-128"
+    assert t["stats_only"]["digest"] == "xxh3-128:" + digest(np.array([1.0, np.nan, np.inf, -2.0]).tobytes(),
+                                                             "xxh3-128").hex()
+    assert t["bf"]["digest"] == "xxh3-128:" + digest(BF16_BITS.tobytes(), "xxh3-128").hex()
     assert base64.b64decode(t["bf"]["data_b64"]) == BF16_BITS.tobytes()
     assert t["ids"]["source"] == "Embedding" and "source" not in t["x"]
 

@@ -110,9 +110,11 @@ def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
 
 _F16_SCALE = np.float32(2.0**112)  # float32 exponent bias 127 minus float16 bias 15, as a power of 2
 _F16_BODY = np.int32(0x8FFFE000 - (1 << 32))  # the sign bit and the 15 bits of exponent and mantissa
+#: Magnitude from which a float16 widened with ``specials=False`` was ±inf or NaN.
+F16_SPECIAL_MAGNITUDE = 65536.0
 
 
-def widen_float16(h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def widen_float16(h: np.ndarray, out: np.ndarray | None = None, *, specials: bool = True) -> np.ndarray:
     """Return float32 values of float16 ``h``: exact for every number (subnormals, ±0, ±inf);
     NaN stays NaN (its payload may change). Several times faster than numpy's float16 cast,
     which is not vectorised on x86.
@@ -125,6 +127,10 @@ def widen_float16(h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         h: a float16 (or uint16 bits) array, any shape.
         out: a C-contiguous int32 (or float32) array of ``h.size`` elements to fill, reused by
             callers in loops (fresh memory is slow to touch); None allocates one.
+        specials: set exponent 31 to float32's 255 (±inf, NaN). False leaves out that pass
+            (about half the work): ±inf and NaN then come out as *finite* values of magnitude
+            2**16 or more, which no float16 number reaches (the largest is 65504), so a caller
+            that looks at the range anyway can tell that it must widen again with specials.
 
     Returns:
         ``out`` viewed as float32, shaped like ``h``.
@@ -134,9 +140,10 @@ def widen_float16(h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     np.copyto(o, bits)  # sign-extended
     np.left_shift(o, 13, out=o)
     np.bitwise_and(o, _F16_BODY, out=o)
-    special = (bits & np.int16(0x7C00)) == 0x7C00
-    if special.any():
-        np.bitwise_or(o, np.int32(0x7F800000), out=o, where=special)
+    if specials:
+        special = (bits & np.int16(0x7C00)) == 0x7C00
+        if special.any():
+            np.bitwise_or(o, np.int32(0x7F800000), out=o, where=special)
     f = o.view(np.float32)
     with np.errstate(invalid="ignore"):
         np.multiply(f, _F16_SCALE, out=f)

@@ -55,6 +55,10 @@ class TensorScan:
             [("_part", "ascending"), ("sample", "ascending"), ("step", "ascending"), ("order", "ascending")]
         )
         self.num_rows = self._table.num_rows
+        #: The part index of each row, in the order :meth:`batches` yields the rows.
+        self.row_parts: np.ndarray = self._table["_part"].to_numpy()
+        #: The digest algorithm of each part (SPEC.md §4.5), by part index.
+        self.part_digests: list[str] = [p.digest for p in reader.parts]
 
     def batches(
         self, *, max_rows: int = 1024, max_bytes: int = 64 << 20

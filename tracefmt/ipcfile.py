@@ -40,7 +40,10 @@ class ArrowAppender:
         self.schema = SCHEMAS[kind].with_metadata(file_metadata(kind, part))
         self.rows = 0
         self._fsync = fsync
-        self._sink = pa.OSFile(str(path), "wb")
+        self._file = pa.OSFile(str(path), "wb")
+        # buffered: a record batch is a dozen small writes (message, padding, buffers); each
+        # flush below hands them to the OS in one or two
+        self._sink = pa.BufferedOutputStream(self._file, 1 << 16)
         self._writer = pa.ipc.new_file(self._sink, self.schema, options=write_options(level))
         # Write the schema message now, so that even an empty interrupted file parses.
         self._writer.write_batch(pa.RecordBatch.from_pylist([], schema=self.schema))
@@ -49,7 +52,7 @@ class ArrowAppender:
     def _sync(self) -> None:
         self._sink.flush()
         if self._fsync:
-            os.fsync(self._sink.fileno())
+            os.fsync(self._file.fileno())
 
     def write(self, batch: pa.RecordBatch) -> None:
         """Append ``batch`` (of this file's schema) and flush it to the OS."""

@@ -18,6 +18,7 @@ import zstandard
 
 from .errors import TraceExistsError, TraceWriteError
 from .export import TensorScan, as_reader
+from .payload import DEFAULT_DIGEST
 from .reader import TraceReader
 from .schema import STAT_COLUMNS
 
@@ -101,9 +102,23 @@ def decision_lines(table: pa.Table, *, batch_rows: int = _BATCH_ROWS) -> Iterato
         yield lines
 
 
+def file_digest(scan: TensorScan) -> str:
+    """The digest algorithm an export names on its meta line (SPEC.md §6): that of the parts
+    holding the most tensor rows (ties and a trace without tensors: :data:`DEFAULT_DIGEST`), so
+    that an import writes its part with it and keeps those rows' statistics-only digests."""
+    parts = len(scan.part_digests)
+    counts = np.bincount(scan.row_parts, minlength=parts) if scan.num_rows else np.zeros(parts, np.int64)
+    rows: dict[str, int] = {}
+    for algorithm, n in zip(scan.part_digests, counts.tolist(), strict=True):
+        rows[algorithm] = rows.get(algorithm, 0) + n
+    return max(rows, key=lambda a: (rows[a], a == DEFAULT_DIGEST), default=DEFAULT_DIGEST)
+
+
 def tensor_lines(scan: TensorScan) -> Iterator[list[str]]:
     """Yield SPEC.md §6 ``tensor`` lines per batch: ``data_b64`` when values were recorded,
-    else ``stats`` and ``digest``."""
+    else ``stats``; and the row's ``digest`` as ``"<algorithm>:<32 hex>"`` (its part's
+    algorithm named, so an import checks the values with it or stores it only under its name)."""
+    at = 0
     for rows, data in scan.batches(max_bytes=16 << 20):
         lines = []
         for row, d in zip(rows.to_pylist(), data, strict=True):
@@ -118,16 +133,18 @@ def tensor_lines(scan: TensorScan) -> Iterator[list[str]]:
             else:
                 out["stats"] = {c: _f64(row[c]) for c in STAT_COLUMNS}
                 out["stats"].update(nan_count=row["nan_count"], inf_count=row["inf_count"])
-                if row["digest"] is not None:
-                    out["digest"] = row["digest"].hex()
+            if row["digest"] is not None:
+                out["digest"] = f"{scan.part_digests[scan.row_parts[at]]}:{row['digest'].hex()}"
+            at += 1
             lines.append(_ENCODER.encode(out))
         yield lines
 
 
-def meta_line(reader: TraceReader) -> str:
+def meta_line(reader: TraceReader, digest: str = DEFAULT_DIGEST) -> str:
     """Return the ``meta`` line: the manifest's keys, with ``vocab`` as pieces when known
-    (an array when every id up to the largest has a piece, else an object ``{"id": piece}``)."""
-    meta: dict[str, Any] = {"kind": "meta", **reader.metadata.to_manifest()}
+    (an array when every id up to the largest has a piece, else an object ``{"id": piece}``),
+    and ``digest``, the file's digest algorithm (see :func:`file_digest`)."""
+    meta: dict[str, Any] = {"kind": "meta", **reader.metadata.to_manifest(), "digest": digest}
     meta.pop("vocab", None)
     vocab = reader.vocab
     if vocab is not None:
@@ -146,8 +163,9 @@ def export_jsonl(
 ) -> int:
     """Write a trace as JSONL interchange lines (SPEC.md §6).
 
-    One ``meta`` line, then every decision (sorted by sample, step, head) as a ``topk_ids`` line,
-    then every tensor with ``data_b64`` (values recorded) or ``stats`` and ``digest``. NaN and
+    One ``meta`` line (naming the file's digest algorithm), then every decision (sorted by
+    sample, step, head) as a ``topk_ids`` line, then every tensor with ``data_b64`` (values
+    recorded) or ``stats``, and its ``digest`` with its algorithm named. NaN and
     ±Inf floats are written as ``"nan"``, ``"inf"``, ``"-inf"``. The file is written under a
     temporary name and renamed at the end, so ``out`` never holds a partial export. Rows are
     converted in batches of bounded rows and bytes, never all at once.
@@ -208,7 +226,7 @@ def export_jsonl(
 
 def _write_all(write: Callable[[IO[bytes], list[str]], None], sink: IO[bytes], reader: TraceReader,
                decisions: pa.Table, scan: TensorScan) -> None:
-    write(sink, [meta_line(reader)])
+    write(sink, [meta_line(reader, file_digest(scan))])
     for lines in decision_lines(decisions):
         write(sink, lines)
     for lines in tensor_lines(scan):

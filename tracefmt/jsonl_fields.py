@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from .errors import JsonlError
+from .payload import SHA256_128
 
 I32 = (-(2**31), 2**31 - 1)
 I64 = (-(2**63), 2**63 - 1)
@@ -71,6 +72,11 @@ class LineContext:
     line: int = 0
     watched: list[int] = field(default_factory=list)
     vocab_head: str = "token"
+    #: The file's digest algorithm (the meta line's ``digest``): that of bare digests, and of
+    #: the part the import writes (SPEC.md §6).
+    digest: str = SHA256_128
+    #: Statistics-only lines whose digest was of another algorithm, recorded without it.
+    digests_dropped: int = 0
 
     def fail(self, reason: str) -> NoReturn:
         """Raise :class:`JsonlError` for the current line.

@@ -26,6 +26,7 @@ from .jsonio import parse_json
 from .jsonl_fields import LineContext, json_type
 from .jsonl_lines import Vocab, add_decision, add_tensor, parse_meta
 from .metadata import TraceMetadata
+from .payload import SHA256_128
 from .schema import KINDS, MANIFEST, PARTS_DIR, data_file, part_file
 from .writer import TraceWriter
 
@@ -50,13 +51,19 @@ class ImportSummary:
     tensors: int  # tensor rows, full-logits tensors of keep_logits included
     samples: int  # distinct sample ids
     seconds: float
+    #: the digest algorithm of the part written: the file's (its meta line's ``digest``)
+    digest: str = SHA256_128
+    #: statistics-only lines recorded without their digest, which was of another algorithm
+    digests_dropped: int = 0
 
     def __str__(self) -> str:
         def n(k: int, word: str) -> str:
             return f"{k:,} {word}{'' if k == 1 else 's'}"
 
+        dropped = (f"; {n(self.digests_dropped, 'statistics-only digest')} not of the file's {self.digest} "
+                   "left out" if self.digests_dropped else "")
         return (f"imported {n(self.lines, 'line')}: {n(self.decisions, 'decision')}, {n(self.tensors, 'tensor')}, "
-                f"{n(self.samples, 'sample')} in {self.seconds:.2f} s")
+                f"{n(self.samples, 'sample')} in {self.seconds:.2f} s{dropped}")
 
 
 class _CountingReader(io.RawIOBase):
@@ -159,7 +166,8 @@ class _Import:
             meta = self.meta if self.meta is not None else TraceMetadata()
             self.ctx.watched = list(meta.watched.values())  # in manifest order, as TraceWriter.add_logits
             self.ctx.vocab_head = meta.vocab_head
-            self.writer = TraceWriter(self.dst, metadata=meta, vocab=self.vocab, mode=self.mode)
+            self.writer = TraceWriter(self.dst, metadata=meta, vocab=self.vocab, mode=self.mode,
+                                      digest=self.ctx.digest)
         return self.writer
 
     def line(self, raw: bytes) -> None:
@@ -253,6 +261,11 @@ def import_jsonl(
     ``vocab_head`` (default ``token``), the head whose ids name tokens. A decision without ``time`` gets the import's
     wall-clock time (the writer cannot record a null time).
 
+    The part is written with the file's digest algorithm (the meta line's ``digest``, else
+    ``sha256-128``). A digest beside values is checked with its own algorithm; a
+    statistics-only digest of another algorithm than the file's is left out (never stored under
+    the wrong name) and counted in :attr:`ImportSummary.digests_dropped`.
+
     If a line is bad (or anything else fails, Ctrl-C included), the writer is closed and what the
     import wrote is removed: the whole output directory when this import created it (or replaced
     it, ``mode="overwrite"``), else only its own part, so an existing trace is left as it was.
@@ -332,4 +345,6 @@ def import_jsonl(
         tensors=job.counts["tensor"],
         samples=len(job.samples),
         seconds=time.perf_counter() - t0,
+        digest=ctx.digest,
+        digests_dropped=ctx.digests_dropped,
     )

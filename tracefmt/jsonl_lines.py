@@ -20,7 +20,7 @@ from .dtypes import DTYPES, canonical, container
 from .jsonio import quote
 from .jsonl_fields import I32, I64, LineContext, json_type, show
 from .metadata import TraceMetadata
-from .payload import TensorStats, digest
+from .payload import DIGEST_ALGORITHMS, TensorStats, digest
 from .schema import STAT_COLUMNS
 from .writer import TraceWriter
 
@@ -42,12 +42,15 @@ def parse_meta(ctx: LineContext, obj: dict[str, Any]) -> tuple[TraceMetadata, Vo
 
     Manifest keys of SPEC.md §2 fill the metadata fields (``runtime`` and ``producer`` may be
     ``{"name", "version"}`` objects or plain strings); ``format``/``version`` are dropped;
-    every other key is kept in ``extra``.
+    ``digest``, the file's digest algorithm, goes to ``ctx.digest``; every other key is kept in
+    ``extra``.
 
     Raises:
-        JsonlError: a key has the wrong type.
+        JsonlError: a key has the wrong type, or ``digest`` names no known algorithm.
     """
     d = {k: v for k, v in obj.items() if k not in _META_DROPPED}
+    if "digest" in d:
+        ctx.digest = _algorithm(ctx, d.pop("digest"), "meta digest")
     fields: dict[str, Any] = {}
     for key in ("runtime", "producer"):
         v = d.pop(key, None)
@@ -222,7 +225,7 @@ def add_tensor(ctx: LineContext, obj: dict[str, Any], writer: TraceWriter) -> st
     call = ctx.integer(obj, "call", default=None, lo=0)
     order = ctx.integer(obj, "order", default=None, lo=0)
     source = ctx.text(obj, "source", default=None, empty=True)
-    dig = _digest(ctx, obj.get("digest"))
+    dig, algorithm = _digest(ctx, obj.get("digest"))
     given = [k for k in _PAYLOADS if k in obj]
     if len(given) > 1:
         ctx.fail(f"give only one of data_b64, npy or raw, not {' and '.join(given)}")
@@ -232,6 +235,9 @@ def add_tensor(ctx: LineContext, obj: dict[str, Any], writer: TraceWriter) -> st
         if "stats" not in obj:
             ctx.fail("a tensor line needs one of data_b64, npy, raw (values) or stats (statistics only)")
         stats = _stats(ctx, obj["stats"], numel)
+        if dig is not None and algorithm != writer.digest_algorithm:
+            dig = None  # never stored under another algorithm's name (SPEC.md §4.5, §6)
+            ctx.digests_dropped += 1
         writer.add_tensor_stats(
             sample, step, name, dtype=dtype, shape=shape, stats=stats, digest=dig, source=source, call=call, order=order
         )
@@ -244,20 +250,34 @@ def add_tensor(ctx: LineContext, obj: dict[str, Any], writer: TraceWriter) -> st
         arr = _from_raw(ctx, obj, dtype, shape, nbytes)
     if dtype == "bool" and arr.size and arr.view(np.uint8).max() > 1:
         ctx.fail("a bool tensor holds bytes other than 0x00 and 0x01")
-    if dig is not None:
+    if dig is not None:  # checked with its own algorithm; the writer digests the values with the part's
         a = canonical(arr, dtype)
-        if digest(memoryview(a.reshape(-1)).cast("B")) != dig:
-            ctx.fail("digest does not match the values (SHA-256 of the canonical bytes, first 16 bytes)")
+        if digest(memoryview(a.reshape(-1)).cast("B"), algorithm) != dig:
+            ctx.fail(f"digest does not match the values ({algorithm} of the canonical bytes, SPEC.md §4.5)")
     writer.add_tensor(sample, step, name, arr, source=source, call=call, order=order, dtype=dtype, copy=False)
     return sample
 
 
-def _digest(ctx: LineContext, v: Any) -> bytes | None:
+def _digest(ctx: LineContext, v: Any) -> tuple[bytes | None, str]:
+    """A line's ``digest``: 32 hex digits in the file's algorithm, or ``"<algorithm>:<32 hex>"``.
+
+    Returns:
+        (the 16 bytes or None, their algorithm).
+    """
     if v is None:
-        return None
-    if isinstance(v, str) and len(v) == 32 and all(c in string.hexdigits for c in v):
-        return bytes.fromhex(v)
-    ctx.fail(f"digest must be 32 hex digits (16 bytes), got {show(v)}")
+        return None, ctx.digest
+    if isinstance(v, str):
+        algorithm, sep, hexdigits = v.rpartition(":")
+        algorithm = _algorithm(ctx, algorithm, "digest") if sep else ctx.digest
+        if len(hexdigits) == 32 and all(c in string.hexdigits for c in hexdigits):
+            return bytes.fromhex(hexdigits), algorithm
+    ctx.fail(f"digest must be 32 hex digits (16 bytes), optionally after \"<algorithm>:\", got {show(v)}")
+
+
+def _algorithm(ctx: LineContext, v: Any, what: str) -> str:
+    if isinstance(v, str) and v in DIGEST_ALGORITHMS:
+        return v
+    ctx.fail(f"{what} names digest algorithm {show(v)}; this steptrace knows {', '.join(DIGEST_ALGORITHMS)}")
 
 
 def _stats(ctx: LineContext, v: Any, numel: int) -> TensorStats:

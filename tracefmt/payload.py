@@ -15,7 +15,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from .dtypes import DTYPES, container, widen_bfloat16, widen_float16
+from .dtypes import DTYPES, F16_SPECIAL_MAGNITUDE, container, widen_bfloat16, widen_float16
 from .errors import TraceCorruptError, TraceFormatError, TraceUsageError
 
 #: Encodings a value payload may carry (SPEC.md §4.3).
@@ -109,9 +109,11 @@ def _scratch64(n: int) -> np.ndarray:
     return buf[:n]
 
 
-def _widened(c: np.ndarray, name: str) -> np.ndarray:
+def _widened(c: np.ndarray, name: str, *, specials: bool = True) -> np.ndarray:
     """Return chunk ``c`` as numbers numpy reduces natively (float16/bfloat16 widened exactly to
-    float32 in a reused per-thread buffer: fresh memory is slow to touch)."""
+    float32 in a reused per-thread buffer: fresh memory is slow to touch). ``specials=False``:
+    float16 ±inf/NaN come out as finite values of magnitude >= 2**16 (see
+    :func:`tracefmt.dtypes.widen_float16`)."""
     if name == "bool":
         return c.view(np.uint8)
     if name not in ("float16", "bfloat16"):
@@ -121,7 +123,7 @@ def _widened(c: np.ndarray, name: str) -> np.ndarray:
         buf = _scratch.f32 = np.empty(_CHUNK, np.float32)
     out = buf[: c.size]
     if name == "float16":  # numpy's float16 cast is not vectorised here: ~8x slower
-        widen_float16(c, out)
+        widen_float16(c, out, specials=specials)
     else:
         np.left_shift(c, 16, out=out.view(np.uint32), dtype=np.uint32)
     return out
@@ -149,7 +151,11 @@ def compute_stats(a: np.ndarray, name: str) -> TensorStats:
     lo, hi, total, sumsq, count, nan_count, inf_count = math.inf, -math.inf, 0.0, 0.0, 0, 0, 0
     with np.errstate(invalid="ignore", over="ignore"):  # +inf + -inf, overflow: handled below
         for start in range(0, n, _CHUNK):
-            c = _widened(flat[start : start + _CHUNK], name)
+            chunk = flat[start : start + _CHUNK]
+            c = _widened(chunk, name, specials=False)
+            lo_c, hi_c = float(c.min()), float(c.max())
+            if name == "float16" and max(-lo_c, hi_c) >= F16_SPECIAL_MAGNITUDE:
+                c = _widened(chunk, name)  # ±inf/NaN in the chunk: widened as they are, filtered below
             # Σx and Σx² from a float64 copy of the chunk in a reused buffer: x² of a float32
             # is exact in float64, and two vectorised passes over a cached chunk cost less
             # than a casting reduction plus einsum (no BLAS: its threads thrash on a busy machine)
@@ -167,8 +173,9 @@ def compute_stats(a: np.ndarray, name: str) -> TensorStats:
                 w = w[: c.size]
                 np.copyto(w, c, casting="unsafe")
                 s = float(np.add.reduce(w))
-            lo = min(lo, float(c.min()))
-            hi = max(hi, float(c.max()))
+                lo_c, hi_c = float(c.min()), float(c.max())
+            lo = min(lo, lo_c)
+            hi = max(hi, hi_c)
             total += s
             sumsq += float(np.add.reduce(np.multiply(w, w, out=w)))
             count += int(c.size)
@@ -281,6 +288,7 @@ class Encoder:
         if encoding not in ENCODINGS:
             raise TraceUsageError(f"encoding {encoding!r} is unknown; use one of {', '.join(ENCODINGS)}")
         self.encoding = encoding
+        self.level = level
         self._zstd = zstandard.ZstdCompressor(level=level, write_content_size=True)
 
     def encode(self, buf: memoryview, itemsize: int) -> bytes:

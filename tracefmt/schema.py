@@ -6,7 +6,7 @@ import pyarrow as pa
 
 FORMAT_NAME = "steptrace"
 #: Version this code writes. Readers accept any minor of the same major.
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 FORMAT_MAJOR = 1
 
 MANIFEST = "steptrace.json"

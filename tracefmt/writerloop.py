@@ -1,15 +1,16 @@
-"""The background thread of a :class:`steptrace.tracefmt.TraceWriter`: takes queued items, computes
-statistics and digests, derives decisions from logits, has values compressed on an encoder
-thread, and flushes record batches to the part's files."""
+"""The background thread of a :class:`steptrace.tracefmt.TraceWriter`: takes queued items, derives
+decisions from logits, has large tensors' statistics, digests and payloads computed on job
+threads (:mod:`steptrace.tracefmt.tensorjobs`), appends each payload to the values file as soon as
+it and those before it are ready, and flushes record batches of rows to the part's files."""
 
 from __future__ import annotations
 
 import queue
-import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +20,8 @@ from .decisions import decide, decide_many
 from .errors import TraceError
 from .ipcfile import ArrowAppender
 from .outbox import BufferPool, Outbox
-from .payload import SMALL_ELEMENTS, Encoder, compute_stats, compute_stats_many
+from .payload import SMALL_ELEMENTS, Encoder, compute_stats_many
+from .tensorjobs import TensorJobs, job_threads
 from .writeitems import (
     CloseItem,
     DecisionBatchItem,
@@ -80,14 +82,15 @@ class Worker:
         outbox: where items come from.
         pool: recycled copy buffers to give back.
         files: the part's appenders by kind.
-        encoder: the value encoder (used by the one encoder thread only).
+        encoder: the value encoding and zstd level (each job thread builds its own).
         flush_steps: flush after this many distinct new steps.
         flush_s: flush at least this often while data is pending.
         digest: the part's digest function (:func:`tracefmt.payload.digest_function`).
+        threads: job threads; None: :func:`tracefmt.tensorjobs.job_threads`.
     """
 
     def __init__(self, outbox: Outbox, pool: BufferPool, files: dict[str, ArrowAppender], encoder: Encoder, *,
-                 flush_steps: int, flush_s: float, digest: Callable[[Any], bytes]) -> None:
+                 flush_steps: int, flush_s: float, digest: Callable[[Any], bytes], threads: int | None = None) -> None:
         self.error: BaseException | None = None
         self.counts = {"decisions": 0, "tensors": 0, "values": 0, "tensor_bytes": 0}
         self._outbox = outbox
@@ -95,8 +98,9 @@ class Worker:
         self._budget = outbox.budget
         self._pool = pool
         self._files = files
-        self._encoder = encoder
-        self._encoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steptrace-encoder")
+        self._jobs = TensorJobs(encoder, digest, threads=threads or job_threads())
+        self._encoding = encoder.encoding
+        self._unwritten: deque[Future] = deque()  # jobs whose payload is not in the values file yet
         self._flush_steps = flush_steps
         self._flush_s = flush_s
         self._digest = digest
@@ -115,7 +119,7 @@ class Worker:
             got = self._queue.get()
             for item in got.items if type(got) is ManyItem else (got,):
                 if type(item) is CloseItem:
-                    self._encoding.shutdown()
+                    self._jobs.shutdown()
                     return
                 if type(item) is FlushItem:
                     item.done.set()
@@ -124,24 +128,21 @@ class Worker:
 
     def _loop(self) -> None:
         dec: list[DecisionRow] = []
-        ten: list[TensorRow] = []
-        val: list[tuple[str, Future]] = []
+        ten: list[TensorRow | _PendingRow] = []
         steps_seen: set[tuple[str, int]] = set()  # distinct steps since the last flush
         deadline: float | None = None
         outbox = self._outbox
         counts = self.counts
 
         def flush() -> None:
-            nonlocal dec, ten, val, deadline
-            # One value per record batch: value_ref i is batch i + 1 (batch 0 is the empty batch
-            # that carries the schema), so a reader finds a value without reading every batch.
-            for enc, fut in val:  # payloads are compressed on the encoder thread; in order
-                self._files["values"].write(values_batch([(enc, fut.result())]))
+            nonlocal dec, ten, deadline
+            # Values first: every tensor row written below references a value already in the file.
+            self._write_values(wait=True)
             if ten:
-                self._files["tensors"].write(tensors_batch(ten))
+                self._files["tensors"].write(tensors_batch([_row(r) for r in ten]))
             if dec:
                 self._files["decisions"].write(decisions_batch(dec))
-            dec, ten, val = [], [], []
+            dec, ten = [], []
             steps_seen.clear()
             deadline = None
 
@@ -188,7 +189,7 @@ class Worker:
                     continue
                 if kind is CloseItem:
                     self._guard(flush)
-                    self._encoding.shutdown()
+                    self._jobs.shutdown()
                     return
                 if kind is FlushItem:
                     self._guard(flush)
@@ -203,7 +204,7 @@ class Worker:
                     continue
                 steps_seen.add((item.row.sample, item.row.step) if kind is DecisionItem else (item.sample, item.step))
                 if self.error is None:
-                    self._guard(self._accept, item, dec, ten, val)  # gives a tensor's bytes back when done
+                    self._guard(self._accept, item, dec, ten)  # gives a tensor's bytes back when done
                 elif kind is TensorItem:
                     self._budget.give(item.array.nbytes)
                 if deadline is None:
@@ -225,26 +226,29 @@ class Worker:
         except (OSError, pa.ArrowException, ValueError, TypeError, TraceError) as exc:  # reported on the next call
             self.error = exc
 
-    def _give_when_done(self, nbytes: int, jobs: list[Future], pooled: np.ndarray | None) -> Callable[[], None]:
-        """Give ``nbytes`` back to the queue budget (and ``pooled`` to the buffer pool) when every
-        job has finished and the returned callable has been called (by the stats' thread)."""
-        left = [len(jobs) + 1]
-        lock = threading.Lock()
+    def _give_when_done(self, nbytes: int, job: Future, pooled: np.ndarray | None) -> None:
+        """Give ``nbytes`` back to the queue budget (and ``pooled`` to the buffer pool) once
+        ``job`` has finished with the array."""
 
-        def done(_f: Future | None = None) -> None:
-            with lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last:
-                self._budget.give(nbytes)
-                if pooled is not None:
-                    self._pool.give(pooled)
+        def done(_f: Future) -> None:
+            self._budget.give(nbytes)
+            if pooled is not None:
+                self._pool.give(pooled)
 
-        for job in jobs:
-            job.add_done_callback(done)
-        return done
+        job.add_done_callback(done)
 
-    def _accept(self, item: Any, dec: list[DecisionRow], ten: list[TensorRow], val: list) -> None:
+    def _write_values(self, *, wait: bool) -> None:
+        """Append the payloads of finished jobs to the values file, in ``value_ref`` order, up to
+        the first job still running (``wait``: every job's, waiting for them). Each payload is
+        one record batch: value_ref i is batch i + 1 (SPEC.md §5.4)."""
+        unwritten = self._unwritten
+        while unwritten and (wait or unwritten[0].done()):
+            res = unwritten[0].result()  # raises what the job raised
+            self._files["values"].write(values_batch([(self._encoding, res.payload)]))
+            res.payload = None  # the row keeps the result until the flush; the bytes can go now
+            unwritten.popleft()
+
+    def _accept(self, item: Any, dec: list[DecisionRow], ten: list[TensorRow | _PendingRow]) -> None:
         kind = type(item)
         counts = self.counts
         if kind is DecisionItem:
@@ -265,36 +269,48 @@ class Worker:
             counts["tensors"] += 1
             return
         a, stats = item.array, item.stats
-        if not item.values:  # statistics and digest only: no encoder job to wait for
+        counts["tensor_bytes"] += a.nbytes
+        counts["tensors"] += 1
+        if not item.values and a.nbytes < JOB_BYTES:  # statistics and digest only, cheaper here than a job
             try:
-                if stats is None:
-                    stats = compute_stats(a, item.dtype)
-                dig = self._digest(memoryview(a).cast("B") if a.size else b"")
+                res = self._jobs.run_here(a, item.dtype, stats, values=False)
             finally:
                 self._budget.give(a.nbytes)
                 if item.pooled is not None:
                     self._pool.give(item.pooled)
-            counts["tensor_bytes"] += a.nbytes
             ten.append(TensorRow(item.sample, item.step, item.name, item.call, item.order, item.source, item.dtype,
-                                 a.shape, stats, dig, None))
-            counts["tensors"] += 1
+                                 a.shape, res.stats, res.digest, None))
             return
-        buf = memoryview(a).cast("B") if a.size else memoryview(b"")
-        # Compression runs on the encoder thread while this one computes the stats and the
-        # digest (zstd, the digest and numpy reductions release the GIL; a third thread measured
-        # slower on two cores); the queue's bytes are given back when both are done.
-        pending = self._encoding.submit(self._encoder.encode, buf, a.dtype.itemsize)
-        ref = counts["values"]
-        val.append((self._encoder.encoding, pending))
-        counts["values"] += 1
-        stats_done = self._give_when_done(a.nbytes, [pending], item.pooled)
-        try:
-            if stats is None:
-                stats = compute_stats(a, item.dtype)
-            dig = self._digest(buf)
-        finally:
-            stats_done()
-        counts["tensor_bytes"] += a.nbytes
-        ten.append(TensorRow(item.sample, item.step, item.name, item.call, item.order, item.source, item.dtype,
-                             a.shape, stats, dig, ref))
-        counts["tensors"] += 1
+        # statistics, digest and payload on a job thread; the queue's bytes are given back when
+        # it is done, its payload is written once those before it are
+        job = self._jobs.submit(a, item.dtype, stats, item.values)
+        self._give_when_done(a.nbytes, job, item.pooled)
+        ref = None
+        if item.values:
+            ref = counts["values"]
+            counts["values"] += 1
+            self._unwritten.append(job)
+        # the row keeps the shape, not the array: its memory goes back when the job is done
+        ten.append(_PendingRow(TensorRow(item.sample, item.step, item.name, item.call, item.order, item.source,
+                                         item.dtype, a.shape, None, None, ref), job))  # type: ignore[arg-type]
+        self._write_values(wait=False)
+
+
+#: Tensors recorded without values get a job of their own from this many bytes (smaller ones
+#: are reduced on the loop's thread); tensors with values always do.
+JOB_BYTES = 64 << 10
+
+
+class _PendingRow(NamedTuple):
+    """A tensor row (without statistics and digest yet) and the job computing them."""
+
+    row: TensorRow
+    job: Future
+
+
+def _row(r: TensorRow | _PendingRow) -> TensorRow:
+    """The finished row of ``r``, waiting for a pending row's job."""
+    if type(r) is TensorRow:
+        return r
+    res = r.job.result()
+    return r.row._replace(stats=res.stats, digest=res.digest)
