@@ -74,34 +74,47 @@ class SampleIdsExhaustedError(RecorderUsageError):
 
 
 class _HostRecorder(Recorder):
-    """A :class:`Recorder` that also takes torch tensors (through :mod:`steptrace.recorders.torch`):
-    dense CPU tensors of SPEC.md dtypes go to the writer's lane as numpy views (the writer copies
-    them before returning), every other tensor through :meth:`Recorder.record`."""
+    """A :class:`Recorder` that also takes torch tensors (through :mod:`steptrace.recorders.torch`)."""
 
     _cpu_view: Callable[[Any], tuple[str, np.ndarray] | None] | None = None
 
-    def record(self, name: str, value: Any, *, call: int | None = None, source: str | None = None,
-               mode: str | None = None, dtype: str | None = None) -> None:
-        """:meth:`Recorder.record`; a dense CPU torch tensor recorded at a given ``call`` and
-        ``mode`` takes the writer's lane (the checks it skips hold for a tensor's own view)."""
-        if call is not None and dtype is None and mode in _MODES and self._ring is None:
-            cpu_view = self._cpu_view
-            if cpu_view is None and is_torch_tensor(value):
-                from .torch import cpu_view
+    def lane_row(self, name: str, value: Any, call: int, source: str | None, values: bool) -> bool:
+        """Record a dense CPU torch tensor of a SPEC.md dtype at the open step through the writer's
+        lane, as a numpy view the writer copies before returning (the checks of
+        :meth:`Recorder.record` hold for a tensor's own view); return False, having done
+        nothing, for any other value (or with a budget, or once closed): :meth:`Recorder.record`
+        takes those.
 
-                self._cpu_view = cpu_view
-            view = None if cpu_view is None else cpu_view(value)
-            if view is not None:
-                self._check()
-                st = self._step or self._current()
-                order = st.order
-                st.order = order + 1
-                key = st.key
-                with self._lock:
-                    self.writer.lane.tensor_row(key.sample, key.index, name, call, order, source, view[0], view[1],
-                                                mode == "full")
-                return
-        super().record(name, value, call=call, source=source, mode=mode, dtype=dtype)
+        Args:
+            name: the tensor's name.
+            value: the tensor.
+            call: its call index.
+            source: what produced it.
+            values: store the values too (``full``), else statistics only.
+
+        Raises:
+            TraceWriteError: the writer failed earlier.
+        """
+        cpu_view = self._cpu_view
+        if cpu_view is None:
+            if not is_torch_tensor(value):
+                return False
+            from .torch import cpu_view
+
+            self._cpu_view = cpu_view
+        if self._ring is not None or self._closed:
+            return False
+        view = cpu_view(value)
+        if view is None:
+            return False
+        self._check()
+        st = self._step or self._current()
+        order = st.order
+        st.order = order + 1
+        key = st.key
+        with self._lock:
+            self.writer.lane.tensor_row(key.sample, key.index, name, call, order, source, view[0], view[1], values)
+        return True
 
     def to_host(self, value: Any, dtype: str | None) -> tuple[np.ndarray | HostCopy, str | None]:
         if is_torch_tensor(value):
@@ -308,12 +321,14 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         """Mark a hook's writing section: Ctrl-C is held until it ends; TraceErrors are kept."""
         return self._section
 
-    def _record(self, rec: Recorder, name: str, value: Any, call: int | None, source: str | None, mode: str) -> None:
-        try:
-            rec.record(name, value, call=call, source=source, mode=mode)
-        except UnsupportedDtypeError as exc:
-            self._note(f"dtype:{name}", f"{name} not recorded: {exc}")
-            return
+    def _record(self, rec: _HostRecorder, name: str, value: Any, call: int | None, source: str | None,
+                mode: str) -> None:
+        if call is None or mode not in _MODES or not rec.lane_row(name, value, call, source, mode == "full"):
+            try:
+                rec.record(name, value, call=call, source=source, mode=mode)
+            except UnsupportedDtypeError as exc:
+                self._note(f"dtype:{name}", f"{name} not recorded: {exc}")
+                return
         self._recorded.add(name)
 
     def _decide(self, rec: Recorder, name: str, t: Any) -> int:

@@ -94,7 +94,7 @@ class ModuleHooks:
         return info.logits  # type: ignore[return-value]
 
     def _torch_output(self, module: Any, info: _Mod, output: Any) -> Any:
-        path = self._logits_path(info, output)
+        path = None if info.logits is False else self._logits_path(info, output)
         if info.mode == "none" and path is None:
             return None
         rec = self.rec
