@@ -42,10 +42,13 @@ Two more workloads measure whole programs (``--workload script`` and ``ort``; ``
 every workload):
 
     script      ``trace record`` of an unmodified script: a loop of one-token steps through a
-                12-block MLP (d = 128, torch on one thread, ~40 modules), whole-process wall
-                time of ``python script.py`` against ``trace record --logits head script.py``
+                12-block MLP (d = 128, torch on one thread, 64 module calls per step), whole-process
+                wall time of ``python script.py`` against ``trace record --logits head script.py``
                 and ``trace record --modules '*' --logits head script.py`` (interpreter and
-                imports included: what a user waits for);
+                imports included: what a user waits for); ``--compare PATH`` adds the same two
+                runs of another steptrace checkout (before/after ratios from the same repeats);
+                ``cpu s`` is the process's CPU time (user + system, every thread), which a
+                machine shared with other work inflates less than wall time;
     ort         statistics of every intermediate of a conv model with large activations (6
                 conv+ReLU layers, 32 channels, 128 x 128; every node output exposed with
                 ``expose_intermediates(model, "*")``, ~25 MB per run): ``OrtRecorder.run``
@@ -62,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -230,36 +234,53 @@ SCRIPT = textwrap.dedent('''
 
 
 def bench_script(args: argparse.Namespace, out: Path) -> list[str]:
-    """Whole-process wall time of the plain script against `trace record` of it."""
+    """Whole-process wall time of the plain script against `trace record` of it (and, with
+    ``--compare PATH``, against `trace record` of another steptrace checkout, in the same repeats)."""
     script = out / "mlp_decode.py"
     script.write_text(SCRIPT)
     steps = str(args.script_steps)
     cli = [sys.executable, "-c", "import sys; from steptrace.tui.cli import main; sys.exit(main(sys.argv[1:]))", "record"]
-    configs = {
-        "plain": [sys.executable, str(script), steps],
-        "--logits": [*cli, "-o", str(out / "l.trace"), "--logits", "head", str(script), steps],
-        "--modules '*'": [*cli, "-o", str(out / "m.trace"), "--modules", "*", "--logits", "head", str(script), steps],
-    }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    envs = {"": env}
+    if args.compare is not None:
+        envs["compare "] = {**env, "PYTHONPATH": str(args.compare)}
+    configs: dict[str, tuple[list[str], dict[str, str]]] = {"plain": ([sys.executable, str(script), steps], env)}
+    targets: dict[str, float | None] = {"plain": None}
+    for prefix, e in envs.items():
+        configs[f"{prefix}--logits"] = ([*cli, "-o", str(out / "l.trace"), "--logits", "head", str(script), steps], e)
+        configs[f"{prefix}--modules '*'"] = ([*cli, "-o", str(out / "m.trace"), "--modules", "*", "--logits", "head",
+                                              str(script), steps], e)
+        targets[f"{prefix}--logits"], targets[f"{prefix}--modules '*'"] = 1.15, 1.6
     runs: dict[str, list[float]] = {c: [] for c in configs}
+    cpus: dict[str, list[float]] = {c: [] for c in configs}
+    loads: list[float] = []
     names = list(configs)
     for r in range(args.script_repeats):
         for c in names[r % len(names):] + names[: r % len(names)]:
             for p in out.glob("*.trace"):
                 shutil.rmtree(p)
+            cmd, e = configs[c]
+            u0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
-            subprocess.run(configs[c], check=True, capture_output=True, env=env)
+            subprocess.run(cmd, check=True, capture_output=True, env=e)
             runs[c].append(time.perf_counter() - t0)
+            u1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus[c].append(u1.ru_utime - u0.ru_utime + u1.ru_stime - u0.ru_stime)
+        loads.append(os.getloadavg()[0])
     lines = [f"script: trace record of a 12-block MLP loop, {steps} one-token steps, whole process; "
-             f"median of {args.script_repeats} rotated repeats; load {os.getloadavg()[0]:.1f}",
-             f"{'config':<14} {'wall s':>7} {'ratio':>6} {'spread':>7}  target"]
-    for c, target in (("plain", None), ("--logits", 1.15), ("--modules '*'", 1.6)):
+             f"median of {args.script_repeats} rotated repeats; load {os.getloadavg()[0]:.1f} "
+             f"(after each repeat: {', '.join(f'{x:.1f}' for x in loads)})"
+             + (f"; compare = PYTHONPATH={args.compare}" if args.compare is not None else ""),
+             f"{'config':<22} {'wall s':>7} {'ratio':>6} {'spread':>7} {'cpu s':>6} {'cpu ratio':>9}  target"]
+    for c, target in targets.items():
         ratios = [x / base for x, base in zip(runs[c], runs["plain"])]
         q = sorted(ratios)
         ratio = statistics.median(ratios)
         spread = (q[(3 * len(q)) // 4] - q[len(q) // 4]) / 2
+        cpu_ratio = statistics.median(x / base for x, base in zip(cpus[c], cpus["plain"]))
         verdict = "" if target is None else f"<= {target}x: {'PASS' if ratio <= target else 'MISS'}"
-        lines.append(f"{c:<14} {statistics.median(runs[c]):7.2f} {ratio:6.3f} {spread:7.1%}  {verdict}")
+        lines.append(f"{c:<22} {statistics.median(runs[c]):7.2f} {ratio:6.3f} {spread:7.1%} "
+                     f"{statistics.median(cpus[c]):6.2f} {cpu_ratio:9.3f}  {verdict}")
     return lines
 
 
@@ -316,6 +337,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats: a few minutes in all")
     ap.add_argument("--script-steps", type=int, default=1500)
     ap.add_argument("--script-repeats", type=int, default=5)
+    ap.add_argument("--compare", type=Path, default=None, metavar="PATH",
+                    help="script workload: also time `trace record` of the steptrace package under PATH (a "
+                         "PYTHONPATH entry, e.g. an export of another commit), in the same rotated repeats")
     ap.add_argument("--ort-repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=48, help="decode steps per run, recompute workload")
     ap.add_argument("--kv-steps", type=int, default=256, help="decode steps per run, kv workload")

@@ -44,8 +44,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,6 +66,7 @@ __all__ = ["SAMPLE_ENV", "SCORES", "ScriptRecorder", "SampleIdsExhaustedError"]
 
 #: The environment variable a script sets to name the sample of the steps that follow.
 SAMPLE_ENV = "STEPTRACE_SAMPLE"
+_MODES = ("stats", "full")
 
 
 class SampleIdsExhaustedError(RecorderUsageError):
@@ -76,12 +76,75 @@ class SampleIdsExhaustedError(RecorderUsageError):
 class _HostRecorder(Recorder):
     """A :class:`Recorder` that also takes torch tensors (through :mod:`steptrace.recorders.torch`)."""
 
+    _cpu_view: Callable[[Any], tuple[str, np.ndarray] | None] | None = None
+
+    def lane_row(self, name: str, value: Any, call: int, source: str | None, values: bool) -> bool:
+        """Record a dense CPU torch tensor of a SPEC.md dtype at the open step through the writer's
+        lane, as a numpy view the writer copies before returning (the checks of
+        :meth:`Recorder.record` hold for a tensor's own view); return False, having done
+        nothing, for any other value (or with a budget, or once closed): :meth:`Recorder.record`
+        takes those.
+
+        Args:
+            name: the tensor's name.
+            value: the tensor.
+            call: its call index.
+            source: what produced it.
+            values: store the values too (``full``), else statistics only.
+
+        Raises:
+            TraceWriteError: the writer failed earlier.
+        """
+        cpu_view = self._cpu_view
+        if cpu_view is None:
+            if not is_torch_tensor(value):
+                return False
+            from .torch import cpu_view
+
+            self._cpu_view = cpu_view
+        if self._ring is not None or self._closed:
+            return False
+        view = cpu_view(value)
+        if view is None:
+            return False
+        self._check()
+        st = self._step or self._current()
+        order = st.order
+        st.order = order + 1
+        key = st.key
+        with self._lock:
+            self.writer.lane.tensor_row(key.sample, key.index, name, call, order, source, view[0], view[1], values)
+        return True
+
     def to_host(self, value: Any, dtype: str | None) -> tuple[np.ndarray | HostCopy, str | None]:
         if is_torch_tensor(value):
             from .torch import tensor_to_host
 
             return tensor_to_host(value)
         return super().to_host(value, dtype)
+
+
+class _Writing:
+    """A hook's writing section (``with hooks._writing():``): Ctrl-C is held until it ends;
+    TraceErrors are kept in ``hooks.error``. One object per recorder, re-entered by nested
+    sections (a class, not a generator: hooks enter it at every module call that records)."""
+
+    __slots__ = ("_hooks",)
+
+    def __init__(self, hooks: ScriptRecorder) -> None:
+        self._hooks = hooks
+
+    def __enter__(self) -> None:
+        self._hooks.busy += 1
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        hooks = self._hooks
+        if isinstance(exc, TraceError):
+            hooks.error = exc
+        hooks.busy -= 1
+        if exc_type is None and hooks.interrupted and not hooks.busy:
+            hooks.interrupted = False
+            raise KeyboardInterrupt
 
 
 class ScriptRecorder(ModuleHooks, SessionHooks):
@@ -169,6 +232,7 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         self.notes: list[str] = []
         self.names: list[str] = []  # names seen (modules, session values), for messages
         self.busy = 0  # > 0 while a hook writes: Ctrl-C waits for it (see recorders.script)
+        self._section = _Writing(self)
         self.interrupted = False
         self._depth = 0
         self._decided = False
@@ -253,27 +317,18 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
             if self.progress is not None:
                 self.progress(self.steps)
 
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
+    def _writing(self) -> _Writing:
         """Mark a hook's writing section: Ctrl-C is held until it ends; TraceErrors are kept."""
-        self.busy += 1
-        try:
-            yield
-        except TraceError as exc:
-            self.error = exc
-            raise
-        finally:
-            self.busy -= 1
-        if self.interrupted and not self.busy:
-            self.interrupted = False
-            raise KeyboardInterrupt
+        return self._section
 
-    def _record(self, rec: Recorder, name: str, value: Any, call: int | None, source: str | None, mode: str) -> None:
-        try:
-            rec.record(name, value, call=call, source=source, mode=mode)
-        except UnsupportedDtypeError as exc:
-            self._note(f"dtype:{name}", f"{name} not recorded: {exc}")
-            return
+    def _record(self, rec: _HostRecorder, name: str, value: Any, call: int | None, source: str | None,
+                mode: str) -> None:
+        if call is None or mode not in _MODES or not rec.lane_row(name, value, call, source, mode == "full"):
+            try:
+                rec.record(name, value, call=call, source=source, mode=mode)
+            except UnsupportedDtypeError as exc:
+                self._note(f"dtype:{name}", f"{name} not recorded: {exc}")
+                return
         self._recorded.add(name)
 
     def _decide(self, rec: Recorder, name: str, t: Any) -> int:

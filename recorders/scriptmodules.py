@@ -52,9 +52,10 @@ class ModuleHooks:
         Raises:
             SampleIdsExhaustedError: more ``sample_per`` calls than sample ids.
         """
-        if module not in self._mods:
-            self._name_tree(module)
         info = self._mods.get(module)
+        if info is None:
+            self._name_tree(module)
+            info = self._mods.get(module)
         if info is not None and info.starts_sample:
             with self._writing():
                 self._start_sample(info.name)
@@ -67,10 +68,10 @@ class ModuleHooks:
         Raises:
             TraceError: recording failed, or teacher forcing ran past the reference.
         """
-        self._depth = max(self._depth - 1, 0)
+        depth = self._depth = max(self._depth - 1, 0)
         info = self._mods.get(module)
         result = None
-        if info is not None and self._before_first_sample(info.name if self._depth == 0 else None):
+        if info is not None and self.sample_per and self._before_first_sample(info.name if depth == 0 else None):
             info = None
         if info is not None and output is not None and (info.mode != "none" or info.logits is not False):
             with self._writing():
@@ -93,19 +94,24 @@ class ModuleHooks:
         return info.logits  # type: ignore[return-value]
 
     def _torch_output(self, module: Any, info: _Mod, output: Any) -> Any:
-        path = self._logits_path(info, output)
+        path = None if info.logits is False else self._logits_path(info, output)
         if info.mode == "none" and path is None:
             return None
-        from .torch import torch_defaults
+        rec = self.rec
+        if rec is None:
+            from .torch import torch_defaults
 
-        rec = self._recorder(lambda: torch_defaults(module))
+            rec = self._recorder(lambda: torch_defaults(module))
         if path is not None and self._decided:
             self._end_step()  # a second logits call inside one outer call: the next step
         self._open_step(rec)
         call = rec.next_call(info.name)
         if info.mode != "none":
-            for name, _, t in elements(info.name, output):
-                self._record(rec, name, t, call, info.source, info.mode)
+            if is_torch_tensor(output):  # a module's usual output: one tensor, named as the module
+                self._record(rec, info.name, output, call, info.source, info.mode)
+            else:
+                for name, _, t in elements(info.name, output):
+                    self._record(rec, name, t, call, info.source, info.mode)
             self._recorded.add(info.name)
         if path is None:
             return None

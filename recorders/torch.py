@@ -217,6 +217,27 @@ def install_global_hooks(pre: Any, post: Any) -> Any:
     return remove
 
 
+def cpu_view(t: Any) -> tuple[str, np.ndarray] | None:
+    """Return the SPEC.md dtype and a numpy view of a dense CPU ``torch.Tensor`` of a SPEC.md
+    dtype (bfloat16 as uint16 bits), or None for any other tensor (another device, layout or
+    dtype, or a subclass: :func:`tensor_to_host` takes those).
+
+    The view is valid until the model reuses the tensor's memory (as :func:`tensor_to_host`'s).
+
+    Args:
+        t: a tensor.
+    """
+    if type(t) is not torch.Tensor or not t.is_cpu or t.layout != torch.strided:
+        return None
+    lean = _LEAN.get(t.dtype)
+    if lean is None:
+        return None
+    dt, bits = lean
+    if t.requires_grad:
+        t = t.detach()
+    return dt, (t.numpy() if bits is None else t.view(bits).numpy().view(np.uint16))
+
+
 def tensor_to_host(t: torch.Tensor, *, device_stats: bool | None = None) -> tuple[np.ndarray | HostCopy, str]:
     """Host data of a tensor for :meth:`Recorder.record` (CPU: a numpy view, bfloat16 as uint16
     bits; other devices, or ``device_stats=True``: a :class:`TorchCopy`).
