@@ -1,8 +1,8 @@
 """ONNX Runtime recorder: every ``run()`` of an ``InferenceSession`` is a step (or part of one),
 its inputs and outputs recorded under the capture policy, a logits output decided; and
 :func:`expose_intermediates`, which marks node outputs as graph outputs (Polygraphy's "mark
-all") so the recorder sees them. The only module of steptrace that imports onnxruntime or onnx; the
-framework-free work is in :mod:`~recorders.onnxgraph` (graph bookkeeping) and :mod:`~recorders.ortsession`.
+all") so the recorder sees them. The only module that imports onnxruntime or onnx (the framework-free
+work: :mod:`~recorders.onnxgraph`, :mod:`~recorders.ortsession`).
 
     path, names = expose_intermediates("model.onnx", ["/blocks.*/attn/*", "/ln_f/*"])
     with OrtRecorder("cand.trace", path, tensors={"*": "stats"}, logits="logits",
@@ -15,18 +15,14 @@ Names are ONNX value names; ``source`` is the producing node (``"/ln_f/LayerNorm
 (LayerNormalization)"``, ``"graph input"``); ``order`` is inputs first, then outputs in the
 graph's topological order, which is the differ's culprit order.
 
-**Graph optimisation changes what you see.** ONNX Runtime rewrites the graph before running it:
-``ORT_ENABLE_BASIC`` folds constants and removes redundant nodes, ``ORT_ENABLE_EXTENDED`` fuses
-(Gelu/BiasGelu, LayerNorm, attention, MatMul+scale), ``ORT_ENABLE_ALL`` (the default) adds
-layout rewrites. A value fused away does not exist at run time, so exposing it as a graph output
-*blocks that fusion*: the exposed model runs other kernels than the one you ship (measured on a
-tiny transformer at EXTENDED: BiasGelu no longer fused, logits moved by ~1e-6). For
-parity work with exposed intermediates use ``ORT_DISABLE_ALL`` (``optimization="disable"``:
-exposed and unexposed models then give bit-identical outputs), or ``ORT_ENABLE_EXTENDED`` when
-speed matters (never ALL for fp16 recurrent models: an fp16 GRU segfaults there), and compare
-runs recorded at the same level. The level, the providers and the ORT version are in every
-trace's metadata (tags ``onnxruntime.graph_optimization_level``, ``onnxruntime.providers``,
-``onnxruntime.version``); a session with exposed intermediates above ``ORT_DISABLE_ALL`` warns.
+**Graph optimisation changes what you see** (docs/recorders_onnx_coreml.md has the measurements):
+ONNX Runtime folds and fuses nodes before running the graph, and exposing a value that a fusion
+would remove blocks that fusion, so the exposed model runs other kernels than the one you ship.
+Record parity runs with exposed intermediates at ``ORT_DISABLE_ALL`` (``optimization="disable"``:
+exposed and unexposed models then give bit-identical outputs), or at ``ORT_ENABLE_EXTENDED`` when
+speed matters (never ALL for fp16 recurrent models), and compare runs recorded at the same level.
+The level, providers and ORT version are in every trace's tags (``onnxruntime.graph_optimization_level``,
+``onnxruntime.providers``, ``onnxruntime.version``); exposed intermediates above ``ORT_DISABLE_ALL`` warn.
 """
 
 from __future__ import annotations
@@ -292,8 +288,7 @@ def quantize_dynamic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[st
 
 # ---------------------------------------------------------------------- sessions of a recorded script
 def _session_model(session: ort.InferenceSession) -> tuple[str | None, onnx.ModelProto | None]:
-    """The path ``session`` was opened from and its model; None where unknown (opened from
-    bytes, or the file went away since)."""
+    """The path ``session`` was opened from and its model (None where unknown: from bytes, file gone)."""
     path = getattr(session, "_model_path", None) or None
     if path is None:
         return None, None
@@ -331,12 +326,8 @@ def session_topology(session: ort.InferenceSession) -> dict[str, tuple[int, str]
 
 
 def patch_sessions(on_run: Any) -> Any:
-    """Route ``run()`` of every ``InferenceSession`` created from now on through ``on_run``.
-
-    ``on_run(session, output_names, input_feed, run)`` must return what ``run()`` returns;
-    ``run(names)`` runs the session for the output ``names`` with the caller's feed and run
-    options. Sessions created before the patch run as before; ``run_with_iobinding`` and
-    ``run_with_ort_values`` are not routed.
+    """Route ``run()`` of every ``InferenceSession`` created from now on through ``on_run``
+    (:func:`recorders.ortsession.route_runs`, which gives the callback's contract).
 
     Args:
         on_run: the callback.

@@ -52,9 +52,10 @@ import numpy as np
 from steptrace.tracefmt import TraceMetadata, WriteSummary
 from steptrace.tracefmt.errors import TraceError, UnsupportedDtypeError
 
-from .capture import HostCopy, Recorder, Reference
+from .capture import Recorder, Reference
 from .decisions import is_torch_tensor
 from .errors import RecorderUsageError
+from .hostrecorder import HostRecorder
 from .outputs import decided_index, peak_numpy
 from .policy import CapturePolicy
 from .scores import SCORES, log_probabilities, looks_like_probabilities
@@ -71,57 +72,6 @@ _MODES = ("stats", "full")
 
 class SampleIdsExhaustedError(RecorderUsageError):
     """A ``sample_per`` module was called more often than there are sample ids."""
-
-
-class _HostRecorder(Recorder):
-    """A :class:`Recorder` that also takes torch tensors (through :mod:`steptrace.recorders.torch`)."""
-
-    _cpu_view: Callable[[Any], tuple[str, np.ndarray] | None] | None = None
-
-    def lane_row(self, name: str, value: Any, call: int, source: str | None, values: bool) -> bool:
-        """Record a dense CPU torch tensor of a SPEC.md dtype at the open step through the writer's
-        lane, as a numpy view the writer copies before returning (the checks of
-        :meth:`Recorder.record` hold for a tensor's own view); return False, having done
-        nothing, for any other value (or with a budget, or once closed): :meth:`Recorder.record`
-        takes those.
-
-        Args:
-            name: the tensor's name.
-            value: the tensor.
-            call: its call index.
-            source: what produced it.
-            values: store the values too (``full``), else statistics only.
-
-        Raises:
-            TraceWriteError: the writer failed earlier.
-        """
-        cpu_view = self._cpu_view
-        if cpu_view is None:
-            if not is_torch_tensor(value):
-                return False
-            from .torch import cpu_view
-
-            self._cpu_view = cpu_view
-        if self._ring is not None or self._closed:
-            return False
-        view = cpu_view(value)
-        if view is None:
-            return False
-        self._check()
-        st = self._step or self._current()
-        order = st.order
-        st.order = order + 1
-        key = st.key
-        with self._lock:
-            self.writer.lane.tensor_row(key.sample, key.index, name, call, order, source, view[0], view[1], values)
-        return True
-
-    def to_host(self, value: Any, dtype: str | None) -> tuple[np.ndarray | HostCopy, str | None]:
-        if is_torch_tensor(value):
-            from .torch import tensor_to_host
-
-            return tensor_to_host(value)
-        return super().to_host(value, dtype)
 
 
 class _Writing:
@@ -226,7 +176,7 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         self.mode = mode
         self.metadata = dict(metadata or {})
         self.progress = progress
-        self.rec: _HostRecorder | None = None
+        self.rec: HostRecorder | None = None
         self.steps = 0
         self.error: TraceError | None = None
         self.notes: list[str] = []
@@ -268,10 +218,10 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         self._labels.add(label)
         return label
 
-    def _recorder(self, defaults: Callable[[], Mapping[str, Any]]) -> _HostRecorder:
+    def _recorder(self, defaults: Callable[[], Mapping[str, Any]]) -> HostRecorder:
         if self.rec is None:
             meta = TraceMetadata.coerce(dict(self.metadata))
-            self.rec = _HostRecorder(self.trace, policy=self.policy, reference=self.reference, sample=self.sample,
+            self.rec = HostRecorder(self.trace, policy=self.policy, reference=self.reference, sample=self.sample,
                                      k=self.k, metadata=meta, defaults=dict(defaults()), mode=self.mode,
                                      open_loop=self.open_loop)
         return self.rec
@@ -321,7 +271,7 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         """Mark a hook's writing section: Ctrl-C is held until it ends; TraceErrors are kept."""
         return self._section
 
-    def _record(self, rec: _HostRecorder, name: str, value: Any, call: int | None, source: str | None,
+    def _record(self, rec: HostRecorder, name: str, value: Any, call: int | None, source: str | None,
                 mode: str) -> None:
         if call is None or mode not in _MODES or not rec.lane_row(name, value, call, source, mode == "full"):
             try:
