@@ -42,6 +42,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_record import Floor  # noqa: E402  (the copy-only floor, the same hooks)
 from recorder_models import TransformerLM  # noqa: E402
 
 from steptrace.recorders.torch import TorchRecorder  # noqa: E402
@@ -132,33 +134,6 @@ class RingHooks:
         self.shm.close()
         self.shm.unlink()
         return child_cpu
-
-
-class Floor:
-    """Forward hooks that only copy each output into recycled buffers (as bench_record.py)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self._free: dict[int, list[np.ndarray]] = {}
-        self._step: list[np.ndarray] = []
-        self._handles = [m.register_forward_hook(self._hook) for n, m in model.named_modules() if n]
-
-    def _hook(self, _m, _a, out) -> None:
-        if isinstance(out, torch.Tensor):
-            a = out.numpy()
-            size = 1 << max((a.nbytes - 1).bit_length(), 6)
-            free = self._free.get(size)
-            buf = free.pop() if free else np.empty(size, np.uint8)
-            np.copyto(buf[: a.nbytes].view(a.dtype).reshape(a.shape), a)
-            self._step.append(buf)
-
-    def end_step(self) -> None:
-        for buf in self._step:
-            self._free.setdefault(buf.nbytes, []).append(buf)
-        self._step = []
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 def decode(model, prompt: list[int], steps: int, config: str, out: Path) -> dict:
