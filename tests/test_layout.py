@@ -49,9 +49,8 @@ def _sources(*, everywhere: bool = False) -> list[Path]:
 
 
 def _package(path: Path) -> list[str]:
-    rel = path.relative_to(ROOT)
-    parts = list(rel.parts[:-1])
-    return parts if rel.name == "__init__.py" else parts
+    """The package a module belongs to, as folder names (an __init__.py belongs to its own folder)."""
+    return list(path.relative_to(ROOT).parts[:-1])
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

@@ -63,10 +63,6 @@ def exit_code(outcome: HasMismatch | None = None, error: BaseException | None = 
     return EXIT_OK
 
 
-def _stderr() -> Console:
-    return stderr_console()
-
-
 #: Longest diagnostic printed: a damaged file cannot make a message quote megabytes of it.
 MAX_MESSAGE = 2000
 
@@ -76,7 +72,7 @@ def say(label: str, style: str, message: str) -> None:
     to :data:`MAX_MESSAGE` characters."""
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 40] + f" ... ({len(message) - MAX_MESSAGE + 40:,} characters cut)"
-    _stderr().print(Text.assemble((f"{label}: ", style), message), soft_wrap=True)
+    stderr_console().print(Text.assemble((f"{label}: ", style), message), soft_wrap=True)
 
 
 def json_safe(value: object) -> object:
@@ -102,7 +98,7 @@ def _progress_callback(
 
     The callback takes (lines done, bytes read), or (lines done, lines in all) with ``total``.
     """
-    console = _stderr()
+    console = stderr_console()
     if not console.is_terminal:
         return None, lambda: None
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -320,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("error", "bold red", str(exc))
         code = exit_code(error=exc)
     except KeyboardInterrupt as exc:
-        _stderr().print("interrupted")
+        stderr_console().print("interrupted")
         code = exit_code(error=exc)
     except BrokenPipeError:  # stdout closed early by `| head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -42,7 +42,6 @@ MARKER = "steptrace-demo.json"
 OWNED = (MARKER, "fp32.trace", "int8.trace", "step.int8.onnx", "step.fp32.exposed.onnx", "step.int8.exposed.onnx",
          "report.json")
 
-_ASSETS = TINY_LM
 _POLICY = {"past_*": "none", "present_*": "none", "logits:*": "none", "*": "stats"}
 
 HELP = "record a tiny LM in fp32 and int8 (ONNX Runtime) and diff the runs: a guided first run"
@@ -103,9 +102,9 @@ def assets_dir() -> Path:
     Raises:
         TraceUsageError: the package was installed without its assets.
     """
-    if not (_ASSETS / "step.onnx").is_file() or not (_ASSETS / "vocab.json").is_file():
-        raise TraceUsageError(f"the demo model is missing from {_ASSETS} (step.onnx, vocab.json); reinstall steptrace")
-    return _ASSETS
+    if not (TINY_LM / "step.onnx").is_file() or not (TINY_LM / "vocab.json").is_file():
+        raise TraceUsageError(f"the demo model is missing from {TINY_LM} (step.onnx, vocab.json); reinstall steptrace")
+    return TINY_LM
 
 
 def _runtime() -> ModuleType:

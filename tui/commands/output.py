@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from steptrace.tracefmt.errors import TraceUsageError
@@ -35,8 +36,6 @@ def check_writable(path: str, *, what: str) -> None:
     Raises:
         TraceUsageError: its folder does not exist or is not writable, or it is a folder.
     """
-    import os
-
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
