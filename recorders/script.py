@@ -2,7 +2,7 @@
 
 :func:`run_script` runs ``script.py`` (or ``-m module``) in this process with ``runpy``, with
 ``sys.argv`` set to the script's arguments, while a :class:`~recorders.scripthooks.ScriptRecorder`
-records it: global torch module hooks (:func:`recorders.torch.install_global_hooks`) once the
+records it: every torch module call (:func:`recorders.torch.install_module_calls`) once the
 script imports torch, and ONNX Runtime sessions created by the script routed through the
 recorder (:func:`recorders.onnxruntime.patch_sessions`) once it imports onnxruntime. Neither
 framework is imported unless the script imports it (a post-import hook on ``sys.meta_path``).
@@ -251,9 +251,9 @@ def run_script(
     undo: list[Callable[[], None]] = []
 
     def on_torch(_module: ModuleType) -> None:
-        from .torch import install_global_hooks
+        from .torch import install_module_calls
 
-        undo.append(install_global_hooks(hooks.torch_pre, hooks.torch_post))
+        undo.append(install_module_calls(hooks))
 
     def on_onnxruntime(_module: ModuleType) -> None:
         from .onnxruntime import patch_sessions

@@ -184,7 +184,8 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         self.busy = 0  # > 0 while a hook writes: Ctrl-C waits for it (see recorders.script)
         self._section = _Writing(self)
         self.interrupted = False
-        self._depth = 0
+        self.depth = 0  # module calls in progress (see recorders.torch.install_module_calls)
+        self.quiet: dict[int, weakref.ref] = {}  # ids of modules that need no hook inside another's call
         self._decided = False
         self._mods: weakref.WeakKeyDictionary[Any, _Mod] = weakref.WeakKeyDictionary()
         self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()

@@ -1,12 +1,16 @@
 """The torch half of :class:`recorders.scripthooks.ScriptRecorder`: :mod:`steptrace.recorders.script`
-connects :meth:`ModuleHooks.torch_pre` and :meth:`ModuleHooks.torch_post` to global module hooks,
-which name each module at its first call (``ROOT.path``), record its output's tensors, decide a
-logits output and end the step at the outermost return. torch itself is not imported here:
-modules and tensors are used through their own methods.
+connects :meth:`ModuleHooks.torch_pre` and :meth:`ModuleHooks.torch_post` to every module call
+(:func:`recorders.torch.install_module_calls`): they name each module at its first call
+(``ROOT.path``), record its output's tensors, decide a logits output and end the step at the
+outermost return. A module found to need nothing (not recorded, not decided, starting no
+sample) goes into ``quiet`` after its first call, and its later calls inside another module's
+call skip both hooks. torch itself is not imported here: modules and tensors are used through
+their own methods.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +63,7 @@ class ModuleHooks:
         if info is not None and info.starts_sample:
             with self._writing():
                 self._start_sample(info.name)
-        self._depth += 1
+        self.depth += 1
 
     def torch_post(self, module: Any, output: Any) -> Any:
         """After a module's forward: record its output, decide logits, end the step at the
@@ -68,7 +72,7 @@ class ModuleHooks:
         Raises:
             TraceError: recording failed, or teacher forcing ran past the reference.
         """
-        depth = self._depth = max(self._depth - 1, 0)
+        depth = self.depth = max(self.depth - 1, 0)
         info = self._mods.get(module)
         result = None
         if info is not None and self.sample_per and self._before_first_sample(info.name if depth == 0 else None):
@@ -76,9 +80,17 @@ class ModuleHooks:
         if info is not None and output is not None and (info.mode != "none" or info.logits is not False):
             with self._writing():
                 result = self._torch_output(module, info, output)
-        if self._depth == 0 and self._decided:
+        if self.depth == 0 and self._decided:
             self._end_step()
+        if info is not None and info.logits is not None and id(module) not in self.quiet and self._is_quiet(info):
+            key = id(module)
+            self.quiet[key] = weakref.ref(module, lambda _ref, quiet=self.quiet, key=key: quiet.pop(key, None))
         return result
+
+    def _is_quiet(self, info: _Mod) -> bool:
+        """Whether a module's calls inside another module's call need no hook: nothing of its
+        output is recorded or decided, and its calls start no sample."""
+        return info.mode == "none" and info.logits is False and not info.starts_sample
 
     def _logits_path(self, info: _Mod, output: Any) -> tuple | None:
         if info.logits is None:  # first output seen: does an element match a logits glob?

@@ -108,7 +108,7 @@ class SessionHooks:
                     token = self._decide(rec, info.prefix + info.logits, arr)
                     if rec.teacher_forcing:
                         out[info.logits] = self._forced(arr, token)
-        if self._depth == 0 and self._decided:
+        if self.depth == 0 and self._decided:
             self._end_step()
         return [out[n] for n in wanted]
 

@@ -181,38 +181,50 @@ def torch_defaults(model: Any | None = None) -> dict[str, str | None]:
     return out
 
 
-def install_global_hooks(pre: Any, post: Any) -> Any:
-    """Call ``pre(module)`` before and ``post(module, output)`` after every module call anywhere
-    (``torch.nn.modules.module.register_module_forward_pre_hook`` / ``..._forward_hook``).
+def install_module_calls(hooks: Any) -> Any:
+    """Call ``hooks.torch_pre(module)`` before and ``hooks.torch_post(module, output)`` after
+    module calls anywhere, by wrapping ``torch.nn.Module.__call__``.
 
-    ``post`` also runs when the forward raised (``always_call=True``; ``output`` is then None)
-    and may return a replacement output (None keeps the module's own). Calls made while torch
-    traces or compiles (``torch.onnx.export``, ``torch.jit.trace``, ``torch.compile``) are skipped.
+    ``torch_post`` also runs when the forward raised (``output`` is then None, and the error
+    goes on) and may return a replacement output (None keeps the module's own). A module whose
+    ``id`` is in ``hooks.quiet`` is called with no hook at all while ``hooks.depth`` (module
+    calls in progress, kept by the hooks) is not 0: an unrecorded module inside a recorded one
+    then costs one dictionary lookup instead of torch's global-hook dispatch (~6.5 us per call
+    on the bench VM). Calls made while torch traces or compiles (``torch.onnx.export``,
+    ``torch.jit.trace``, ``torch.compile``) are not hooked.
 
     Args:
-        pre: called with the module before its forward.
-        post: called with the module and its output; returns None or the output to use.
+        hooks: an object with ``torch_pre``, ``torch_post``, ``quiet`` (a container of module
+            ids) and ``depth`` (an int), e.g. :class:`recorders.scriptmodules.ModuleHooks`.
 
     Returns:
-        A function that removes both hooks.
+        A function that restores ``torch.nn.Module.__call__``.
     """
-    hooks = torch.nn.modules.module
-    tracing = torch.jit.is_tracing
+    module_class = torch.nn.Module
+    original = module_class.__call__
+    tracing = torch._C._is_tracing
     compiling = torch.compiler.is_compiling
+    pre, post, quiet = hooks.torch_pre, hooks.torch_post, hooks.quiet
+    active = [True]
 
-    def on_pre(module: torch.nn.Module, _args: Any) -> None:
-        if not (tracing() or compiling()):  # torch.onnx.export / jit.trace / torch.compile: not a run
-            pre(module)
+    def __call__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if (hooks.depth and id(self) in quiet) or compiling() or tracing() or not active[0]:
+            return original(self, *args, **kwargs)
+        pre(self)
+        try:
+            output = original(self, *args, **kwargs)
+        except BaseException:
+            post(self, None)
+            raise
+        new = post(self, output)
+        return output if new is None else new
 
-    def on_post(module: torch.nn.Module, _args: Any, output: Any) -> Any:
-        return None if tracing() or compiling() else post(module, output)
-
-    h_pre = hooks.register_module_forward_pre_hook(on_pre)
-    h_post = hooks.register_module_forward_hook(on_post, always_call=True)
+    module_class.__call__ = __call__
 
     def remove() -> None:
-        h_pre.remove()
-        h_post.remove()
+        active[0] = False  # wrapped again by someone else since: the wrapper stays, passing through
+        if module_class.__call__ is __call__:
+            module_class.__call__ = original
 
     return remove
 

@@ -10,7 +10,7 @@ so local errors can be measured from its traces.
 - :class:`OrtRun`: your own loop over an ONNX Runtime model, ``run_fn(recorder)`` with a
   :class:`~recorders.ortcut.TransplantOrtRecorder` (the graph is cut at the transplanted values).
 - :class:`ScriptRun`: an unmodified script run as ``trace record`` runs it
-  (:func:`recorders.script.run_script`), torch module outputs replaced in the global hooks.
+  (:func:`recorders.script.run_script`), torch module outputs replaced in the module-call hooks.
 
 None of this imports a framework at import time.
 """
@@ -257,6 +257,10 @@ class TransplantScriptRecorder(ScriptRecorder):
             if self._tmp is not None:
                 self._tmp.cleanup()
                 self._tmp = None
+
+    def _is_quiet(self, info: Any) -> bool:
+        return super()._is_quiet(info) and not any(n == info.name or n.startswith(info.name + ".")
+                                                   for n in self.transplant)
 
     def torch_post(self, module: Any, output: Any) -> Any:
         """Record as :meth:`ScriptRecorder.torch_post`, then return the output with the

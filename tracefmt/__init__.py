@@ -5,7 +5,9 @@ Layer rule: tracefmt imports no other steptrace layer.
 
 from .. import __version__  # noqa: E402  (the package version, one source: steptrace/__init__.py)
 
-from .arrowio import DataFile  # noqa: E402
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import (  # noqa: E402
     JsonlError,
     TraceCorruptError,
@@ -19,13 +21,42 @@ from .errors import (  # noqa: E402
     UnsupportedDtypeError,
     ValuesNotRecordedError,
 )
-from .jsonl import ImportSummary, export_jsonl, import_jsonl  # noqa: E402
-from .metadata import TraceMetadata  # noqa: E402
-from .payload import TensorStats, compute_stats, digest  # noqa: E402
-from .parts import PartInfo  # noqa: E402
-from .reader import StepView, TraceReader  # noqa: E402
 from .schema import FORMAT_VERSION  # noqa: E402
-from .writer import TraceWriter, WriteSummary  # noqa: E402
+
+# The rest is imported at first use (PEP 562), so a command that only writes (``trace record``)
+# or only names an error does not import the reader, JSONL or pyarrow.compute.
+_LAZY = {
+    "DataFile": "arrowio",
+    "ImportSummary": "jsonl", "export_jsonl": "jsonl", "import_jsonl": "jsonl",
+    "TraceMetadata": "metadata",
+    "TensorStats": "payload", "compute_stats": "payload", "digest": "payload",
+    "PartInfo": "parts",
+    "StepView": "reader", "TraceReader": "reader",
+    "TraceWriter": "writer", "WriteSummary": "writer",
+}
+
+if TYPE_CHECKING:
+    from .arrowio import DataFile
+    from .jsonl import ImportSummary, export_jsonl, import_jsonl
+    from .metadata import TraceMetadata
+    from .parts import PartInfo
+    from .payload import TensorStats, compute_stats, digest
+    from .reader import StepView, TraceReader
+    from .writer import TraceWriter, WriteSummary
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "DataFile",

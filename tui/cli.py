@@ -229,8 +229,23 @@ docs: `trace docs format` (SPEC.md §6 JSONL, §7 reading with Polars and DuckDB
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser of the ``trace`` command and its subcommands."""
+COMMANDS = ("info", "validate", "import", "export", "diff", "record", "triage", "view", "demo", "docs")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Return the argument parser of the ``trace`` command and its subcommands.
+
+    Args:
+        only: a command name: build that subcommand alone (``main`` passes the command it runs,
+            so ``trace record`` imports no other command's module); None or an unknown name:
+            every subcommand (for ``trace --help`` and the error that lists them).
+    """
+    if only not in COMMANDS:
+        only = None
+
+    def want(name: str) -> bool:
+        return only is None or only == name
+
     parser = argparse.ArgumentParser(
         prog="trace",
         description="steptrace: record inference runs step by step, diff them, find the first divergence.",
@@ -239,6 +254,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"steptrace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    if want("info"):
+        _add_info(sub)
+    if want("validate"):
+        _add_validate(sub)
+    if want("import"):
+        _add_import(sub)
+    if want("export"):
+        _add_export(sub)
+    if want("diff"):
+        from steptrace.tui.commands import diff as diffcmd
+
+        diffcmd.add_parser(sub).set_defaults(func=diffcmd.run)
+    if want("record"):
+        from steptrace.tui.commands import record as recordcmd
+
+        recordcmd.add_parser(sub).set_defaults(func=recordcmd.run)
+    if want("triage"):
+        from steptrace.tui.commands import triage as triagecmd
+
+        triagecmd.add_parser(sub).set_defaults(func=triagecmd.run)
+    if want("view"):
+        from steptrace.tui.commands import view as viewcmd  # argparse only: textual is imported when `view` runs
+
+        viewcmd.add_parser(sub)
+    if want("demo"):
+        from steptrace.tui.commands import demo as democmd  # argparse only: onnxruntime is imported when `demo` runs
+
+        democmd.add_parser(sub)
+    if want("docs"):
+        from steptrace.tui.commands import docs as docscmd
+
+        docscmd.add_parser(sub)
+    return parser
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show what a trace holds", description="Show a trace's metadata, parts, "
                        "samples, steps, heads, tensor names (in execution order) and sizes, and whether it is "
                        "complete.", epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "differ only in their numbers are folded into one row)")
     p.set_defaults(func=cmd_info)
 
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check a trace against SPEC.md",
                        description="Check a trace against SPEC.md. Exit 0 if valid (an interrupted recording "
                        "is valid but reported incomplete), 2 if truncated, corrupt, foreign or of a newer format.",
@@ -257,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="treat an incomplete trace as an error (exit 2)")
     p.set_defaults(func=cmd_validate)
 
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="convert JSONL from another runtime into a trace",
                        description="Import JSON Lines (SPEC.md §6; .jsonl or .jsonl.zst) written by a runtime "
                        "without Arrow (C++ TensorRT, Rust, Swift) into a trace.", epilog=IMPORT_EPILOG,
@@ -269,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-logits", action="store_true", help="also store full logits as tensors logits:HEAD")
     p.set_defaults(func=cmd_import)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a trace as JSONL or Parquet",
                        description="Export a trace as JSON Lines (SPEC.md §6; .zst suffix compresses) or as a "
                        "folder of Parquet files (decisions, tensors with raw values, vocab, metadata).",
@@ -280,35 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "an existing folder (parquet)")
     p.set_defaults(func=cmd_export)
 
-    from steptrace.tui.commands import diff as diffcmd
-
-    diffcmd.add_parser(sub).set_defaults(func=diffcmd.run)
-
-    from steptrace.tui.commands import record as recordcmd
-
-    recordcmd.add_parser(sub).set_defaults(func=recordcmd.run)
-
-    from steptrace.tui.commands import triage as triagecmd
-
-    triagecmd.add_parser(sub).set_defaults(func=triagecmd.run)
-
-    from steptrace.tui.commands import view as viewcmd  # argparse only: textual is imported when `view` runs
-
-    viewcmd.add_parser(sub)
-
-    from steptrace.tui.commands import demo as democmd  # argparse only: onnxruntime is imported when `demo` runs
-
-    democmd.add_parser(sub)
-
-    from steptrace.tui.commands import docs as docscmd
-
-    docscmd.add_parser(sub)
-    return parser
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``trace`` command; returns (and exits with) the exit code from :func:`exit_code`."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         outcome = args.func(args)
         code = exit_code(outcome)

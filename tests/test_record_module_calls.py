@@ -1,0 +1,159 @@
+"""`trace record`'s torch hook: ``torch.nn.Module.__call__`` wrapped by
+``recorders.torch.install_module_calls``. Every call runs the recorder's hooks except calls of a
+module that needs nothing (not recorded, not decided, starting no sample) made inside another
+module's call; steps still end at the outermost return, whichever module that is."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from steptrace.recorders.script import run_script
+from steptrace.recorders.scripthooks import ScriptRecorder
+from steptrace.recorders.torch import install_module_calls
+from steptrace.tracefmt import TraceReader
+
+ORIGINAL_CALL = torch.nn.Module.__call__
+
+
+class Hooks:
+    """The hooks protocol of install_module_calls, counting what it is called with."""
+
+    def __init__(self, replace: torch.Tensor | None = None) -> None:
+        self.depth = 0
+        self.quiet: set[int] = set()
+        self.pre: list[str] = []
+        self.post: list[tuple[str, bool]] = []
+        self.replace = replace
+
+    def torch_pre(self, module: torch.nn.Module) -> None:
+        self.pre.append(type(module).__name__)
+        self.depth += 1
+
+    def torch_post(self, module: torch.nn.Module, output: object) -> object:
+        self.depth -= 1
+        self.post.append((type(module).__name__, output is not None))
+        return self.replace if isinstance(module, torch.nn.Linear) else None
+
+
+class Boom(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("boom")
+
+
+def test_quiet_modules_skip_the_hooks_only_inside_another_call():
+    model = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(3, 3), torch.nn.Tanh())
+    hooks = Hooks()
+    remove = install_module_calls(hooks)
+    try:
+        x = torch.ones(1, 3)
+        model(x)
+        assert hooks.pre == ["Sequential", "ReLU", "Linear", "Tanh"]
+        hooks.quiet |= {id(model[0]), id(model[2]), id(model)}
+        hooks.pre.clear()
+        model(x)
+        assert hooks.pre == ["Sequential", "Linear"]  # the outermost call is hooked even when quiet
+        hooks.pre.clear()
+        model[0](x)  # a quiet module called by the script itself: depth 0, hooked
+        assert hooks.pre == ["ReLU"] and hooks.depth == 0
+    finally:
+        remove()
+    assert torch.nn.Module.__call__ is ORIGINAL_CALL
+
+
+def test_post_sees_a_failed_forward_and_may_replace_the_output():
+    hooks = Hooks(replace=torch.zeros(1, 3))
+    remove = install_module_calls(hooks)
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            torch.nn.Sequential(Boom())(torch.ones(1, 3))
+        assert hooks.post == [("Boom", False), ("Sequential", False)] and hooks.depth == 0
+        out = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())(torch.ones(1, 3))
+        assert torch.equal(out, torch.zeros(1, 3))  # the Linear's output replaced, ReLU of zeros
+        hooks.pre.clear()
+        torch.jit.trace(torch.nn.Linear(3, 3), torch.ones(1, 3), check_trace=False)
+        assert hooks.pre == []  # calls while torch traces are not a run
+    finally:
+        remove()
+    assert torch.nn.Module.__call__ is ORIGINAL_CALL
+
+
+def test_removed_after_someone_else_wrapped_it_passes_through():
+    hooks = Hooks()
+    remove = install_module_calls(hooks)
+    ours = torch.nn.Module.__call__
+
+    def theirs(self, *args, **kwargs):
+        return ours(self, *args, **kwargs)
+
+    torch.nn.Module.__call__ = theirs
+    try:
+        remove()
+        torch.nn.ReLU()(torch.ones(2))
+        assert hooks.pre == []
+    finally:
+        torch.nn.Module.__call__ = ORIGINAL_CALL
+
+
+PIECES = textwrap.dedent('''
+    """Calls the model whole for two steps, then its pieces one by one from the script."""
+    import sys
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.up, self.act, self.down = nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)
+
+        def forward(self, x):
+            return x + self.down(self.act(self.up(x)))
+
+    class Net(nn.Module):
+        def __init__(self, vocab=32, d=8):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(vocab, d)
+            self.blocks = nn.Sequential(*[Block(d) for _ in range(3)])
+            self.head = nn.Linear(d, vocab)
+
+        def forward(self, token):
+            return self.head(self.blocks(self.emb(token)))
+
+    model = Net().eval()
+    token = torch.tensor([1])
+    with torch.no_grad():
+        for t in range(int(sys.argv[1])):
+            if t < 2:
+                logits = model(token)
+            else:
+                logits = model.head(model.blocks(model.emb(token)))
+            token = logits[0].argmax().view(1)
+            print(int(token))
+''')
+
+
+def test_steps_end_at_the_outermost_return_with_quiet_modules(tmp_path, capsys):
+    script = tmp_path / "pieces.py"
+    script.write_text(PIECES)
+    made: list[ScriptRecorder] = []
+
+    def recorder(*args, **kwargs):
+        made.append(ScriptRecorder(*args, **kwargs))
+        return made[0]
+
+    result = run_script(str(script), ["6"], trace=tmp_path / "p.trace", modules=["Net.blocks.1.up"],
+                        logits=["head"], recorder=recorder)
+    assert result.status == 0 and result.steps == 6
+    printed = [int(x) for x in capsys.readouterr().out.split()]
+    reader = TraceReader(tmp_path / "p.trace")
+    rows = sorted(reader.decisions(columns=["step", "chosen"]).to_pylist(), key=lambda r: r["step"])
+    assert [r["chosen"] for r in rows] == printed and [r["step"] for r in rows] == list(range(6))
+    tensors = reader.tensors(columns=["step", "name", "call"]).to_pylist()
+    assert sorted((r["step"], r["name"], r["call"]) for r in tensors) == [(s, "Net.blocks.1.up", 0) for s in range(6)]
+    quiet = {info.name for module, info in made[0]._mods.items() if id(module) in made[0].quiet}
+    every = {info.name for info in made[0]._mods.values()}
+    assert quiet == every - {"Net.blocks.1.up", "Net.head"} and len(every) == 16
+    assert torch.nn.Module.__call__ is ORIGINAL_CALL
