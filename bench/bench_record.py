@@ -239,6 +239,11 @@ def bench_script(args: argparse.Namespace, out: Path) -> list[str]:
     script = out / "mlp_decode.py"
     script.write_text(SCRIPT)
     steps = str(args.script_steps)
+    # torch's modules have their bytecode cached (pip compiles it at install); give steptrace's the
+    # same, or a PYTHONDONTWRITEBYTECODE environment makes every run compile it from source
+    for root in [Path(__file__).resolve().parent.parent, *([] if args.compare is None else [Path(args.compare) / "steptrace"])]:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "-x", r"/(tests|bench|examples)/", str(root)],
+                       check=False, capture_output=True)
     cli = [sys.executable, "-c", "import sys; from steptrace.tui.cli import main; sys.exit(main(sys.argv[1:]))", "record"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     envs = {"": env}

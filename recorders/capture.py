@@ -32,11 +32,11 @@ import os
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
-from steptrace.tracefmt import TraceMetadata, TraceReader, TraceWriter, WriteSummary
+from steptrace.tracefmt import TraceMetadata, TraceWriter, WriteSummary
 from steptrace.tracefmt.errors import TraceWriteError
 
 from .decider import Decider
@@ -46,6 +46,9 @@ from .policy import CapturePolicy, PolicyLike
 from .reference import Reference, RefTensor
 from .ring import Budget, HeldRow, Ring
 from .steps import Step, StepBook, StepKey
+
+if TYPE_CHECKING:
+    from steptrace.tracefmt import TraceReader
 
 __all__ = [
     "Budget",

@@ -117,8 +117,8 @@ class ModuleHooks:
         if path is not None and self._decided:
             self._end_step()  # a second logits call inside one outer call: the next step
         self._open_step(rec)
-        call = rec.next_call(info.name)
         if info.mode != "none":
+            call = rec.next_call(info.name)
             if is_torch_tensor(output):  # a module's usual output: one tensor, named as the module
                 self._record(rec, info.name, output, call, info.source, info.mode)
             else:
