@@ -21,10 +21,11 @@ from .errors import (  # noqa: E402
 )
 from .jsonl import ImportSummary, export_jsonl, import_jsonl  # noqa: E402
 from .metadata import TraceMetadata  # noqa: E402
-from .payload import TensorStats, compute_stats, digest  # noqa: E402
+from .payload import digest  # noqa: E402
 from .parts import PartInfo  # noqa: E402
 from .reader import StepView, TraceReader  # noqa: E402
 from .schema import FORMAT_VERSION  # noqa: E402
+from .stats import TensorStats, compute_stats  # noqa: E402
 from .writer import TraceWriter, WriteSummary  # noqa: E402
 
 __all__ = [

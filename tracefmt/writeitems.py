@@ -21,8 +21,8 @@ import pyarrow as pa
 from .checks import I64, opt_i32, opt_int, opt_str
 from .decisions import Decision
 from .errors import TraceUsageError
-from .payload import TensorStats
 from .schema import DECISIONS, TENSORS
+from .stats import TensorStats
 
 
 class _Now:

@@ -20,7 +20,8 @@ from .decisions import decide, decide_many
 from .errors import TraceError
 from .ipcfile import ArrowAppender
 from .outbox import BufferPool, Outbox
-from .payload import SMALL_ELEMENTS, Encoder, compute_stats_many
+from .payload import Encoder
+from .stats import SMALL_ELEMENTS, compute_stats_many
 from .tensorjobs import TensorJobs, job_threads
 from .writeitems import (
     CloseItem,
@@ -41,7 +42,7 @@ from .writeitems import (
 
 def _stats_of_small(items: list) -> None:
     """Fill in the statistics of the small tensor items without stats of ``items``, in place,
-    with :func:`tracefmt.payload.compute_stats_many`."""
+    with :func:`tracefmt.stats.compute_stats_many`."""
     small = [it for it in items if type(it) is TensorItem and it.stats is None and it.array.size <= SMALL_ELEMENTS]
     if len(small) < 2:
         return
