@@ -1,5 +1,5 @@
 """Tensor statistics (SPEC.md §4.4): of one canonical array (:func:`compute_stats`) and of many
-small ones in a few numpy calls (:func:`compute_stats_many`).
+small ones in a few numpy calls, column by column (:func:`stats_columns`, :class:`StatsColumns`).
 
 Everything here works on the canonical bytes of a tensor: little-endian, C order, one byte per
 bool, bfloat16 as its 16-bit pattern.
@@ -8,10 +8,14 @@ bool, bfloat16 as its 16-bit pattern.
 from __future__ import annotations
 
 import math
+import operator
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
+import pyarrow as pa
 
 from .dtypes import DTYPES, F16_SPECIAL_MAGNITUDE, widen_bfloat16, widen_float16
 
@@ -158,8 +162,109 @@ def _widened_all(a: np.ndarray, name: str) -> np.ndarray:
     return a.view(np.uint8)  # bool
 
 
-def compute_stats_many(arrays: list[np.ndarray], names: list[str]) -> list[TensorStats]:
-    """Compute :func:`compute_stats` of many small canonical arrays in a few numpy calls.
+@dataclass(slots=True)
+class StatsColumns:
+    """The statistics of many tensors, one numpy array per field of :class:`TensorStats`: how
+    a writer keeps the rows of small tensors until a flush writes them column by column.
+
+    ``floats`` holds min, max, mean, std, abs_max and l2 (:data:`FLOAT_FIELDS`) as rows of a
+    2-d float64 array, 0.0 where ``valid`` (same shape) marks the statistic null.
+    """
+
+    numel: np.ndarray  # int64
+    floats: np.ndarray  # float64, (6, n)
+    valid: np.ndarray  # bool, (6, n)
+    nan_count: np.ndarray  # int64
+    inf_count: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.numel)
+
+    @classmethod
+    def empty(cls, n: int) -> StatsColumns:
+        """Columns of ``n`` rows of empty tensors (numel 0, l2 0.0, the rest null)."""
+        valid = np.zeros((len(FLOAT_FIELDS), n), bool)
+        valid[-1] = True
+        return cls(np.zeros(n, np.int64), np.zeros((len(FLOAT_FIELDS), n)), valid, np.zeros(n, np.int64),
+                   np.zeros(n, np.int64))
+
+    def set_row(self, i: int, st: TensorStats) -> None:
+        """Put ``st`` in row ``i``."""
+        self.numel[i], self.nan_count[i], self.inf_count[i] = st.numel, st.nan_count, st.inf_count
+        for k, v in enumerate((st.min, st.max, st.mean, st.std, st.abs_max, st.l2)):
+            self.valid[k, i] = v is not None
+            self.floats[k, i] = 0.0 if v is None else v
+
+    def row(self, i: int) -> TensorStats:
+        """The statistics of row ``i``."""
+        fl = [v if ok else None for v, ok in zip(self.floats[:, i].tolist(), self.valid[:, i].tolist())]
+        return TensorStats(int(self.numel[i]), *fl, int(self.nan_count[i]), int(self.inf_count[i]))
+
+    def take(self, rows: slice | np.ndarray) -> StatsColumns:
+        """The columns of ``rows`` (a slice: views, no copy)."""
+        return StatsColumns(self.numel[rows], self.floats[:, rows], self.valid[:, rows], self.nan_count[rows],
+                            self.inf_count[rows])
+
+    @staticmethod
+    def concat(parts: Sequence[StatsColumns]) -> StatsColumns:
+        """The rows of ``parts``, one after the other."""
+        if len(parts) == 1:
+            return parts[0]
+        return StatsColumns(*(np.concatenate([getattr(p, f) for p in parts], axis=-1)
+                              for f in ("numel", "floats", "valid", "nan_count", "inf_count")))
+
+    @staticmethod
+    def of_stats(stats: Sequence[TensorStats]) -> StatsColumns:
+        """The columns of ``stats`` (any values a :class:`TensorStats` holds: a column of the wrong
+        type raises here, as converting it to Arrow would).
+
+        Raises:
+            pyarrow.ArrowException, TypeError: a field is not a number (or an integer) or None.
+        """
+        cols = list(zip(*map(_fields_of, stats))) if stats else [()] * 9
+        ints = [pa.array(c, pa.int64()).to_numpy() for c in (cols[0], cols[7], cols[8])]
+        floats = [pa.array(c, pa.float64()) for c in cols[1:7]]
+        valid = np.array([f.is_valid().to_numpy(zero_copy_only=False) for f in floats], bool)
+        values = np.array([f.fill_null(0.0).to_numpy() for f in floats], np.float64)
+        return StatsColumns(ints[0], values, valid, ints[1], ints[2])
+
+
+#: The float fields of :class:`StatsColumns`, in its ``floats`` rows' order (SPEC.md §4.1).
+FLOAT_FIELDS = ("min", "max", "mean", "std", "abs_max", "l2")
+_fields_of = operator.attrgetter("numel", *FLOAT_FIELDS, "nan_count", "inf_count")
+_size_of = operator.attrgetter("size")
+_PLAIN = frozenset(("bfloat16", "float16", "bool"))  # dtypes numpy does not reduce as they are
+
+
+#: Elements :func:`stats_columns` widens and reduces at a time (256 KB of float64).
+_GROUP = 1 << 15
+
+
+def _reduce_group(arrays: Sequence[np.ndarray], names: str | Sequence[str], sizes: np.ndarray,
+                  out: np.ndarray) -> None:
+    """Σx, min, max and Σx² of each of ``arrays`` (non-empty; ``names`` their dtypes, or the one
+    dtype of all) into the columns of ``out``, over their elements copied into a float64 buffer
+    (``ufunc.reduceat``: each array's results depend on its own elements only)."""
+    m = int(sizes.sum())
+    x = _scratch64(m) if m <= _CHUNK else np.empty(m)
+    if type(names) is str and names in _PLAIN:  # one dtype to widen: widened in one go
+        np.copyto(x, _widened_all(np.concatenate(arrays, axis=None), names), casting="unsafe")
+    elif type(names) is str:
+        np.concatenate(arrays, axis=None, out=x, casting="unsafe")
+    else:
+        parts = [_widened_all(a.reshape(-1), nm) if nm in _PLAIN else a for a, nm in zip(arrays, names)]
+        np.concatenate(parts, axis=None, out=x, casting="unsafe")  # exact: every SPEC dtype fits float64
+    starts = np.zeros(len(sizes), np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    np.add.reduceat(x, starts, out=out[0])
+    np.minimum.reduceat(x, starts, out=out[1])
+    np.maximum.reduceat(x, starts, out=out[2])
+    np.add.reduceat(np.multiply(x, x, out=x), starts, out=out[3])
+
+
+def stats_columns(arrays: Sequence[np.ndarray], names: Sequence[str]) -> StatsColumns:
+    """Compute :func:`compute_stats` of many small canonical arrays in a few numpy calls, column
+    by column.
 
     A recorder hooking every module of a model decoding one token per step hands the writer
     dozens of tensors of a few KB per step; reducing each in its own numpy calls costs more in
@@ -167,7 +272,8 @@ def compute_stats_many(arrays: list[np.ndarray], names: list[str]) -> list[Tenso
     are widened into one float64 buffer and reduced per segment (``ufunc.reduceat``). Arrays
     holding NaN/Inf or huge values are handed to :func:`compute_stats`, which treats them
     exactly; the others may differ from it in the last bits of mean/std/l2 (SPEC.md §4.4
-    allows that: the summation order differs).
+    allows that: the summation order differs). Each tensor's statistics depend on its own
+    elements only, not on the others reduced with it.
 
     Args:
         arrays: canonical arrays (see :func:`tracefmt.dtypes.canonical`).
@@ -176,34 +282,51 @@ def compute_stats_many(arrays: list[np.ndarray], names: list[str]) -> list[Tenso
     Returns:
         Their statistics, in order.
     """
-    out: list[TensorStats | None] = [None] * len(arrays)
-    todo = [i for i, a in enumerate(arrays) if a.size]
-    for i in range(len(arrays)):
-        if not arrays[i].size:
-            out[i] = compute_stats(arrays[i], names[i])
-    if todo:
-        plain = ("bfloat16", "float16", "bool")
-        parts = [arrays[i].reshape(-1) if names[i] not in plain else _widened_all(arrays[i].reshape(-1), names[i])
-                 for i in todo]
-        x = np.concatenate(parts, dtype=np.float64, casting="unsafe")  # exact: every SPEC dtype fits float64
-        sizes = np.fromiter(map(len, parts), np.int64, len(parts))
-        starts = np.zeros(len(parts), np.int64)
-        np.cumsum(sizes[:-1], out=starts[1:])
-        with np.errstate(invalid="ignore", over="ignore"):
-            total = np.add.reduceat(x, starts)
-            lo = np.minimum.reduceat(x, starts)
-            hi = np.maximum.reduceat(x, starts)
-            sumsq = np.add.reduceat(np.multiply(x, x, out=x), starts)
-            mean = total / sizes
-            std = np.sqrt(np.maximum(sumsq / sizes - mean * mean, 0.0))
-            abs_max = np.maximum(np.abs(lo), np.abs(hi))
-            l2 = np.sqrt(sumsq)
-        # NaN/Inf anywhere in a segment makes its sums non-finite; so do values whose squares
-        # overflow: both go to compute_stats (which also scales values beyond 1e150)
-        exact = (np.isfinite(sumsq) & (abs_max <= 1e150)).tolist()
-        # one conversion per column, not one numpy scalar per field and row
-        rows = zip(todo, exact, sizes.tolist(), lo.tolist(), hi.tolist(), mean.tolist(), std.tolist(),
-                   abs_max.tolist(), l2.tolist())
-        for i, ok, n, lo_, hi_, mean_, std_, am, l2_ in rows:
-            out[i] = TensorStats(n, lo_, hi_, mean_, std_, am, l2_, 0, 0) if ok else compute_stats(arrays[i], names[i])
-    return out  # type: ignore[return-value]
+    n = len(arrays)
+    out = StatsColumns.empty(n)
+    sizes = np.fromiter(map(_size_of, arrays), np.int64, n)
+    todo = np.flatnonzero(sizes)
+    if not len(todo):
+        return out
+    if len(todo) < n:
+        arrays = [arrays[i] for i in todo.tolist()]
+        names = [names[i] for i in todo.tolist()]
+        sizes = sizes[todo]
+    sums = np.empty((4, len(sizes)))  # Σx, min, max, Σx² per array
+    # arrays in groups of about _GROUP elements: each group's float64 copy stays in cache
+    group = np.cumsum(sizes)
+    group -= sizes
+    group //= _GROUP
+    bounds = [0, *(np.flatnonzero(np.diff(group)) + 1).tolist(), len(sizes)]
+    kinds = set(names)
+    one_kind = names[0] if len(kinds) == 1 else None
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN casts, +inf + -inf, overflow: handled below
+        for g0, g1 in pairwise(bounds):
+            _reduce_group(arrays[g0:g1], one_kind or names[g0:g1], sizes[g0:g1], sums[:, g0:g1])
+        total, lo, hi, sumsq = sums
+        mean = total / sizes
+        std = np.sqrt(np.maximum(sumsq / sizes - mean * mean, 0.0))
+        abs_max = np.maximum(np.abs(lo), np.abs(hi))
+        l2 = np.sqrt(sumsq)
+    out.numel[todo] = sizes
+    out.floats[:, todo] = (lo, hi, mean, std, abs_max, l2)
+    out.valid[:, todo] = True
+    # NaN/Inf anywhere in a segment makes its sums non-finite; so do values whose squares
+    # overflow: both go to compute_stats (which also scales values beyond 1e150)
+    for k in np.flatnonzero(~(np.isfinite(sumsq) & (abs_max <= 1e150))).tolist():
+        out.set_row(int(todo[k]), compute_stats(arrays[k], names[k]))
+    return out
+
+
+def compute_stats_many(arrays: Sequence[np.ndarray], names: Sequence[str]) -> list[TensorStats]:
+    """:func:`stats_columns` as one :class:`TensorStats` per array.
+
+    Args:
+        arrays: canonical arrays (see :func:`tracefmt.dtypes.canonical`).
+        names: their SPEC.md dtype names.
+
+    Returns:
+        Their statistics, in order.
+    """
+    cols = stats_columns(arrays, names)
+    return [cols.row(i) for i in range(len(cols))]
