@@ -240,6 +240,16 @@ _PLAIN = frozenset(("bfloat16", "float16", "bool"))  # dtypes numpy does not red
 _GROUP = 1 << 15
 
 
+def _joined(arrays: Sequence[np.ndarray], name: str) -> np.ndarray:
+    """The elements of canonical arrays of dtype ``name``, one after the other, as one 1-d array
+    (a bytes join of C-contiguous arrays takes a fraction of ``np.concatenate``'s steps per array,
+    which flattens each one first)."""
+    try:
+        return np.frombuffer(b"".join(arrays), DTYPES[name][0])  # type: ignore[arg-type]
+    except (BufferError, TypeError, ValueError):  # an array that is not C-contiguous
+        return np.concatenate(arrays, axis=None)
+
+
 def _reduce_group(arrays: Sequence[np.ndarray], names: str | Sequence[str], sizes: np.ndarray,
                   out: np.ndarray) -> None:
     """Σx, min, max and Σx² of each of ``arrays`` (non-empty; ``names`` their dtypes, or the one
@@ -247,10 +257,9 @@ def _reduce_group(arrays: Sequence[np.ndarray], names: str | Sequence[str], size
     (``ufunc.reduceat``: each array's results depend on its own elements only)."""
     m = int(sizes.sum())
     x = _scratch64(m) if m <= _CHUNK else np.empty(m)
-    if type(names) is str and names in _PLAIN:  # one dtype to widen: widened in one go
-        np.copyto(x, _widened_all(np.concatenate(arrays, axis=None), names), casting="unsafe")
-    elif type(names) is str:
-        np.concatenate(arrays, axis=None, out=x, casting="unsafe")
+    if type(names) is str:  # one dtype: joined, then widened in one go
+        flat = _joined(arrays, names)
+        np.copyto(x, _widened_all(flat, names) if names in _PLAIN else flat, casting="unsafe")
     else:
         parts = [_widened_all(a.reshape(-1), nm) if nm in _PLAIN else a for a, nm in zip(arrays, names)]
         np.concatenate(parts, axis=None, out=x, casting="unsafe")  # exact: every SPEC dtype fits float64
