@@ -15,13 +15,27 @@ from .schema import DECISIONS, FORMAT_VERSION, TENSORS, VALUES
 from .writeitems import TensorColumns, TensorRow
 
 
+def numbers(values: np.ndarray, value_type: pa.DataType, valid: np.ndarray | None = None) -> pa.Array:
+    """An Arrow array of a fixed-width ``value_type`` over the bytes of numpy ``values`` (of
+    the matching dtype), null where ``valid`` is False. Built from buffers: ``pa.array`` of a
+    numpy array imports ``numpy.ma`` (~80 ms) on first use."""
+    n = len(values)
+    bitmap, nulls = None, 0
+    if valid is not None and not valid.all():
+        bitmap, nulls = pa.py_buffer(np.packbits(valid, bitorder="little")), n - int(np.count_nonzero(valid))
+    data = pa.py_buffer(np.ascontiguousarray(values))
+    return pa.Array.from_buffers(value_type, n, [bitmap, data], null_count=nulls)
+
+
 def list_array(items: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
     """Build a list array from 1-d numpy arrays (one per row)."""
     lengths = np.fromiter((len(x) for x in items), dtype=np.int32, count=len(items))
     offsets = np.zeros(len(items) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate(items) if items else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+    same = flat.dtype == value_type.to_pandas_dtype()  # else converted (and checked) by pa.array
+    return pa.ListArray.from_arrays(numbers(offsets, pa.int32()),
+                                    numbers(flat, value_type) if same else pa.array(flat, type=value_type))
 
 
 def decisions_batch(rows: list[tuple]) -> pa.RecordBatch:
@@ -34,18 +48,6 @@ def decisions_batch(rows: list[tuple]) -> pa.RecordBatch:
         else:
             arrays.append(pa.array(cols[i], type=f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=DECISIONS)
-
-
-def numbers(values: np.ndarray, value_type: pa.DataType, valid: np.ndarray | None = None) -> pa.Array:
-    """An Arrow array of a fixed-width ``value_type`` over the bytes of numpy ``values`` (of
-    the matching dtype), null where ``valid`` is False. Built from buffers: ``pa.array`` of a
-    numpy array imports ``numpy.ma`` (~80 ms) on first use."""
-    n = len(values)
-    bitmap, nulls = None, 0
-    if valid is not None and not valid.all():
-        bitmap, nulls = pa.py_buffer(np.packbits(valid, bitorder="little")), n - int(np.count_nonzero(valid))
-    data = pa.py_buffer(np.ascontiguousarray(values))
-    return pa.Array.from_buffers(value_type, n, [bitmap, data], null_count=nulls)
 
 
 def tensors_batch(rows: Sequence[TensorRow] | TensorColumns) -> pa.RecordBatch:
