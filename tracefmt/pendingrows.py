@@ -26,7 +26,7 @@ class SmallRows(NamedTuple):
     stats: StatsColumns
 
 
-_keys_of = operator.attrgetter("sample", "step", "name", "call", "order", "source", "dtype", "pooled")
+_getters = [operator.attrgetter(f) for f in ("sample", "step", "name", "call", "order", "source", "dtype", "pooled")]
 _shape_of = operator.attrgetter("shape")
 _nbytes_of = operator.attrgetter("nbytes")
 
@@ -34,8 +34,9 @@ _nbytes_of = operator.attrgetter("nbytes")
 def columns_of_small(items: list, small: SmallRows, digest: Callable[[Any], bytes]) -> tuple[TensorColumns, list, int]:
     """The rows of ``small`` (of ``items``) as columns, their digests computed. Returns (the
     columns, the items' pooled buffers (None for most), their arrays' bytes)."""
-    rows = map(items.__getitem__, small.index)
-    sample, step, name, call, order, source, dtype, pooled = map(list, zip(*map(_keys_of, rows)))
+    rows = list(map(items.__getitem__, small.index))
+    # a pass per field: no tuple per row (each would count towards a garbage collection)
+    sample, step, name, call, order, source, dtype, pooled = (list(map(get, rows)) for get in _getters)
     arrays = small.arrays
     cols = TensorColumns(sample, step, name, call, order, source, dtype, list(map(_shape_of, arrays)), small.stats,
                          list(map(digest, arrays)), [None] * len(arrays))

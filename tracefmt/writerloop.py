@@ -77,16 +77,29 @@ def _stats_of_small(items: list) -> SmallRows | None:
     return SmallRows([small[k] for k in kept], [arrays[k] for k in kept], stats.take(keep))
 
 
+def _positions(seq: list, value: Any) -> list[int]:
+    """The positions of ``value`` in ``seq`` (found by ``list.index``: a Python step per match,
+    not per element)."""
+    out: list[int] = []
+    at = -1
+    try:
+        while True:
+            at = seq.index(value, at + 1)
+            out.append(at)
+    except ValueError:
+        return out
+
+
 def _decisions_of_logits(items: list) -> int:
     """Derive the decisions of the logits items of ``items`` in as few numpy calls as possible
     (:func:`tracefmt.decisions.decide_many` per group of equal shape, dtype, k and watched ids);
     each becomes a :class:`DecisionItem`, in place. Returns the logits' bytes, for the caller
     to give back to the queue's budget."""
     groups: dict[tuple, list[int]] = {}
-    for i, it in enumerate(items):
-        if type(it) is LogitsItem:
-            x = it.logits
-            groups.setdefault((x.shape, x.dtype.str, it.k, tuple(it.watched)), []).append(i)
+    for i in _positions(list(map(type, items)), LogitsItem):
+        it = items[i]
+        x = it.logits
+        groups.setdefault((x.shape, x.dtype.str, it.k, tuple(it.watched)), []).append(i)
     freed = 0
     for (_shape, _dt, k, watched), group in groups.items():
         for at in range(0, len(group), 32):  # 32 rows at a time: the float64 scratch stays in cache
