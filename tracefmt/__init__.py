@@ -29,7 +29,7 @@ _LAZY = {
     "DataFile": "arrowio",
     "ImportSummary": "jsonl", "export_jsonl": "jsonl", "import_jsonl": "jsonl",
     "TraceMetadata": "metadata",
-    "TensorStats": "payload", "compute_stats": "payload", "digest": "payload",
+    "TensorStats": "stats", "compute_stats": "stats", "digest": "payload",
     "PartInfo": "parts",
     "StepView": "reader", "TraceReader": "reader",
     "TraceWriter": "writer", "WriteSummary": "writer",
@@ -40,8 +40,9 @@ if TYPE_CHECKING:
     from .jsonl import ImportSummary, export_jsonl, import_jsonl
     from .metadata import TraceMetadata
     from .parts import PartInfo
-    from .payload import TensorStats, compute_stats, digest
+    from .payload import digest
     from .reader import StepView, TraceReader
+    from .stats import TensorStats, compute_stats
     from .writer import TraceWriter, WriteSummary
 
 

@@ -20,8 +20,9 @@ from .dtypes import DTYPES, canonical, container
 from .jsonio import quote
 from .jsonl_fields import I32, I64, LineContext, json_type, show
 from .metadata import TraceMetadata
-from .payload import DIGEST_ALGORITHMS, TensorStats, digest
+from .payload import DIGEST_ALGORITHMS, digest
 from .schema import STAT_COLUMNS
+from .stats import TensorStats
 from .writer import TraceWriter
 
 #: meta keys that describe the interchange file itself, not the run; dropped on import.

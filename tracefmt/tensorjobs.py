@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .payload import Encoder, TensorStats, compute_stats
+from .payload import Encoder
+from .stats import TensorStats, compute_stats
 
 #: Jobs run on at most this many threads (zstd-1 runs at ~0.6-0.8 GB/s per thread).
 MAX_THREADS = 4

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from itertools import chain
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -21,8 +22,8 @@ import pyarrow as pa
 from .checks import I64, opt_i32, opt_int, opt_str
 from .decisions import Decision
 from .errors import TraceUsageError
-from .payload import TensorStats
 from .schema import DECISIONS, TENSORS
+from .stats import StatsColumns, TensorStats
 
 
 class _Now:
@@ -89,11 +90,64 @@ class TensorRow(NamedTuple):
     value_ref: int | None
 
 
+@dataclass(slots=True)
+class TensorColumns:
+    """Processed tensor rows column by column, field for field a :class:`TensorRow`: what
+    :func:`tracefmt.batches.tensors_batch` turns into a record batch without a Python step
+    per row. The writer builds them for small tensors as it computes their statistics."""
+
+    sample: list[str]
+    step: list[int]
+    name: list[str]
+    call: list[int]
+    order: list[int]
+    source: list[str | None]
+    dtype: list[str]
+    shape: list[tuple[int, ...]]
+    stats: StatsColumns
+    digest: list[bytes | None]
+    value_ref: list[int | None]
+
+    def __len__(self) -> int:
+        return len(self.sample)
+
+    def take(self, start: int, stop: int) -> TensorColumns:
+        """Rows ``start`` to ``stop`` (excluded)."""
+        s = slice(start, stop)
+        return TensorColumns(self.sample[s], self.step[s], self.name[s], self.call[s], self.order[s], self.source[s],
+                             self.dtype[s], self.shape[s], self.stats.take(s), self.digest[s], self.value_ref[s])
+
+    @staticmethod
+    def of_rows(rows: Sequence[TensorRow]) -> TensorColumns:
+        """The columns of ``rows``.
+
+        Raises:
+            pyarrow.ArrowException, TypeError: a statistic is not a number or None.
+        """
+        if not rows:
+            return TensorColumns([], [], [], [], [], [], [], [], StatsColumns.of_stats([]), [], [])
+        sample, step, name, call, order, source, dtype, shape, stats, digest, ref = map(list, zip(*rows))
+        return TensorColumns(sample, step, name, call, order, source, dtype, shape, StatsColumns.of_stats(stats),
+                             digest, ref)
+
+    @staticmethod
+    def concat(parts: Sequence[TensorColumns]) -> TensorColumns:
+        """The rows of ``parts``, one after the other."""
+        if len(parts) == 1:
+            return parts[0]
+        lists = [list(chain.from_iterable(getattr(p, f) for p in parts)) for f in _LIST_FIELDS]
+        stats = StatsColumns.concat([p.stats for p in parts])
+        return TensorColumns(*lists[:8], stats, *lists[8:])
+
+
+_LIST_FIELDS = tuple(f for f in TensorRow._fields if f != "stats")
 _STAT_FIELDS = ("numel", "min", "max", "mean", "std", "abs_max", "l2", "nan_count", "inf_count")
 if DecisionRow._fields != tuple(DECISIONS.names):
     raise AssertionError("DecisionRow must list the DECISIONS columns in schema order")
 if (*TensorRow._fields[:8], *_STAT_FIELDS, *TensorRow._fields[9:]) != tuple(TENSORS.names):
     raise AssertionError("TensorRow (with stats spread) must list the TENSORS columns in schema order")
+if tuple(f.name for f in fields(TensorColumns)) != TensorRow._fields:
+    raise AssertionError("TensorColumns must list the fields of TensorRow in order")
 
 ROW_KEYS = ("forced", "piece", "frame", "chunk", "position", "emission", "time_us")
 

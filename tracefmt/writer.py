@@ -36,8 +36,9 @@ from .lane import RecorderLane
 from .layout import claim_part, create_or_join, part_id
 from .metadata import TraceMetadata, utc_now, write_json_atomic
 from .outbox import Budget, BufferPool, Outbox, StepCounter
-from .payload import DEFAULT_DIGEST, DIGEST_ALGORITHMS, ENCODINGS, Encoder, TensorStats, digest_function
+from .payload import DEFAULT_DIGEST, DIGEST_ALGORITHMS, ENCODINGS, Encoder, digest_function
 from .schema import PARTS_DIR, data_file, part_file
+from .stats import TensorStats
 from .writerdecisions import DecisionMethods
 from .writeitems import CLOSE, NOW, FlushItem, StatsItem, TensorItem
 from .writerloop import Worker

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import queue
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +21,18 @@ from .decisions import decide, decide_many
 from .errors import TraceError
 from .ipcfile import ArrowAppender
 from .outbox import BufferPool, Outbox
-from .payload import SMALL_ELEMENTS, Encoder, compute_stats_many
+from .payload import Encoder
+from .pendingrows import (
+    ColumnRows,
+    PendingRow,
+    SmallRows,
+    add_columns,
+    columns_of_small,
+    item_runs,
+    key_starts,
+    pending_columns,
+)
+from .stats import SMALL_ELEMENTS, stats_columns
 from .tensorjobs import TensorJobs, job_threads
 from .writeitems import (
     CloseItem,
@@ -31,6 +43,7 @@ from .writeitems import (
     LogitsItem,
     ManyItem,
     StatsItem,
+    TensorColumns,
     TensorItem,
     TensorRow,
     WakeItem,
@@ -39,14 +52,42 @@ from .writeitems import (
 )
 
 
-def _stats_of_small(items: list) -> None:
-    """Fill in the statistics of the small tensor items without stats of ``items``, in place,
-    with :func:`tracefmt.payload.compute_stats_many`."""
-    small = [it for it in items if type(it) is TensorItem and it.stats is None and it.array.size <= SMALL_ELEMENTS]
+def _stats_of_small(items: list) -> SmallRows | None:
+    """The statistics of the small tensor items without stats of ``items``, in a few numpy calls
+    (:func:`tracefmt.stats.stats_columns`): items with values get theirs in place; those without
+    (statistics and digest only) are returned with their statistics as columns. None: none of
+    those, or fewer than two small items in all (reduced one at a time, as tensors outside batches
+    are)."""
+    small = [i for i, it in enumerate(items)
+             if type(it) is TensorItem and it.stats is None and it.array.size <= SMALL_ELEMENTS]
     if len(small) < 2:
-        return
-    for it, st in zip(small, compute_stats_many([it.array for it in small], [it.dtype for it in small])):
-        it.stats = st
+        return None
+    arrays = [items[i].array for i in small]
+    stats = stats_columns(arrays, [items[i].dtype for i in small])
+    with_values = [k for k, i in enumerate(small) if items[i].values]
+    if not with_values:
+        return SmallRows(small, arrays, stats)
+    for k in with_values:
+        items[small[k]].stats = stats.row(k)
+    if len(with_values) == len(small):
+        return None
+    keep = np.ones(len(small), bool)
+    keep[with_values] = False
+    kept = np.flatnonzero(keep).tolist()
+    return SmallRows([small[k] for k in kept], [arrays[k] for k in kept], stats.take(keep))
+
+
+def _positions(seq: list, value: Any) -> list[int]:
+    """The positions of ``value`` in ``seq`` (found by ``list.index``: a Python step per match,
+    not per element)."""
+    out: list[int] = []
+    at = -1
+    try:
+        while True:
+            at = seq.index(value, at + 1)
+            out.append(at)
+    except ValueError:
+        return out
 
 
 def _decisions_of_logits(items: list) -> int:
@@ -55,10 +96,10 @@ def _decisions_of_logits(items: list) -> int:
     each becomes a :class:`DecisionItem`, in place. Returns the logits' bytes, for the caller
     to give back to the queue's budget."""
     groups: dict[tuple, list[int]] = {}
-    for i, it in enumerate(items):
-        if type(it) is LogitsItem:
-            x = it.logits
-            groups.setdefault((x.shape, x.dtype.str, it.k, tuple(it.watched)), []).append(i)
+    for i in _positions(list(map(type, items)), LogitsItem):
+        it = items[i]
+        x = it.logits
+        groups.setdefault((x.shape, x.dtype.str, it.k, tuple(it.watched)), []).append(i)
     freed = 0
     for (_shape, _dt, k, watched), group in groups.items():
         for at in range(0, len(group), 32):  # 32 rows at a time: the float64 scratch stays in cache
@@ -128,23 +169,44 @@ class Worker:
 
     def _loop(self) -> None:
         dec: list[DecisionRow] = []
-        ten: list[TensorRow | _PendingRow] = []
+        ten: list[TensorRow | PendingRow | ColumnRows] = []
         steps_seen: set[tuple[str, int]] = set()  # distinct steps since the last flush
         deadline: float | None = None
         outbox = self._outbox
         counts = self.counts
+        flush_steps = self._flush_steps
 
         def flush() -> None:
             nonlocal dec, ten, deadline
             # Values first: every tensor row written below references a value already in the file.
             self._write_values(wait=True)
             if ten:
-                self._files["tensors"].write(tensors_batch([_row(r) for r in ten]))
+                self._files["tensors"].write(tensors_batch(pending_columns(ten)))
             if dec:
                 self._files["decisions"].write(decisions_batch(dec))
             dec, ten = [], []
             steps_seen.clear()
             deadline = None
+
+        def take(cols: TensorColumns, starts: list[int], j0: int, j1: int) -> None:
+            # rows j0..j1 of cols: flushed where the row path flushes (after the row that brings
+            # the step count past flush_steps), with a Python step per new key, not per row
+            start = at = j0
+            while at < j1:
+                key = (cols.sample[at], cols.step[at])
+                if key not in steps_seen:
+                    steps_seen.add(key)
+                    if len(steps_seen) > flush_steps:
+                        add_columns(ten, cols, start, at + 1)
+                        self._guard(flush)
+                        if self.error is not None:
+                            return
+                        start = at = at + 1
+                        continue  # the next row's key starts the new count
+                nxt = bisect_right(starts, at)
+                at = starts[nxt] if nxt < len(starts) and starts[nxt] < j1 else j1
+            if start < j1:
+                add_columns(ten, cols, start, j1)
 
         while True:
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -161,21 +223,37 @@ class Worker:
                 continue
             items: Any = (got,)
             freed = n_fast = 0
+            runs: list[tuple[int, int, int]] = []
             if type(got) is ManyItem:  # rows handed over together: small tensors' stats in one go
                 items = got.items
-                self._guard(_stats_of_small, items)
                 if self.error is None:
                     try:
+                        small = _stats_of_small(items)
+                        if small is not None:  # stats-only small tensors: columns, no Python step per row
+                            cols, pooled, freed = columns_of_small(items, small, self._digest)
+                            starts = key_starts(cols)
+                            runs = item_runs(small.index)
+                            n_fast = len(cols)
+                            for buf in pooled:
+                                if buf is not None:
+                                    self._pool.give(buf)
                         if logits_bytes := _decisions_of_logits(items):
                             self._budget.give(logits_bytes)
-                    except (ValueError, TypeError, TraceError) as exc:
+                    except (ValueError, TypeError, TraceError, pa.ArrowException) as exc:
                         self.error = exc
-            for item in items:
+            at, n_items, r = 0, len(items), 0
+            while at < n_items:
+                if r < len(runs) and runs[r][0] == at:
+                    first, at, row = runs[r]
+                    r += 1
+                    if self.error is None:
+                        take(cols, starts, row, row + at - first)
+                    continue
+                item = items[at]
+                at += 1
                 kind = type(item)
                 if kind is TensorItem and item.stats is not None and not item.values and self.error is None:
-                    # statistics known, no values (small tensors handed over together): only
-                    # the digest is left; a few Python steps per row, the budget given back
-                    # per batch (each step here is a step the model's thread may wait for)
+                    # statistics given by the caller, no values: only the digest is left
                     a = item.array
                     ten.append(TensorRow(item.sample, item.step, item.name, item.call, item.order, item.source,
                                          item.dtype, a.shape, item.stats, self._digest(a), None))
@@ -184,7 +262,7 @@ class Worker:
                     n_fast += 1
                     if item.pooled is not None:
                         self._pool.give(item.pooled)
-                    if len(steps_seen) > self._flush_steps:
+                    if len(steps_seen) > flush_steps:
                         self._guard(flush)
                     continue
                 if kind is CloseItem:
@@ -209,9 +287,9 @@ class Worker:
                     self._budget.give(item.array.nbytes)
                 if deadline is None:
                     deadline = time.monotonic() + self._flush_s
-                if len(steps_seen) > self._flush_steps:
+                if len(steps_seen) > flush_steps:
                     self._guard(flush)
-            if n_fast:
+            if n_fast:  # the budget given back per batch (each step here is one the model's thread may wait for)
                 self._budget.give(freed)
                 counts["tensors"] += n_fast
                 counts["tensor_bytes"] += freed
@@ -248,7 +326,7 @@ class Worker:
             res.payload = None  # the row keeps the result until the flush; the bytes can go now
             unwritten.popleft()
 
-    def _accept(self, item: Any, dec: list[DecisionRow], ten: list[TensorRow | _PendingRow]) -> None:
+    def _accept(self, item: Any, dec: list[DecisionRow], ten: list[TensorRow | PendingRow]) -> None:
         kind = type(item)
         counts = self.counts
         if kind is DecisionItem:
@@ -291,7 +369,7 @@ class Worker:
             counts["values"] += 1
             self._unwritten.append(job)
         # the row keeps the shape, not the array: its memory goes back when the job is done
-        ten.append(_PendingRow(TensorRow(item.sample, item.step, item.name, item.call, item.order, item.source,
+        ten.append(PendingRow(TensorRow(item.sample, item.step, item.name, item.call, item.order, item.source,
                                          item.dtype, a.shape, None, None, ref), job))  # type: ignore[arg-type]
         self._write_values(wait=False)
 
@@ -299,18 +377,3 @@ class Worker:
 #: Tensors recorded without values get a job of their own from this many bytes (smaller ones
 #: are reduced on the loop's thread); tensors with values always do.
 JOB_BYTES = 64 << 10
-
-
-class _PendingRow(NamedTuple):
-    """A tensor row (without statistics and digest yet) and the job computing them."""
-
-    row: TensorRow
-    job: Future
-
-
-def _row(r: TensorRow | _PendingRow) -> TensorRow:
-    """The finished row of ``r``, waiting for a pending row's job."""
-    if type(r) is TensorRow:
-        return r
-    res = r.job.result()
-    return r.row._replace(stats=res.stats, digest=res.digest)
