@@ -188,6 +188,8 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         self.quiet: dict[int, weakref.ref] = {}  # ids of modules that need no hook inside another's call
         self._decided = False
         self._mods: weakref.WeakKeyDictionary[Any, _Mod] = weakref.WeakKeyDictionary()
+        self._by_id: dict[int, _Mod] = {}  # the same, by id(module): emptied by _refs' callbacks
+        self._refs: dict[int, weakref.ref] = {}
         self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
         self._labels: set[str] = set()
         self._roots = 0

@@ -31,6 +31,7 @@ class _Mod:
     mode: str
     logits: tuple | bool | None  # element path, False (never), None (not known before its first output)
     starts_sample: bool = False
+    settled: bool = False  # whether it is quiet has been decided (once its logits path is known)
 
 
 class ModuleHooks:
@@ -46,7 +47,11 @@ class ModuleHooks:
             name = f"{label}.{path}" if path else label
             logits = _SELF if self._is_logits(name, path) else None
             starts = any_match(self.sample_per, name, path)
-            self._mods[mod] = _Mod(name, path, type(mod).__name__, self._mode(name, path), logits, starts)
+            info = self._mods[mod] = _Mod(name, path, type(mod).__name__, self._mode(name, path), logits, starts)
+            key = id(mod)  # the hooks look modules up by id: a WeakKeyDictionary lookup is a Python call
+            self._by_id[key] = info
+            self._refs[key] = weakref.ref(mod, lambda _ref, key=key, by_id=self._by_id, refs=self._refs: (
+                by_id.pop(key, None), refs.pop(key, None)))
             self._seen(name, path)
 
     def torch_pre(self, module: Any) -> None:
@@ -56,10 +61,10 @@ class ModuleHooks:
         Raises:
             SampleIdsExhaustedError: more ``sample_per`` calls than sample ids.
         """
-        info = self._mods.get(module)
+        info = self._by_id.get(id(module))
         if info is None:
             self._name_tree(module)
-            info = self._mods.get(module)
+            info = self._by_id.get(id(module))
         if info is not None and info.starts_sample:
             with self._writing():
                 self._start_sample(info.name)
@@ -73,7 +78,7 @@ class ModuleHooks:
             TraceError: recording failed, or teacher forcing ran past the reference.
         """
         depth = self.depth = max(self.depth - 1, 0)
-        info = self._mods.get(module)
+        info = self._by_id.get(id(module))
         result = None
         if info is not None and self.sample_per and self._before_first_sample(info.name if depth == 0 else None):
             info = None
@@ -82,9 +87,11 @@ class ModuleHooks:
                 result = self._torch_output(module, info, output)
         if self.depth == 0 and self._decided:
             self._end_step()
-        if info is not None and info.logits is not None and id(module) not in self.quiet and self._is_quiet(info):
-            key = id(module)
-            self.quiet[key] = weakref.ref(module, lambda _ref, quiet=self.quiet, key=key: quiet.pop(key, None))
+        if info is not None and not info.settled and info.logits is not None:
+            info.settled = True
+            if self._is_quiet(info):
+                key = id(module)
+                self.quiet[key] = weakref.ref(module, lambda _ref, quiet=self.quiet, key=key: quiet.pop(key, None))
         return result
 
     def _is_quiet(self, info: _Mod) -> bool:

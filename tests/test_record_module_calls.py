@@ -138,14 +138,16 @@ PIECES = textwrap.dedent('''
 def test_steps_end_at_the_outermost_return_with_quiet_modules(tmp_path, capsys):
     script = tmp_path / "pieces.py"
     script.write_text(PIECES)
-    made: list[ScriptRecorder] = []
+    seen: dict[str, set[str]] = {}
 
-    def recorder(*args, **kwargs):
-        made.append(ScriptRecorder(*args, **kwargs))
-        return made[0]
+    class Snooping(ScriptRecorder):
+        def _end_step(self) -> None:  # the modules die with the script: look at them while it runs
+            super()._end_step()
+            seen["every"] = {info.name for info in self._mods.values()}
+            seen["quiet"] = {info.name for module, info in self._mods.items() if id(module) in self.quiet}
 
     result = run_script(str(script), ["6"], trace=tmp_path / "p.trace", modules=["Net.blocks.1.up"],
-                        logits=["head"], recorder=recorder)
+                        logits=["head"], recorder=Snooping)
     assert result.status == 0 and result.steps == 6
     printed = [int(x) for x in capsys.readouterr().out.split()]
     reader = TraceReader(tmp_path / "p.trace")
@@ -153,7 +155,5 @@ def test_steps_end_at_the_outermost_return_with_quiet_modules(tmp_path, capsys):
     assert [r["chosen"] for r in rows] == printed and [r["step"] for r in rows] == list(range(6))
     tensors = reader.tensors(columns=["step", "name", "call"]).to_pylist()
     assert sorted((r["step"], r["name"], r["call"]) for r in tensors) == [(s, "Net.blocks.1.up", 0) for s in range(6)]
-    quiet = {info.name for module, info in made[0]._mods.items() if id(module) in made[0].quiet}
-    every = {info.name for info in made[0]._mods.values()}
-    assert quiet == every - {"Net.blocks.1.up", "Net.head"} and len(every) == 16
+    assert seen["quiet"] == seen["every"] - {"Net.blocks.1.up", "Net.head"} and len(seen["every"]) == 16
     assert torch.nn.Module.__call__ is ORIGINAL_CALL
