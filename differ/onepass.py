@@ -32,17 +32,19 @@ def work_dtype(a: np.ndarray, b: np.ndarray) -> np.dtype:
 
 
 class Acc:
-    """Running sums of one comparison."""
+    """Running sums of one comparison; ``ab`` (``sum ab``) is None where it was not summed."""
 
-    __slots__ = ("mx", "s", "dd", "aa", "bb", "rel", "bad", "n", "nan_mis", "inf_mis", "nan_both")
+    __slots__ = ("mx", "s", "dd", "aa", "bb", "ab", "rel", "bad", "n", "nan_mis", "inf_mis", "nan_both")
 
     def __init__(self) -> None:
         self.mx = self.s = self.dd = self.aa = self.bb = self.rel = 0.0
+        self.ab: float | None = None
         self.bad = self.n = self.nan_mis = self.inf_mis = self.nan_both = 0
 
     def merge(self, o: Acc) -> None:
         """Add another accumulator's sums (the two covered disjoint ranges)."""
         self.mx, self.rel = max(self.mx, o.mx), max(self.rel, o.rel)
+        self.ab = None if self.ab is None or o.ab is None else self.ab + o.ab
         for k in ("s", "dd", "aa", "bb", "bad", "n", "nan_mis", "inf_mis", "nan_both"):
             setattr(self, k, getattr(self, k) + getattr(o, k))
 
