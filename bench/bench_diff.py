@@ -1,11 +1,14 @@
-"""Benchmark of the differ (issue 3). One run prints three figures:
+"""Benchmark of the differ (issues 3 and 14). One run prints three figures:
 
 1. diff of N decision steps (default 1 M: 1,000 samples x 1,000 steps, k = 8), target < 2 s;
 2. tensor-comparison throughput of ``steptrace.differ.compare_values`` (max/mean abs, max rel, cosine,
    SQNR, tolerance count) against ``np.abs(a - b).max()`` on the same in-memory arrays at 64 K,
-   256 K and 1 M elements (more without ``--quick``), target >= 0.5x: the ratio per round of
-   timings made in alternation, its median and range over ``--rounds`` rounds, PASS/MISS, and
-   the load average before and after;
+   256 K and 1 M elements (more without ``--quick``), target >= 0.5x, for both implementations
+   in the same rounds (the numpy path and the compiled kernel, numba, where installed): the ratio
+   per round of timings made in alternation, its median and range over ``--rounds`` rounds,
+   PASS/MISS, and the load average before and after; then the kernel's one-off cost in fresh
+   processes (import numba, load or compile it: cold with an empty cache, then cached) and how
+   many elements a comparison needs before the kernel pays for it;
 3. peak memory of a full diff (values compared) of two traces with GB of tensor values, in a
    fresh process: the differ reads one tensor at a time, so its anonymous memory stays bounded
    while the traces' mapped pages (page cache) come and go.
@@ -17,7 +20,7 @@ carries float noise (no row is bit-identical, so nothing is skipped). Times are 
 ``--repeat`` runs after a warm-up, wall clock and CPU; the machine is shared, so look at the spread.
 
     python bench/bench_diff.py [--quick] [--steps 1000000] [--gb 1.0] [--repeat 3] [--rounds 7]
-                               [--out /tmp/bench_diff] [--skip decisions|tensors|memory]
+                               [--out /tmp/bench_diff] [--skip decisions|tensors|kernel-load|memory]
 """
 
 from __future__ import annotations
@@ -138,24 +141,44 @@ def _spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):.2f}x (range {min(xs):.2f}-{max(xs):.2f})"
 
 
-def bench_tensors(quick: bool, rounds: int) -> None:
-    """In-cache tensor comparison: ``steptrace.differ.compare_values`` against ``np.abs(a - b).max()`` on the
-    same arrays, timed in alternation in each round; the ratio (baseline time / differ time) is taken
-    per round and its median judged. Besides the plain call (bit-exactness known, as from digests):
-    ``sumsq known`` is the differ's own call (sum a^2, sum b^2 from the traces' ``l2`` statistics),
-    ``bytes`` leaves bit-exactness to be found (bitexact=None), ``2 threads`` splits tensors of
-    ``PARALLEL_MIN`` elements or more. TARGET: >= 0.5x at every size.
+def _kernel_ready() -> str | None:
+    """None when the compiled kernel can run here, else why not."""
+    from steptrace.differ import kernelpolicy
+
+    if not kernelpolicy.numba_installed():
+        return "numba is not installed (pip install 'steptrace[fast]')"
+    try:
+        import steptrace.differ.kernel  # noqa: F401
+    except ImportError as e:
+        return f"numba does not import: {e}"
+    return None
+
+
+def bench_tensors(quick: bool, rounds: int) -> list[tuple[int, float, float]]:
+    """In-cache tensor comparison: ``steptrace.differ.compare_values`` with the numpy path
+    (``kernel=False``) and with the compiled kernel (``kernel=True``) against ``np.abs(a - b).max()``
+    on the same arrays, all timed in alternation in each round; the ratio (baseline time / differ
+    time) is taken per round and its median judged. Besides the plain call (bit-exactness known,
+    as from digests): ``sumsq known`` is the differ's own call (sum a^2, sum b^2 from the traces'
+    ``l2`` statistics), ``bytes`` leaves bit-exactness to be found (bitexact=None), ``2 threads``
+    splits tensors of ``PARALLEL_MIN`` elements or more. TARGET: >= 0.5x at every size.
 
     The baseline allocates two temporaries per call, so its speed moves with the allocator's state
     (whether they come back from the heap or as fresh pages): compare the differ's GB/s across
-    versions as well as the ratio."""
+    versions as well as the ratio. Returns ``(elements, numpy seconds, kernel seconds)`` per
+    float32 size (kernel seconds NaN when it cannot run)."""
     rng = np.random.default_rng(0)
     load = os.getloadavg()
+    why_not = _kernel_ready()
+    paths = [("numpy", False)] + ([("kernel", True)] if why_not is None else [])
     sizes = (1 << 16, 1 << 18, 1 << 20) if quick else (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24)
-    print(f"tensor values: differ.compare_values vs np.abs(a - b).max() (same arrays, interleaved; {rounds} rounds, "
-          f"each the best of 15 timings; ratio = median over rounds (range); load {load[0]:.2f} {load[1]:.2f} "
-          f"{load[2]:.2f}); target >= {TENSOR_TARGET}x")
-    misses = []
+    print(f"tensor values: differ.compare_values (numpy path and compiled kernel) vs np.abs(a - b).max() (same "
+          f"arrays, interleaved; {rounds} rounds, each the best of 15 timings; ratio = median over rounds (range); "
+          f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}); target >= {TENSOR_TARGET}x")
+    if why_not:
+        print(f"  compiled kernel not measured: {why_not}")
+    misses: dict[str, list[int]] = {name: [] for name, _ in paths}
+    per_size = []
     for dtype in (np.float32, np.float16):
         tol = default_tensor_tolerance(np.dtype(dtype).name)
         for n in sizes:
@@ -163,25 +186,94 @@ def bench_tensors(quick: bool, rounds: int) -> None:
             b = (a + rng.standard_normal(n).astype(dtype) * dtype(1e-3)).astype(dtype)
             sumsq = (float(np.dot(a.astype(np.float64), a.astype(np.float64))),
                      float(np.dot(b.astype(np.float64), b.astype(np.float64))))
-            res = _rounds([
-                lambda a=a, b=b: np.abs(a - b).max(),
-                lambda a=a, b=b, tol=tol: compare_values(a, b, tol, bitexact=False),
-                lambda a=a, b=b, tol=tol, sumsq=sumsq: compare_values(a, b, tol, bitexact=False, sumsq=sumsq),
-                lambda a=a, b=b, tol=tol: compare_values(a, b, tol),
-                lambda a=a, b=b, tol=tol: compare_values(a, b, tol, bitexact=False, threads=2),
-            ], max(1, (1 << 18) // n), rounds, 15)
-            ratio = [[r[0] / r[k] for r in res] for k in range(1, 5)]
+            fns = [lambda a=a, b=b: np.abs(a - b).max()]
+            for _, k in paths:
+                fns += [
+                    lambda a=a, b=b, tol=tol, k=k: compare_values(a, b, tol, bitexact=False, kernel=k),
+                    lambda a=a, b=b, tol=tol, s=sumsq, k=k: compare_values(a, b, tol, bitexact=False, sumsq=s, kernel=k),
+                    lambda a=a, b=b, tol=tol, k=k: compare_values(a, b, tol, kernel=k),
+                    lambda a=a, b=b, tol=tol, k=k: compare_values(a, b, tol, bitexact=False, threads=2, kernel=k),
+                ]
+            for f in fns:  # warm-up (the kernel's first call loads or compiles it)
+                f()
+            res = _rounds(fns, max(1, (1 << 18) // n), rounds, 15)
             gb = 2 * a.nbytes / 1e9
-            t_np, t_cv = (statistics.median(r[k] for r in res) for k in (0, 1))
-            verdict = "PASS" if statistics.median(ratio[0]) >= TENSOR_TARGET else "MISS"
-            if dtype == np.float32 and verdict == "MISS":
-                misses.append(n)
-            print(f"  {np.dtype(dtype).name:8} {n:>10,} elems: numpy {gb / t_np:6.2f} GB/s, "
-                  f"differ {gb / t_cv:6.2f} GB/s, {_spread(ratio[0])} {verdict}; sumsq known {_spread(ratio[1])}, "
-                  f"bytes {_spread(ratio[2])}, 2 threads {_spread(ratio[3])}")
+            t_np = statistics.median(r[0] for r in res)
+            times = {}
+            for p, (name, _) in enumerate(paths):
+                col = 1 + 4 * p
+                ratio = [[r[0] / r[col + k] for r in res] for k in range(4)]
+                t_cv = statistics.median(r[col] for r in res)
+                times[name] = t_cv
+                verdict = "PASS" if statistics.median(ratio[0]) >= TENSOR_TARGET else "MISS"
+                if dtype == np.float32 and verdict == "MISS":
+                    misses[name].append(n)
+                print(f"  {np.dtype(dtype).name:8} {n:>10,} elems {name:6}: numpy {gb / t_np:6.2f} GB/s, "
+                      f"differ {gb / t_cv:6.2f} GB/s, {_spread(ratio[0])} {verdict}; sumsq known "
+                      f"{_spread(ratio[1])}, bytes {_spread(ratio[2])}, 2 threads {_spread(ratio[3])}")
+            if dtype == np.float32:
+                per_size.append((n, times["numpy"], times.get("kernel", float("nan"))))
     load = os.getloadavg()
-    missed = "met at every size" if not misses else "MISSED at " + ", ".join(f"{n:,}" for n in misses)
-    print(f"  float32 target {missed} (load after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
+    for name, _ in paths:
+        missed = "met at every size" if not misses[name] else "MISSED at " + ", ".join(f"{n:,}" for n in misses[name])
+        print(f"  float32 target, {name}: {missed}")
+    print(f"  (load after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
+    return per_size
+
+
+#: Run in a fresh interpreter: import the kernel (numba) and make its first float32 call.
+_KERNEL_CHILD = """
+import json, time
+import numpy as np
+from steptrace.differ import TensorTolerance, compare_values
+t0 = time.perf_counter()
+import numba
+t1 = time.perf_counter()
+import steptrace.differ.kernel
+t2 = time.perf_counter()
+a = np.ones(1 << 16, np.float32)
+compare_values(a, a + np.float32(1), TensorTolerance(), kernel=True)
+t3 = time.perf_counter()
+print(json.dumps({"numba": t1 - t0, "kernel": t2 - t1, "first": t3 - t2}))
+"""
+
+
+def bench_kernel_load(out: Path, per_size: list[tuple[int, float, float]]) -> None:
+    """The compiled kernel's one-off costs in fresh processes: ``import numba``, importing
+    ``steptrace.differ.kernel``, and its first float32 call, once with an empty cache (it
+    compiles and writes the cache: the first use after an install) and twice with the cache
+    (every later process); then how many float32 elements a comparison must fold before the
+    kernel's saving per element (from the in-cache figures) pays for the cached load."""
+    why_not = _kernel_ready()
+    if why_not:
+        print(f"kernel load: not measured: {why_not}")
+        return
+    cache = out / "numba_cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    runs = []
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", _KERNEL_CHILD], capture_output=True, text=True, check=True,
+                              env=env)
+        runs.append(json.loads(proc.stdout))
+    load = os.getloadavg()
+
+    def fmt(r: dict) -> str:
+        return (f"import numba {r['numba']:.2f} s + kernel module {r['kernel']:.2f} s + first call "
+                f"{r['first']:.2f} s = {sum(r.values()):.2f} s")
+
+    print(f"kernel load (fresh processes, NUMBA_CACHE_DIR empty at first; load {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f}):\n  cold (compiles, writes the cache): {fmt(runs[0])}\n  cached: {fmt(runs[1])}\n"
+          f"  cached: {fmt(runs[2])}")
+    cached = min(sum(r.values()) for r in runs[1:])
+    for n, t_np, t_k in per_size:
+        saved = (t_np - t_k) / n
+        pays = f"{cached / saved / 1e6:,.0f} M elements" if saved > 0 else "never (the kernel is not faster)"
+        print(f"  at {n:>10,}-element tensors: saves {saved * 1e9:.2f} ns per element; the cached load pays "
+              f"after {pays}")
+    from steptrace.differ.kernelpolicy import KERNEL_MIN_ELEMENTS
+
+    print(f"  (STEPTRACE_KERNEL=auto takes the kernel from {KERNEL_MIN_ELEMENTS:,} elements)")
 
 
 def write_tensors(path: Path, gb: float, seed: int, noise: float) -> None:
@@ -246,7 +338,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_diff"))
     ap.add_argument("--repeat", type=int, default=3, help="timed diffs per decisions figure (best is shown)")
     ap.add_argument("--rounds", type=int, default=7, help="rounds of the tensor figure (median and range shown)")
-    ap.add_argument("--skip", action="append", default=[], choices=["decisions", "tensors", "memory"])
+    ap.add_argument("--skip", action="append", default=[], choices=["decisions", "tensors", "kernel-load", "memory"])
     ap.add_argument("--quick", action="store_true",
                     help="a few minutes at most: 100k decision steps, tensors up to 1M elements, 0.2 GB memory figure")
     args = ap.parse_args()
@@ -255,7 +347,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         if "tensors" not in args.skip:
-            bench_tensors(args.quick, args.rounds)
+            per_size = bench_tensors(args.quick, args.rounds)
+            if "kernel-load" not in args.skip:
+                bench_kernel_load(args.out, per_size)
         if "decisions" not in args.skip:
             bench_decisions(args.out, args.steps, args.repeat)
         if "memory" not in args.skip:

@@ -29,3 +29,8 @@ class ReportFileError(TraceUsageError):
 
 class DiffFormatError(TraceFormatError):
     """A trace breaks a rule the differ relies on (e.g. a (sample, step, head) recorded twice)."""
+
+
+class KernelError(TraceUsageError):
+    """``STEPTRACE_KERNEL`` asks for what this install cannot do (a path that is not numpy,
+    numba or auto; numba where it is not installed or does not import)."""

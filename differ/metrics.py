@@ -17,10 +17,16 @@ float64 (float64 for a chunk whose sums overflow or underflow float32); ``a.b`` 
 ``(sum a^2 + sum b^2 - sum (a-b)^2) / 2`` when ``sum a^2`` and ``sum b^2`` are within 4x of each
 other, else a float64 pass of its own (the difference would cancel).
 
-The chunk kernel lives in :mod:`steptrace.differ.onepass`. Per chunk of values finite on both sides: ``a-b`` once into a reused buffer and ``|.|`` in place,
-``sum|a-b|`` by BLAS (not finite: some value is NaN or Inf, and the chunk takes the NaN-aware
-path), ``sum (a-b)^2``, ``sum a^2``, ``sum b^2`` by BLAS, ``|a|``, ``|a-b|/|a|``, both maxima in one
-reduction, and the tolerance count only when the chunk can hold an element beyond it.
+Two implementations fold the chunks, chosen by :mod:`steptrace.differ.kernelpolicy`
+(``STEPTRACE_KERNEL``). :mod:`steptrace.differ.onepass` (numpy, always there), per chunk of values
+finite on both sides: ``a-b`` once into a reused buffer and ``|.|`` in place, ``sum|a-b|`` by BLAS
+(not finite: some value is NaN or Inf, and the chunk takes the NaN-aware path), ``sum (a-b)^2``,
+``sum a^2``, ``sum b^2`` by BLAS, ``|a|``, ``|a-b|/|a|``, both maxima in one reduction, and the
+tolerance count only when the chunk can hold an element beyond it. :mod:`steptrace.differ.kernel`
+(compiled by numba, the ``fast`` extra): one loop per chunk for all of it, ``sum ab`` included;
+its sums run in the working dtype over blocks of 256 elements, added in float64 (element by
+element in float64 for a chunk whose float32 sums leave float32's range). ``max_abs``,
+``max_rel`` and ``bad`` are the same in both; the sums agree within the precision above.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from typing import Any
 import numpy as np
 
 
-from .onepass import CHUNK, accumulate, dot_finite, work_dtype
+from .kernelpolicy import accumulator, use_kernel
+from .onepass import CHUNK, dot_finite, work_dtype
 from .policy import TensorTolerance
 
 #: Tensors with at least this many elements are split over threads when asked.
@@ -161,6 +168,7 @@ def compare_values(
     bitexact: bool | None = None,
     sumsq: tuple[float | None, float | None] = (None, None),
     threads: int = 1,
+    kernel: bool | None = None,
 ) -> TensorMetrics:
     """Compare two tensors' values under ``tol``.
 
@@ -172,10 +180,15 @@ def compare_values(
         sumsq: ``(sum a^2, sum b^2)`` over finite elements when known (from the trace's ``l2``
             statistics), which saves two passes; computed when None.
         threads: split tensors of at least ``PARALLEL_MIN`` elements over this many threads
-            (numpy releases the GIL); keep 1 inside worker processes.
+            (numpy and the compiled kernel release the GIL); keep 1 inside worker processes.
+        kernel: fold with the compiled kernel (True) or with numpy (False); None decides by
+            :func:`~steptrace.differ.kernelpolicy.use_kernel` for this tensor's elements.
 
     Returns:
         The :class:`TensorMetrics` with ``basis = "values"``.
+
+    Raises:
+        KernelError: ``STEPTRACE_KERNEL`` asks for numba where it cannot be used.
     """
     shape_mismatch = a.shape != b.shape and squeeze_shape(a.shape) != squeeze_shape(b.shape)
     dtype_mismatch = a.dtype != b.dtype
@@ -186,6 +199,7 @@ def compare_values(
     work = work_dtype(fa, fb)
     sums = sumsq[0] is None or sumsq[1] is None
     n = fa.size
+    accumulate = accumulator(use_kernel(n) if kernel is None else kernel)
     if threads > 1 and n >= PARALLEL_MIN:
         bounds = np.linspace(0, n, threads + 1).astype(np.int64) // CHUNK * CHUNK
         bounds[-1] = n
@@ -206,7 +220,10 @@ def compare_values(
         # (sum a^2 + sum b^2 - sum (a-b)^2) / 2 keeps a cosine near 1 to a few ulps of 1 - cos, but
         # cancels when |a| and |b| differ in scale: there sum a*b is taken in a pass of its own
         if aa > 0 and bb > 0:
-            ab = (aa + bb - dd) / 2.0 if 0.25 * bb <= aa <= 4.0 * bb else dot_finite(fa, fb, work)
+            if 0.25 * bb <= aa <= 4.0 * bb:
+                ab = (aa + bb - dd) / 2.0
+            else:
+                ab = acc.ab if acc.ab is not None else dot_finite(fa, fb, work)
             cosine = max(-1.0, min(1.0, ab / (math.sqrt(aa) * math.sqrt(bb))))
         else:
             cosine = 1.0 if aa == bb == 0 else 0.0

@@ -22,7 +22,7 @@ from .policy import TensorTolerance
 CHUNK = 1 << 15
 #: A float32 chunk's sum of squares below this may have lost digits to subnormal squares (each
 #: below 2**-126; 2**15 of them lose at most 2**-111, relative 2**-31 of this): redone in float64.
-_TINY32 = 2.0**-80
+TINY32 = 2.0**-80
 
 
 def work_dtype(a: np.ndarray, b: np.ndarray) -> np.dtype:
@@ -31,18 +31,20 @@ def work_dtype(a: np.ndarray, b: np.ndarray) -> np.dtype:
     return np.dtype(np.float32)
 
 
-class _Acc:
-    """Running sums of one comparison."""
+class Acc:
+    """Running sums of one comparison; ``ab`` (``sum ab``) is None where it was not summed."""
 
-    __slots__ = ("mx", "s", "dd", "aa", "bb", "rel", "bad", "n", "nan_mis", "inf_mis", "nan_both")
+    __slots__ = ("mx", "s", "dd", "aa", "bb", "ab", "rel", "bad", "n", "nan_mis", "inf_mis", "nan_both")
 
     def __init__(self) -> None:
         self.mx = self.s = self.dd = self.aa = self.bb = self.rel = 0.0
+        self.ab: float | None = None
         self.bad = self.n = self.nan_mis = self.inf_mis = self.nan_both = 0
 
-    def merge(self, o: _Acc) -> None:
+    def merge(self, o: Acc) -> None:
         """Add another accumulator's sums (the two covered disjoint ranges)."""
         self.mx, self.rel = max(self.mx, o.mx), max(self.rel, o.rel)
+        self.ab = None if self.ab is None or o.ab is None else self.ab + o.ab
         for k in ("s", "dd", "aa", "bb", "bad", "n", "nan_mis", "inf_mis", "nan_both"):
             setattr(self, k, getattr(self, k) + getattr(o, k))
 
@@ -83,7 +85,7 @@ class _Scratch:
 _local = threading.local()
 
 
-def _scratch(dtype: np.dtype) -> _Scratch:
+def scratch(dtype: np.dtype) -> _Scratch:
     """This thread's chunk buffers of ``dtype``, kept between calls."""
     cache = _local.__dict__.setdefault("scratch", {})
     sc = cache.get(dtype)
@@ -103,20 +105,20 @@ def _sums64(ac: np.ndarray, bc: np.ndarray, sums: bool) -> tuple[float, float, f
 
 def _underflow32(ac: np.ndarray, bc: np.ndarray, s: float, dd: float, aa: float, bb: float, sums: bool) -> bool:
     """Whether a float32 chunk's sums of squares lost their precision to underflow: a sum below
-    ``_TINY32`` of values that are not all zero (squares of values below ~1e-19 are subnormal or 0)."""
-    if dd < _TINY32 and s > 0:
+    ``TINY32`` of values that are not all zero (squares of values below ~1e-19 are subnormal or 0)."""
+    if dd < TINY32 and s > 0:
         return True
-    return sums and ((aa < _TINY32 and (aa > 0 or bool(ac.any()))) or (bb < _TINY32 and (bb > 0 or bool(bc.any()))))
+    return sums and ((aa < TINY32 and (aa > 0 or bool(ac.any()))) or (bb < TINY32 and (bb > 0 or bool(bc.any()))))
 
 
-def _finish(acc: _Acc, ac: np.ndarray, bc: np.ndarray, r: _Rows, s: float, tol: TensorTolerance,
+def _finish(acc: Acc, ac: np.ndarray, bc: np.ndarray, r: _Rows, s: float, tol: TensorTolerance,
             sums: bool) -> None:
     """Fold a chunk of values finite on both sides whose |a-b| is in ``r.d`` (sum ``s``)."""
     d = r.d
     dd = float(np.dot(d, d))  # BLAS: one pass each, faster than the ndarray reductions
     aa, bb = (float(np.dot(ac, ac)), float(np.dot(bc, bc))) if sums else (0.0, 0.0)
     if not math.isfinite(s + dd + aa + bb) or (
-            d.dtype == np.float32 and min(dd, aa if sums else 1.0, bb if sums else 1.0) < _TINY32
+            d.dtype == np.float32 and min(dd, aa if sums else 1.0, bb if sums else 1.0) < TINY32
             and _underflow32(ac, bc, s, dd, aa, bb, sums)):  # squares past float32's range
         s, dd, aa, bb = _sums64(ac, bc, sums)
     acc.s += s
@@ -145,7 +147,7 @@ def _finish(acc: _Acc, ac: np.ndarray, bc: np.ndarray, r: _Rows, s: float, tol: 
     acc.n += d.size
 
 
-def _fold(acc: _Acc, ac: np.ndarray, bc: np.ndarray, tol: TensorTolerance, sums: bool, sc: _Scratch) -> None:
+def _fold(acc: Acc, ac: np.ndarray, bc: np.ndarray, tol: TensorTolerance, sums: bool, sc: _Scratch) -> None:
     """Fold one chunk into ``acc``: |a-b| once into the scratch rows, its sum by BLAS, and the
     NaN/Inf-aware path only when that sum is not finite (a NaN or Inf on either side makes it so)."""
     r = sc.rows(ac.size)
@@ -176,7 +178,7 @@ def _fold(acc: _Acc, ac: np.ndarray, bc: np.ndarray, tol: TensorTolerance, sums:
         _finish(acc, a3, b3, r3, float(r3.d.sum()), tol, sums)
 
 
-def _widen(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+def widen(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``x`` converted exactly into ``out`` (the working dtype): float16 by bit arithmetic, which
     is ~8x faster here than numpy's cast."""
     if x.dtype == np.float16 and out.dtype == np.float32:
@@ -186,29 +188,29 @@ def _widen(x: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 def accumulate(fa: np.ndarray, fb: np.ndarray, lo: int, hi: int, tol: TensorTolerance, sums: bool,
-                work: np.dtype) -> _Acc:
+                work: np.dtype) -> Acc:
     """Fold elements ``[lo, hi)`` chunk by chunk into a fresh accumulator."""
-    acc = _Acc()
-    sc = _scratch(work)
+    acc = Acc()
+    sc = scratch(work)
     wa, wb = fa.dtype == work, fb.dtype == work
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for i in range(lo, hi, CHUNK):
             j = min(i + CHUNK, hi)
-            ac = fa[i:j] if wa else _widen(fa[i:j], sc.a[: j - i])
-            bc = fb[i:j] if wb else _widen(fb[i:j], sc.b[: j - i])
+            ac = fa[i:j] if wa else widen(fa[i:j], sc.a[: j - i])
+            bc = fb[i:j] if wb else widen(fb[i:j], sc.b[: j - i])
             _fold(acc, ac, bc, tol, sums, sc)
     return acc
 
 
 def dot_finite(fa: np.ndarray, fb: np.ndarray, work: np.dtype) -> float:
     """``sum a*b`` over the elements finite on both sides, in float64 chunk by chunk."""
-    sc = _scratch(work)
+    sc = scratch(work)
     total = 0.0
     with np.errstate(invalid="ignore", over="ignore"):
         for i in range(0, fa.size, CHUNK):
             j = min(i + CHUNK, fa.size)
-            ac = _widen(fa[i:j], sc.a[: j - i]).astype(np.float64)
-            bc = _widen(fb[i:j], sc.b[: j - i]).astype(np.float64)
+            ac = widen(fa[i:j], sc.a[: j - i]).astype(np.float64)
+            bc = widen(fb[i:j], sc.b[: j - i]).astype(np.float64)
             both = np.isfinite(ac) & np.isfinite(bc)
             total += float(np.dot(ac, bc)) if both.all() else float(np.dot(ac[both], bc[both]))
     return total

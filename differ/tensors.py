@@ -21,6 +21,7 @@ from steptrace.tracefmt.errors import ValuesNotRecordedError
 
 from .columns import combined, merge_sorted, pack_pair
 from .errors import DiffFormatError
+from .kernelpolicy import use_kernel
 from .mapping import NameMapping
 from .metrics import TensorMetrics, compare_values
 from .policy import SIGNIFICAND_BITS, Policy, TensorTolerance, coarser, default_tensor_tolerance
@@ -111,8 +112,10 @@ def _reader(path: str) -> TraceReader:
     return _readers[path]
 
 
-def _value_job(path_a: str, path_b: str, jobs: list[tuple], threads: int) -> list[TensorMetrics | None]:
-    """Compare a batch of tensor pairs from values (runs in a worker process or in-process)."""
+def _value_job(path_a: str, path_b: str, jobs: list[tuple], threads: int,
+               kernel: bool) -> list[TensorMetrics | None]:
+    """Compare a batch of tensor pairs from values (runs in a worker process or in-process), with
+    the compiled kernel or numpy as the whole diff decided."""
     ra, rb = _reader(path_a), _reader(path_b)
     out: list[TensorMetrics | None] = []
     for sa, stepa, namea, calla, stepb, nameb, callb, tol, bitexact, sumsq in jobs:
@@ -122,7 +125,7 @@ def _value_job(path_a: str, path_b: str, jobs: list[tuple], threads: int) -> lis
         except ValuesNotRecordedError:
             out.append(None)
             continue
-        out.append(compare_values(a, b, tol, bitexact=bitexact, sumsq=sumsq, threads=threads))
+        out.append(compare_values(a, b, tol, bitexact=bitexact, sumsq=sumsq, threads=threads, kernel=kernel))
     return out
 
 
@@ -309,6 +312,7 @@ def _values_pass(ra: TraceReader, rb: TraceReader, samples: list[str], names: li
             False if dig_ok[i] else None, sumsq,
         ))
     total_elems = int(cols["numel"][need].sum())
+    kernel = bool(job_rows) and use_kernel(total_elems)  # one path for the whole diff
     # batches by sample, so each worker reads one sample's tensors
     by_sample: dict[str, list[int]] = {}
     for k, jr in enumerate(job_rows):
@@ -321,7 +325,7 @@ def _values_pass(ra: TraceReader, rb: TraceReader, samples: list[str], names: li
         progress("tensor values", 0, len(batches))
     if jobs > 1 and len(batches) > 1 and total_elems >= POOL_MIN_ELEMENTS:
         with ProcessPoolExecutor(min(jobs, len(batches)), mp_context=get_context("spawn")) as ex:
-            futs = [(b, ex.submit(_value_job, pa_, pb_, [job_rows[k] for k in b], 1)) for b in batches]
+            futs = [(b, ex.submit(_value_job, pa_, pb_, [job_rows[k] for k in b], 1, kernel)) for b in batches]
             for b, fut in futs:
                 for k, m in zip(b, fut.result()):
                     results[k] = m
@@ -333,7 +337,7 @@ def _values_pass(ra: TraceReader, rb: TraceReader, samples: list[str], names: li
         _readers.setdefault(pb_, rb)
         threads = max(1, min(2, os.cpu_count() or 1))
         for b in batches:
-            for k, m in zip(b, _value_job(pa_, pb_, [job_rows[k] for k in b], threads)):
+            for k, m in zip(b, _value_job(pa_, pb_, [job_rows[k] for k in b], threads, kernel)):
                 results[k] = m
             done += 1
             if progress:

@@ -21,6 +21,8 @@ FRAMEWORKS = {
     "onnx": "recorders/onnxruntime.py",
     "coremltools": "recorders/coreml.py",
     "transformers": "recorders/hf.py",
+    "numba": "differ/kernel.py",  # the compiled tensor kernel (the `fast` extra)
+    "llvmlite": "differ/kernel.py",
 }
 #: What each layer may import of the others (``tui → differ → tracefmt``, ``tui → recorders →
 #: tracefmt``; triage, in recorders, judges re-runs with the differ; nothing imports tui).
@@ -104,6 +106,21 @@ def test_each_framework_is_imported_in_one_module():
             owner = FRAMEWORKS.get(mod.split(".")[0])
             if owner is not None and rel != owner:
                 bad.append(f"{_where(p, ln)} imports {mod} (only {owner} may)")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_compiled_kernel_is_imported_lazily_by_its_policy_alone():
+    """numba costs a process ~0.3-0.8 s: differ/kernel.py (its one importer) is imported only by
+    differ/kernelpolicy.py, inside a function, so `import steptrace.differ` never loads numba."""
+    bad = []
+    for p in _sources(everywhere=True):
+        rel = p.relative_to(ROOT).as_posix()
+        if rel.startswith(("tests/", "bench/")):
+            continue
+        top = {n.lineno for n in ast.parse(p.read_text(encoding="utf-8")).body if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for ln, mod in _imports(p):
+            if mod == "steptrace.differ.kernel" and (rel != "differ/kernelpolicy.py" or ln in top):
+                bad.append(f"{_where(p, ln)} imports {mod}" + (" at module level" if ln in top else ""))
     assert not bad, "\n".join(bad)
 
 
