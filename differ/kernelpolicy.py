@@ -4,8 +4,9 @@ there) or the compiled kernel (:mod:`steptrace.differ.kernel`, numba, the ``fast
 Importing numba and loading the compiled kernel costs a process ~0.4-0.8 s (the first use after
 an install compiles it instead, ~1.5-2.5 s, cached on disk from then on), and the kernel saves
 ~1-1.6 ns per float32 element compared (bench/README.md, issue 14). So by default (``auto``) a
-comparison takes the kernel only when it compares at least ``KERNEL_MIN_ELEMENTS`` elements in all (a whole ``trace diff``'s values, or
-one :func:`~steptrace.differ.metrics.compare_values` call), and numba is installed.
+comparison takes the kernel only when it compares at least ``KERNEL_MIN_ELEMENTS`` elements in
+all (a whole ``trace diff``'s values, or one :func:`~steptrace.differ.metrics.compare_values`
+call), and numba is installed.
 ``STEPTRACE_KERNEL=numpy|numba|auto`` forces either path (docs/differ.md §5, *Compiled kernel*).
 This module never imports numba itself.
 """
