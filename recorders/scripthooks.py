@@ -185,10 +185,11 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         self._section = _Writing(self)
         self.interrupted = False
         self.depth = 0  # module calls in progress (see recorders.torch.install_module_calls)
-        self.quiet: dict[int, weakref.ref] = {}  # ids of modules that need no hook inside another's call
+        self.quiet: set[int] = set()  # ids of modules that need no hook inside another's call
         self._decided = False
-        self._mods: weakref.WeakKeyDictionary[Any, _Mod] = weakref.WeakKeyDictionary()
-        self._by_id: dict[int, _Mod] = {}  # the same, by id(module): emptied by _refs' callbacks
+        # the modules named so far, by id (a WeakKeyDictionary lookup is two Python calls per
+        # module call); each module's weak reference forgets it, and its quiet mark, when it dies
+        self._mods: dict[int, _Mod] = {}
         self._refs: dict[int, weakref.ref] = {}
         self._sessions: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
         self._labels: set[str] = set()

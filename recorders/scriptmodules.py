@@ -31,7 +31,6 @@ class _Mod:
     mode: str
     logits: tuple | bool | None  # element path, False (never), None (not known before its first output)
     starts_sample: bool = False
-    settled: bool = False  # whether it is quiet has been decided (once its logits path is known)
 
 
 class ModuleHooks:
@@ -42,17 +41,21 @@ class ModuleHooks:
         label = self._label(type(root).__name__)
         self._roots += 1
         for path, mod in root.named_modules():
-            if mod in self._mods:
+            key = id(mod)
+            if key in self._mods:
                 continue
             name = f"{label}.{path}" if path else label
             logits = _SELF if self._is_logits(name, path) else None
             starts = any_match(self.sample_per, name, path)
-            info = self._mods[mod] = _Mod(name, path, type(mod).__name__, self._mode(name, path), logits, starts)
-            key = id(mod)  # the hooks look modules up by id: a WeakKeyDictionary lookup is a Python call
-            self._by_id[key] = info
-            self._refs[key] = weakref.ref(mod, lambda _ref, key=key, by_id=self._by_id, refs=self._refs: (
-                by_id.pop(key, None), refs.pop(key, None)))
+            self._mods[key] = _Mod(name, path, type(mod).__name__, self._mode(name, path), logits, starts)
+            self._refs[key] = weakref.ref(mod, lambda _ref, key=key: self._forget(key))
             self._seen(name, path)
+
+    def _forget(self, key: int) -> None:
+        """A named module died: drop its entry and its quiet mark (its id may be reused)."""
+        self._refs.pop(key, None)
+        self._mods.pop(key, None)
+        self.quiet.discard(key)
 
     def torch_pre(self, module: Any) -> None:
         """Before a module's forward: name it (and its tree) at its first call; start a sample
@@ -61,10 +64,10 @@ class ModuleHooks:
         Raises:
             SampleIdsExhaustedError: more ``sample_per`` calls than sample ids.
         """
-        info = self._by_id.get(id(module))
+        info = self._mods.get(id(module))
         if info is None:
             self._name_tree(module)
-            info = self._by_id.get(id(module))
+            info = self._mods.get(id(module))
         if info is not None and info.starts_sample:
             with self._writing():
                 self._start_sample(info.name)
@@ -78,7 +81,7 @@ class ModuleHooks:
             TraceError: recording failed, or teacher forcing ran past the reference.
         """
         depth = self.depth = max(self.depth - 1, 0)
-        info = self._by_id.get(id(module))
+        info = self._mods.get(id(module))
         result = None
         if info is not None and self.sample_per and self._before_first_sample(info.name if depth == 0 else None):
             info = None
@@ -87,11 +90,6 @@ class ModuleHooks:
                 result = self._torch_output(module, info, output)
         if self.depth == 0 and self._decided:
             self._end_step()
-        if info is not None and not info.settled and info.logits is not None:
-            info.settled = True
-            if self._is_quiet(info):
-                key = id(module)
-                self.quiet[key] = weakref.ref(module, lambda _ref, quiet=self.quiet, key=key: quiet.pop(key, None))
         return result
 
     def _is_quiet(self, info: _Mod) -> bool:
@@ -113,7 +111,10 @@ class ModuleHooks:
         return info.logits  # type: ignore[return-value]
 
     def _torch_output(self, module: Any, info: _Mod, output: Any) -> Any:
+        first = info.logits is None
         path = None if info.logits is False else self._logits_path(info, output)
+        if first and self._is_quiet(info):  # its logits path is known from now on: so is whether it is quiet
+            self.quiet.add(id(module))
         if info.mode == "none" and path is None:
             return None
         rec = self.rec

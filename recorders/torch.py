@@ -205,15 +205,15 @@ def install_module_calls(hooks: Any) -> Any:
     tracing = torch._C._is_tracing
     compiling = torch.compiler.is_compiling
     pre, post, quiet = hooks.torch_pre, hooks.torch_post, hooks.quiet
-    active = [True]
+    active = True
 
     def __call__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if (hooks.depth and id(self) in quiet) or compiling() or tracing() or not active[0]:
+        if (hooks.depth and id(self) in quiet) or compiling() or tracing() or not active:
             return original(self, *args, **kwargs)
         pre(self)
         try:
             output = original(self, *args, **kwargs)
-        except BaseException:
+        except BaseException:  # post sees the failed call (output None); the error goes on as it was
             post(self, None)
             raise
         new = post(self, output)
@@ -222,7 +222,8 @@ def install_module_calls(hooks: Any) -> Any:
     module_class.__call__ = __call__
 
     def remove() -> None:
-        active[0] = False  # wrapped again by someone else since: the wrapper stays, passing through
+        nonlocal active
+        active = False  # wrapped again by someone else since: the wrapper stays, passing through
         if module_class.__call__ is __call__:
             module_class.__call__ = original
 

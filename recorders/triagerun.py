@@ -270,7 +270,7 @@ class TransplantScriptRecorder(ScriptRecorder):
             TraceError: recording failed, or the reference lacks a transplanted value.
         """
         result = super().torch_post(module, output)
-        info = self._mods.get(module)
+        info = self._mods.get(id(module))
         rec = self.rec
         if not self.transplant or info is None or output is None or rec is None or rec.current_step is None:
             return result

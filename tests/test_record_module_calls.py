@@ -144,7 +144,7 @@ def test_steps_end_at_the_outermost_return_with_quiet_modules(tmp_path, capsys):
         def _end_step(self) -> None:  # the modules die with the script: look at them while it runs
             super()._end_step()
             seen["every"] = {info.name for info in self._mods.values()}
-            seen["quiet"] = {info.name for module, info in self._mods.items() if id(module) in self.quiet}
+            seen["quiet"] = {info.name for key, info in self._mods.items() if key in self.quiet}
 
     result = run_script(str(script), ["6"], trace=tmp_path / "p.trace", modules=["Net.blocks.1.up"],
                         logits=["head"], recorder=Snooping)
