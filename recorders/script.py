@@ -198,6 +198,7 @@ def run_script(
     progress: Callable[[int], None] | None = None,
     all_positions: bool = False,
     open_loop: Sequence[str] | None = None,
+    writer: str = "thread",
     recorder: Callable[..., ScriptRecorder] = ScriptRecorder,
 ) -> ScriptResult:
     """Run a script (or ``-m`` module) in this process and record it into ``trace``.
@@ -222,6 +223,9 @@ def run_script(
         all_positions: decide every position of the logits output, one step per position.
         open_loop: heads not fed back (manifest ``open_loop``); None: ``["token"]`` with
             ``all_positions``, none otherwise.
+        writer: where statistics, digests and files are made: ``"thread"`` (a background thread
+            of this process) or ``"process"`` (a writer process of its own, which never holds
+            the script's GIL; ``TraceWriter(process=True)``).
         recorder: the :class:`ScriptRecorder` class (or a factory taking its arguments) that
             records the run; ``trace triage`` passes one that also transplants.
 
@@ -247,7 +251,7 @@ def run_script(
     hooks = recorder(trace, modules=modules, logits=logits, tensors=tensors, reference=teacher, sample=sample,
                      sample_per=sample_per, sample_ids=sample_ids, scores=scores, k=k,
                      mode="overwrite" if overwrite else "create", metadata=meta, progress=progress,
-                     all_positions=all_positions, open_loop=open_loop)
+                     all_positions=all_positions, open_loop=open_loop, writer=writer)
     undo: list[Callable[[], None]] = []
 
     def on_torch(_module: ModuleType) -> None:

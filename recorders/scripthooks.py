@@ -48,7 +48,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
 from steptrace.tracefmt import TraceMetadata, WriteSummary
 from steptrace.tracefmt.errors import TraceError, UnsupportedDtypeError
 
@@ -63,7 +62,7 @@ from .scriptmodules import ModuleHooks, _Mod
 from .scriptnames import any_match
 from .scriptsessions import SessionHooks, _Session
 
-__all__ = ["SAMPLE_ENV", "SCORES", "ScriptRecorder", "SampleIdsExhaustedError"]
+__all__ = ["SAMPLE_ENV", "SCORES", "SampleIdsExhaustedError", "ScriptRecorder"]
 
 #: The environment variable a script sets to name the sample of the steps that follow.
 SAMPLE_ENV = "STEPTRACE_SAMPLE"
@@ -123,6 +122,8 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
             the last.
         open_loop: heads not fed back (manifest ``open_loop``); None: ``["token"]`` with
             ``all_positions``, none otherwise.
+        writer: ``"thread"`` or ``"process"``: the trace writer's background work in a thread of
+            this process or in a process of its own (``TraceWriter(process=True)``).
 
     Raises:
         RecorderUsageError: a bad option (an unknown ``scores``, ``sample_ids`` without
@@ -149,6 +150,7 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         progress: Callable[[int], None] | None = None,
         all_positions: bool = False,
         open_loop: Sequence[str] | None = None,
+        writer: str = "thread",
     ) -> None:
         if scores not in SCORES:
             raise RecorderUsageError(f"scores {scores!r} is unknown; use one of {', '.join(SCORES)}")
@@ -163,6 +165,9 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         self.samples_started = 0
         self.skipped_before_samples: dict[str, int] = {}  # outermost calls before the first sample_per call
         self.all_positions = all_positions
+        if writer not in ("thread", "process"):
+            raise RecorderUsageError(f"writer {writer!r} is unknown; use thread or process")
+        self.writer = writer
         self.open_loop = list(open_loop) if open_loop is not None else ["token"] if all_positions else []
         if reference is not None and (all_positions or "token" in self.open_loop):
             raise RecorderUsageError("--teacher has nothing to force: the decided head is open-loop (its ids are not "
@@ -227,7 +232,8 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
             meta = TraceMetadata.coerce(dict(self.metadata))
             self.rec = HostRecorder(self.trace, policy=self.policy, reference=self.reference, sample=self.sample,
                                      k=self.k, metadata=meta, defaults=dict(defaults()), mode=self.mode,
-                                     open_loop=self.open_loop)
+                                     open_loop=self.open_loop,
+                                     writer_options={"process": True} if self.writer == "process" else None)
         return self.rec
 
     def _open_step(self, rec: Recorder) -> None:

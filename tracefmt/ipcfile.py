@@ -37,6 +37,7 @@ class ArrowAppender:
     def __init__(self, path: Path, kind: str, part: str, *, level: int | None, fsync: bool) -> None:
         self.path = path
         self.kind = kind
+        self.part = part
         self.schema = SCHEMAS[kind].with_metadata(file_metadata(kind, part))
         self.rows = 0
         self._fsync = fsync
@@ -65,6 +66,18 @@ class ArrowAppender:
         self._writer.close()
         self._sync()
         self._sink.close()
+
+
+def finish_file(f: ArrowAppender, *, rewrite: bool, level: int) -> int:
+    """Close an appender's file and (``rewrite``) compact it in large batches (:func:`compact`).
+
+    Returns:
+        The file's size in bytes.
+    """
+    f.close()
+    if rewrite:
+        return compact(f.path, f.kind, f.part, level=level)
+    return os.path.getsize(f.path)
 
 
 def unify(table: pa.Table, kind: str) -> pa.Table:

@@ -43,6 +43,10 @@ class RecorderLane:
         self._writer = writer
         self._outbox = outbox
         self._pool = pool
+        # a writer process's outbox copies rows into its ring at once: no item, no copy here
+        self._direct = getattr(outbox, "tensor_row", None)
+        #: :meth:`reserve` may take arrays (a writer process's ring).
+        self.reserves = self._direct is not None
 
     def hold(self) -> None:
         """Keep the rows of later ``add_*`` and lane calls (from any thread) and hand them to the
@@ -88,6 +92,9 @@ class RecorderLane:
             w._check_open()
         if array.dtype != container(dtype):
             raise UnsupportedDtypeError(f"tensor {name!r}: a {array.dtype} array cannot hold SPEC.md dtype {dtype!r}")
+        if self._direct is not None:
+            self._direct(sample, step, name, call, order, source, dtype, array, values)
+            return
         pooled = None
         if not copy and array.flags.c_contiguous:
             a = array
@@ -96,6 +103,39 @@ class RecorderLane:
         else:
             a, pooled = self._pool.copy(array)
         self._outbox.put(TensorItem(sample, step, name, call, order, source, dtype, a, values, None, pooled), a.nbytes)
+
+    def reserve(self, array: np.ndarray) -> int | None:
+        """Copy ``array`` now for a row given later to :meth:`tensor_rows` with the ticket this
+        returns (rows of reserved arrays in the order of their reservations, before any other
+        row). Only a writer process's ring takes reservations: None otherwise, and when its
+        ring has no room without waiting; copy the array yourself then.
+
+        Args:
+            array: a numpy array of the row's container dtype.
+        """
+        return None if self._direct is None else self._outbox.reserve(array)  # type: ignore[attr-defined]
+
+    def tensor_rows(self, rows: list[tuple]) -> None:
+        """:meth:`tensor_row` of each of ``rows`` (``(sample, step, name, call, order, source,
+        dtype, array, values, ticket)``, in that order), with ``copy=False``: arrays the caller
+        owns and never changes, or (``ticket`` not None) the arrays given to :meth:`reserve`,
+        whose shape and dtype are all that is read.
+
+        Raises:
+            UnsupportedDtypeError: an array's dtype is not its ``dtype``'s container.
+            TraceWriteError: the background writer failed earlier.
+        """
+        w = self._writer
+        if w._failed_or_closed():
+            w._check_open()
+        for row in rows:
+            if row[7].dtype != container(row[6]):
+                raise UnsupportedDtypeError(f"tensor {row[2]!r}: a {row[7].dtype} array cannot hold SPEC.md dtype {row[6]!r}")
+        if self._direct is not None:
+            self._outbox.tensor_rows(rows)  # type: ignore[attr-defined]
+            return
+        for sample, step, name, call, order, source, dtype, array, values, _ticket in rows:
+            self.tensor_row(sample, step, name, call, order, source, dtype, array, values, copy=False)
 
     def decided(self, sample: str, step: int, decision: Decision, *, head: str, **keys: Any) -> None:
         """Write a Decision whose fields have the row's types already (from

@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from .checks import DecisionKeys, check_key, opt_str
 from .checksum import file_checksum
 from .dtypes import DTYPES, canonical, dtype_name
 from .errors import TraceError, TraceUsageError, TraceWriteError
-from .ipcfile import ArrowAppender, compact
+from .ipcfile import ArrowAppender, finish_file
 from .lane import RecorderLane
 from .layout import claim_part, create_or_join, part_id
 from .metadata import TraceMetadata, utc_now, write_json_atomic
@@ -39,9 +39,13 @@ from .outbox import Budget, BufferPool, Outbox, StepCounter
 from .payload import DEFAULT_DIGEST, DIGEST_ALGORITHMS, ENCODINGS, Encoder, digest_function
 from .schema import PARTS_DIR, data_file, part_file
 from .stats import TensorStats
-from .writerdecisions import DecisionMethods
 from .writeitems import CLOSE, NOW, FlushItem, StatsItem, TensorItem
+from .writerdecisions import DecisionMethods
 from .writerloop import Worker
+
+if TYPE_CHECKING:
+    from .processoutbox import ProcessOutbox
+    from .writerprocess import WriterProcess
 
 __all__ = ["NOW", "TraceWriter", "WriteSummary"]
 
@@ -111,6 +115,12 @@ class TraceWriter(DecisionMethods):
         fsync: fsync after every flush (survives power loss, not only a killed process).
         digest: the tensor digest algorithm of this part (SPEC.md §4.5), named in its status
             file: ``"xxh3-128"`` (default) or ``"sha256-128"`` (what format 1.0 writers used).
+        process: run the background work (statistics, digests, batches, files) in a child
+            process (:mod:`steptrace.tracefmt.writerprocess`) instead of a thread, so that it never
+            holds this process's GIL: for a Python-bound caller whose framework releases the GIL
+            around each operator (PyTorch), on a machine with a core to spare.
+        ring_bytes: with ``process``, the shared ring's size: the most array bytes on their way to
+            the child, and the largest single array (default ``queue_bytes``, at most 1 GiB).
 
     Raises:
         TraceExistsError: ``mode="create"`` and a trace exists at ``path``.
@@ -133,6 +143,8 @@ class TraceWriter(DecisionMethods):
         compact_level: int = 6,
         fsync: bool = False,
         digest: str = DEFAULT_DIGEST,
+        process: bool = False,
+        ring_bytes: int | None = None,
     ) -> None:
         if mode not in _MODES:
             raise TraceUsageError(f"mode {mode!r} is unknown; use one of {', '.join(_MODES)}")
@@ -140,6 +152,11 @@ class TraceWriter(DecisionMethods):
             raise TraceUsageError(f"encoding {encoding!r} is unknown; use one of {', '.join(ENCODINGS)}")
         if flush_steps < 1 or flush_ms <= 0 or queue_bytes < 1:
             raise TraceUsageError("flush_steps, flush_ms and queue_bytes must be positive")
+        ring = min(queue_bytes, 1 << 30) if ring_bytes is None else ring_bytes
+        if process and os.name != "posix":
+            raise TraceUsageError("a writer process (process=True) needs a POSIX system; write without it here")
+        if process and (type(ring) is not int or ring < 1 << 16):
+            raise TraceUsageError(f"ring_bytes={ring!r}: give the writer process a ring of at least 64 KiB")
         if digest not in DIGEST_ALGORITHMS:
             raise TraceUsageError(f"digest {digest!r} is unknown; use one of {', '.join(DIGEST_ALGORITHMS)}")
         #: The digest algorithm of this part's tensor rows (SPEC.md §4.5).
@@ -168,22 +185,37 @@ class TraceWriter(DecisionMethods):
             "digest": digest,
         }
         write_json_atomic(self._status_path, self._status)
-        self._files = {
-            kind: ArrowAppender(parts / data_file(self.part, kind), kind, self.part, level=level, fsync=fsync)
-            for kind, level in (("values", None), ("tensors", 1), ("decisions", 1))
-        }
         flush_s = flush_ms / 1000.0
-        self._outbox = Outbox(Budget(queue_bytes), hold_bytes=max(min(queue_bytes // 4, 8 << 20), 1), hold_rows=2048,
-                              hold_s=flush_s / 2)
-        self._counter = StepCounter(self._outbox.lock)  # add_* may be called from several threads
+        hold_bytes = max(min(queue_bytes // 4, 8 << 20), 1)
         self._pool = BufferPool(queue_bytes)
-        self._worker = Worker(self._outbox, self._pool, self._files, Encoder(encoding, zstd_level),
-                              flush_steps=flush_steps, flush_s=flush_s, digest=digest_function(digest))
-        self._thread = threading.Thread(target=self._worker.run, name=f"steptrace-writer-{self.part}", daemon=True)
-        self._outbox.consumer = self._thread
+        self._files: dict[str, ArrowAppender] = {}
+        self._thread: threading.Thread | None = None
+        self._outbox: Outbox | ProcessOutbox
+        self._worker: Worker | WriterProcess
+        if process:
+            from .processoutbox import ProcessOutbox
+            from .writerprocess import WriterProcess
+
+            config = {"flush_steps": flush_steps, "flush_ms": flush_ms, "queue_bytes": queue_bytes, "encoding": encoding,
+                      "zstd_level": zstd_level, "fsync": fsync, "digest": digest, "compact": compact,
+                      "compact_level": compact_level}
+            self._worker = link = WriterProcess(self.path, self.part, ring_bytes=ring, config=config)
+            self._outbox = ProcessOutbox(link, self._pool, hold_bytes=hold_bytes, hold_rows=2048, hold_s=flush_s / 2)
+        else:
+            self._files = {
+                kind: ArrowAppender(parts / data_file(self.part, kind), kind, self.part, level=level, fsync=fsync)
+                for kind, level in (("values", None), ("tensors", 1), ("decisions", 1))
+            }
+            self._outbox = Outbox(Budget(queue_bytes), hold_bytes=hold_bytes, hold_rows=2048, hold_s=flush_s / 2)
+            self._worker = Worker(self._outbox, self._pool, self._files, Encoder(encoding, zstd_level),
+                                  flush_steps=flush_steps, flush_s=flush_s, digest=digest_function(digest))
+            self._thread = threading.Thread(target=self._worker.run, name=f"steptrace-writer-{self.part}", daemon=True)
+            self._outbox.consumer = self._thread
+        self._counter = StepCounter(self._outbox.lock)  # add_* may be called from several threads
         #: The recorders' fast path into this writer (an internal interface, see :mod:`steptrace.tracefmt.lane`).
-        self.lane = RecorderLane(self, self._outbox, self._pool)
-        self._thread.start()
+        self.lane = RecorderLane(self, self._outbox, self._pool)  # type: ignore[arg-type]
+        if self._thread is not None:
+            self._thread.start()
         _open_writers.add(self)
 
     # ------------------------------------------------------------------ caller side
@@ -293,11 +325,14 @@ class TraceWriter(DecisionMethods):
         """Write everything queued so far to disk; returns when it is there."""
         self._check_open()
         self._outbox.send_held()
-        done = threading.Event()
-        self._outbox.queue.put(FlushItem(done))
-        while not done.wait(0.1):
-            if not self._thread.is_alive():
-                break
+        if self._thread is None:
+            self._worker.flush()  # type: ignore[union-attr]
+        else:
+            done = threading.Event()
+            self._outbox.queue.put(FlushItem(done))  # type: ignore[union-attr]
+            while not done.wait(0.1):
+                if not self._thread.is_alive():
+                    break
         self._check_open()
 
     def close(self) -> WriteSummary:
@@ -311,29 +346,40 @@ class TraceWriter(DecisionMethods):
         """
         if self._summary is not None:
             return self._summary
+        remote: dict[str, Any] | None = None
         if not self._closed:
             self._closed = True
             self._outbox.send_held(stop=True)
-            self._outbox.queue.put(CLOSE)
-            self._thread.join()
-            _open_writers.discard(self)
+            if self._thread is None:
+                try:
+                    remote = self._worker.close()  # type: ignore[union-attr]
+                finally:
+                    _open_writers.discard(self)
+            else:
+                self._outbox.queue.put(CLOSE)  # type: ignore[union-attr]
+                self._thread.join()
+                _open_writers.discard(self)
         if self._worker.error is not None:
             err = self._worker.error
             raise TraceWriteError(f"writing {self.path} failed: {err}") from err
         try:
-            sizes = {}
-            for kind, f in self._files.items():
-                f.close()
-                if self._compact and kind != "values":
-                    sizes[kind] = compact(f.path, kind, self.part, level=self._compact_level)
-                else:
-                    sizes[kind] = os.path.getsize(f.path)
+            if remote is not None:  # the writer process closed and compacted the files
+                rows, sizes, sums = remote["rows"], remote["bytes"], remote["checksums"]
+                self._outbox.budget.stalled += self._worker.stalled + remote["stalled"]  # type: ignore[union-attr]
+            else:
+                sizes = {kind: finish_file(f, rewrite=self._compact and kind != "values", level=self._compact_level)
+                         for kind, f in self._files.items()}
+                rows = {kind: f.rows for kind, f in self._files.items()}
+                sums = {kind: file_checksum(f.path) for kind, f in self._files.items()}
+            vocab = self.path / f"vocab-{self.part}.arrow"
+            if vocab.exists():
+                sums["vocab"] = file_checksum(vocab)
             self._status.update(
                 status="closed",
                 closed=utc_now(),
-                counts={k: self._files[k].rows for k in ("decisions", "tensors", "values")},
+                counts={k: rows[k] for k in ("decisions", "tensors", "values")},
                 bytes=sizes,
-                checksums=self._checksums(),
+                checksums=sums,
             )
             write_json_atomic(self._status_path, self._status)
         except OSError as exc:
@@ -351,14 +397,6 @@ class TraceWriter(DecisionMethods):
             seconds=time.perf_counter() - self._t0,
         )
         return self._summary
-
-    def _checksums(self) -> dict[str, str]:
-        """Checksums of this part's finished data files, and of the vocabulary it wrote (SPEC.md §5.1)."""
-        sums = {kind: file_checksum(f.path) for kind, f in self._files.items()}
-        vocab = self.path / f"vocab-{self.part}.arrow"
-        if vocab.exists():
-            sums["vocab"] = file_checksum(vocab)
-        return sums
 
     def __enter__(self) -> TraceWriter:
         return self

@@ -184,6 +184,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="what the --logits output holds: logits (default), probabilities (log(p) is decided) "
                         "or log-probabilities")
     p.add_argument("-k", type=int, default=8, help="top-k candidates kept per decision (default 8)")
+    p.add_argument("--writer", choices=["thread", "process"], default="thread",
+                   help="make statistics, digests and files in a background thread (default) or in a writer "
+                        "process of its own, which never holds the script's GIL (faster with --modules on a "
+                        "machine with a core to spare)")
     p.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE",
                    help="run a module as `python -m MODULE [args ...]` does (the rest of the line is its)")
     p.add_argument("target", nargs=argparse.REMAINDER, metavar="script.py [args ...]",
@@ -241,7 +245,7 @@ def run(args: argparse.Namespace) -> RecordOutcome:
                             modules=_globs(args.modules), logits=_globs(args.logits), tensors=args.tensors,
                             teacher=args.teacher, overwrite=args.overwrite, sample=args.sample,
                             sample_per=sample_per, sample_ids=ids, scores=args.scores, k=args.k,
-                            all_positions=args.all_positions,
+                            all_positions=args.all_positions, writer=args.writer,
                             open_loop=None if args.open_loop is None else _globs(args.open_loop),
                             command=_command(args, target), progress=line.update)
     finally:

@@ -1,0 +1,282 @@
+"""A writer's background work in a process of its own (``TraceWriter(process=True)``).
+
+In a recording process the writer's thread shares the GIL with the model's: PyTorch releases
+the GIL around every operator, and each time the writer's thread runs Python then, the model's
+thread waits for it at its next operator (``bench_record.py``'s KV workload loses more to that
+than to the statistics themselves). With ``process=True`` the caller's side of the writer is
+unchanged (the same checks, the same :class:`~tracefmt.lane.RecorderLane`), but items go to a
+child process (:mod:`steptrace.tracefmt.writerchild`) that runs the background loop and owns
+the part's data files:
+
+- arrays are copied into a shared ring (an anonymous memory file both processes map), and
+  items travel as records (:mod:`steptrace.tracefmt.wire`) through a pipe, a frame per batch of
+  held rows (or per item, when not holding);
+- the child copies the arrays out of the ring and releases it; the caller waits only when the
+  ring is full (counted in ``WriteSummary.stall_seconds``);
+- ``flush()`` and ``close()`` wait for the child's answer; the child compacts the files at close
+  and the caller writes the part's status, as an in-process writer does;
+- a recording process killed (or exiting without ``close()``) closes the pipe: the child writes
+  every row it was given, leaves the part open, as a killed writer's, and exits; a child that
+  dies makes the caller's next call raise :class:`~tracefmt.errors.TraceWriteError`.
+
+Rows held while the caller runs (``lane.hold()``) travel when the next row finds them older than
+``flush_ms / 2``, at ``flush()`` and at ``close()``: no thread of the recording process watches
+them.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import select
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import TraceWriteError
+from .wire import ALIGN, CLOSE, CONFIG, FLUSH, ITEMS, REPLY, read_frame, write_frame
+
+#: Bytes of the ring's header: the child's released position (int64).
+HEADER = ALIGN
+#: The pipe's buffer is raised to this (Linux), so that a child still starting does not block the caller.
+PIPE_BYTES = 1 << 20
+
+
+class ChildFailed(Exception):
+    """What the writer process reported (or that it exited); the writer raises it as
+    :class:`~tracefmt.errors.TraceWriteError`."""
+
+
+def _ring_file(size: int) -> int:
+    """A file descriptor of ``size`` bytes of anonymous shared memory (the caller closes it)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("steptrace-ring", os.MFD_CLOEXEC)
+    else:  # macOS: an unlinked temporary file
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(prefix="steptrace-ring-", delete=False) as f:
+            fd = os.dup(f.fileno())
+        os.unlink(f.name)
+    os.ftruncate(fd, size)
+    return fd
+
+
+class WriterProcess:
+    """The child process, the pipes to it and the ring: the caller's view of the background loop
+    (``error`` and ``counts`` as a :class:`~tracefmt.writerloop.Worker` has them).
+
+    Args:
+        path: the trace directory.
+        part: this part's id.
+        ring_bytes: the ring's size (the most array bytes on their way to the child).
+        config: the background loop's options (flush_steps, flush_ms, queue_bytes, encoding,
+            zstd_level, fsync, digest, compact, compact_level).
+    """
+
+    def __init__(self, path: Path, part: str, *, ring_bytes: int, config: dict[str, Any]) -> None:
+        self.error: BaseException | None = None
+        self.counts = {"decisions": 0, "tensors": 0, "values": 0, "tensor_bytes": 0}
+        self.size = ring_bytes
+        try:
+            fd = _ring_file(HEADER + ring_bytes)
+            try:
+                self._map = mmap.mmap(fd, HEADER + ring_bytes)
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-c", "from steptrace.tracefmt.writerchild import main; main()", str(fd)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd,), start_new_session=True,
+                )
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise TraceWriteError(f"could not start the writer process: {exc}") from exc
+        self._out = self._proc.stdin.fileno()  # type: ignore[union-attr]
+        self._in = self._proc.stdout.fileno()  # type: ignore[union-attr]
+        import fcntl
+
+        if hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux
+            try:
+                fcntl.fcntl(self._out, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:
+                pass  # above /proc/sys/fs/pipe-max-size: the default buffer then
+        self.released = np.ndarray((1,), np.int64, buffer=self._map, offset=0)
+        self.ring = np.ndarray((ring_bytes,), np.uint8, buffer=self._map, offset=HEADER)
+        self._bytes = memoryview(self._map)[HEADER:]
+        self.head = 0  # bytes placed so far, skipped tails included
+        self.pos = 0  # where the next array goes (head modulo size)
+        self.limit = ring_bytes  # head may grow up to this before the child's released position is read again
+        #: Tickets of arrays reserved (copied) whose records are not made yet: the child may
+        #: release the ring only up to the first.
+        self.reserved: deque[int] = deque()
+        self.stalled = 0.0
+        self._send(CONFIG, json.dumps({**config, "path": str(path), "part": part, "ring_bytes": ring_bytes}).encode())
+
+    # ------------------------------------------------------------------ the ring
+    def place(self, a: np.ndarray, unsent: Callable[[], None]) -> int:
+        """Copy ``a`` into the ring; return its offset. While the ring is full, ``unsent`` is
+        called first (it sends the records not sent yet, whose arrays the child has to release),
+        then this waits."""
+        nb = a.nbytes
+        n = (nb + ALIGN - 1) & -ALIGN
+        pos = self.pos
+        if pos + n > self.size or self.head + n > self.limit:
+            pos = self._make_room(n, nb, unsent)
+        if nb:
+            try:
+                self._bytes[pos : pos + nb] = a.data.cast("B")
+            except TypeError:  # not C-contiguous
+                np.copyto(self.ring[pos : pos + nb].view(a.dtype).reshape(a.shape), a)
+        self.head += n
+        self.pos = pos + n
+        return pos
+
+    def reserve(self, a: np.ndarray) -> int | None:
+        """Copy ``a`` into the ring now, for a record made later (:meth:`tracefmt.processoutbox.ProcessOutbox.tensor_rows`
+        with the ticket, in the order of the reservations); None, copying nothing, when that
+        would wait or would keep more than a quarter of the ring from the child.
+
+        Returns:
+            The ticket: ``a``'s position in the bytes placed so far.
+        """
+        nb = a.nbytes
+        n = (nb + ALIGN - 1) & -ALIGN
+        pos = self.pos
+        size = self.size
+        if pos + n > size or self.head + n > self.limit:
+            if pos + n > size:
+                self.head += size - pos
+                self.pos = pos = 0
+            self.limit = int(self.released[0]) + size
+            if self.head + n > self.limit:
+                return None
+        reserved = self.reserved
+        if reserved and self.head + n - reserved[0] > size >> 2:
+            return None
+        if nb:
+            try:
+                self._bytes[pos : pos + nb] = a.data.cast("B")
+            except TypeError:  # not C-contiguous
+                np.copyto(self.ring[pos : pos + nb].view(a.dtype).reshape(a.shape), a)
+        ticket = self.head
+        reserved.append(ticket)
+        self.head = ticket + n
+        self.pos = pos + n
+        return ticket
+
+    def _make_room(self, n: int, nb: int, unsent: Callable[[], None]) -> int:
+        if n > self.size:
+            raise TraceWriteError(
+                f"a {nb}-byte array does not fit the writer process's {self.size}-byte ring; "
+                "pass a larger ring_bytes (or write without process=True)"
+            )
+        if self.pos + n > self.size:  # the ring's tail is skipped: arrays never wrap
+            self.head += self.size - self.pos
+            self.pos = 0
+        self.limit = int(self.released[0]) + self.size
+        if self.head + n > self.limit:
+            if self.reserved and self.head + n - self.reserved[0] > self.size:
+                raise TraceWriteError("the writer process's ring is held by reserved arrays whose rows never came "
+                                      "(a recorder's bug): nothing more can be written")
+            unsent()
+            self._wait_room(n)
+        return self.pos
+
+    def _wait_room(self, n: int) -> None:
+        t0 = time.perf_counter()
+        while self.head + n > self.limit:
+            self._poll()
+            if self.error is not None:
+                raise TraceWriteError(f"the writer process failed: {self.error}")
+            if self._proc.poll() is not None:
+                self._fail(ChildFailed(f"the writer process exited (code {self._proc.returncode})"))
+                raise TraceWriteError(f"the writer process failed: {self.error}")
+            time.sleep(0.0002)
+            self.limit = int(self.released[0]) + self.size
+        self.stalled += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ the pipes
+    def _send(self, kind: int, payload: bytes | bytearray) -> None:
+        t0 = time.perf_counter()
+        try:
+            write_frame(self._out, kind, payload)
+        except OSError as exc:
+            self._fail(ChildFailed(f"the writer process is gone ({exc}; exit code {self._proc.poll()})"))
+            return
+        dt = time.perf_counter() - t0
+        if dt > 1e-3:  # the pipe was full: the child is behind
+            self.stalled += dt
+
+    def send_items(self, records: bytearray) -> None:
+        """Send an ITEMS frame of ``records`` (the ring up to :attr:`head` holds their arrays)."""
+        self._poll()
+        if self.error is None:
+            end = self.reserved[0] if self.reserved else self.head
+            self._send(ITEMS, end.to_bytes(8, "little") + records)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+
+    def _poll(self) -> None:
+        """Take a failure the child reported, without waiting."""
+        if self.error is None and select.select([self._in], [], [], 0)[0]:
+            self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        try:
+            frame = read_frame(self._in)
+        except (OSError, TraceWriteError) as exc:
+            frame = None
+            self._fail(ChildFailed(str(exc)))
+        if frame is None:
+            self._fail(ChildFailed(f"the writer process exited (code {self._proc.wait()})"))
+            return {}
+        kind, payload = frame
+        doc = json.loads(payload) if kind == REPLY else {"error": f"unexpected frame kind {kind}"}
+        if doc.get("error"):
+            self._fail(ChildFailed(doc["error"]))
+        return doc
+
+    def flush(self) -> None:
+        """Have every item sent so far written to disk; return when it is there."""
+        self._send(FLUSH, b"")
+        while self.error is None and "flushed" not in self._reply():
+            pass
+
+    def close(self) -> dict[str, Any]:
+        """Finish the child: every item written, the files closed and compacted.
+
+        Returns:
+            The child's account: ``counts``, ``rows``, ``bytes`` and ``checksums`` per file.
+
+        Raises:
+            TraceWriteError: the child failed (before or while closing).
+        """
+        self._send(CLOSE, b"")
+        doc: dict[str, Any] = {}
+        while self.error is None and "closed" not in doc:
+            doc = self._reply()
+        self._proc.stdin.close()  # type: ignore[union-attr]
+        self._proc.wait()
+        self._proc.stdout.close()  # type: ignore[union-attr]
+        self._bytes.release()
+        del self.released, self.ring
+        self._map.close()
+        if self.error is not None:
+            raise TraceWriteError(f"the writer process failed: {self.error}") from self.error
+        self.counts.update(doc["counts"])
+        return doc
+
+    def abandon(self) -> None:
+        """Close the pipe without a CLOSE: the child writes what it was given and leaves the part
+        open (what a killed recording process leaves)."""
+        try:
+            self._proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
