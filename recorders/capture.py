@@ -119,7 +119,8 @@ class Recorder(Decider, StepBook):
         vocab: token pieces (sequence indexed by id, or mapping); also fills ``piece``.
         mode: ``"create"``, ``"append"`` or ``"overwrite"`` (as :class:`steptrace.tracefmt.TraceWriter`).
         writer_options: further :class:`steptrace.tracefmt.TraceWriter` options (``flush_steps``,
-            ``queue_bytes``, ``encoding``, ``zstd_level``, ``fsync``, ...).
+            ``queue_bytes``, ``encoding``, ``zstd_level``, ``fsync``, ``process`` for a writer
+            process, ...).
         open_loop: heads whose chosen ids are not fed back into the model (CTC frames, VAD
             chunks, per-position outputs), added to the metadata's ``open_loop`` (SPEC.md §2).
             The manifest is written when the recorder opens, so declare them here; a head
