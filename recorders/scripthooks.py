@@ -191,6 +191,10 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         self.interrupted = False
         self.depth = 0  # module calls in progress (see recorders.torch.install_module_calls)
         self.quiet: set[int] = set()  # ids of modules that need no hook inside another's call
+        # ids of modules whose output is recorded and nothing more: their defer(output), for
+        # the lean path of recorders.torch.install_module_calls
+        self.lean: dict[int, Callable[[Any], bool]] = {}
+        self._defer: Callable[[str, str | None, bool], Callable[[Any], bool]] | None = None
         self._decided = False
         # the modules named so far, by id (a WeakKeyDictionary lookup is two Python calls per
         # module call); each module's weak reference forgets it, and its quiet mark, when it dies

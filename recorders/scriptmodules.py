@@ -4,7 +4,10 @@ connects :meth:`ModuleHooks.torch_pre` and :meth:`ModuleHooks.torch_post` to eve
 (``ROOT.path``), record its output's tensors, decide a logits output and end the step at the
 outermost return. A module found to need nothing (not recorded, not decided, starting no
 sample) goes into ``quiet`` after its first call, and its later calls inside another module's
-call skip both hooks. torch itself is not imported here: modules and tensors are used through
+call skip both hooks. A module whose output is recorded and nothing more (not decided,
+starting no sample) goes into ``lean``: its later calls inside another module's call skip both
+hooks too, and :func:`recorders.torch.lean_deferrer` copies its output for the step's rows.
+torch itself is not imported here: modules and tensors are used through
 their own methods.
 """
 
@@ -56,6 +59,7 @@ class ModuleHooks:
         self._refs.pop(key, None)
         self._mods.pop(key, None)
         self.quiet.discard(key)
+        self.lean.pop(key, None)
 
     def torch_pre(self, module: Any) -> None:
         """Before a module's forward: name it (and its tree) at its first call; start a sample
@@ -97,6 +101,12 @@ class ModuleHooks:
         output is recorded or decided, and its calls start no sample."""
         return info.mode == "none" and info.logits is False and not info.starts_sample
 
+    def _is_lean(self, info: _Mod, rec: Any) -> bool:
+        """Whether a module's calls inside another module's call may take the lean path: its
+        output is recorded (by a recorder with no budget) and nothing more is done with it."""
+        return (info.mode in ("stats", "full") and info.logits is False and not info.starts_sample
+                and rec._ring is None)
+
     def _logits_path(self, info: _Mod, output: Any) -> tuple | None:
         if info.logits is None:  # first output seen: does an element match a logits glob?
             hits = [p for n, p, _ in elements(info.name, output)
@@ -122,6 +132,12 @@ class ModuleHooks:
             from .torch import torch_defaults
 
             rec = self._recorder(lambda: torch_defaults(module))
+        if first and self._is_lean(info, rec):
+            if self._defer is None:
+                from .torch import lean_deferrer
+
+                self._defer = lean_deferrer(rec)
+            self.lean[id(module)] = self._defer(info.name, info.source, info.mode == "full")
         if path is not None and self._decided:
             self._end_step()  # a second logits call inside one outer call: the next step
         self._open_step(rec)

@@ -262,6 +262,10 @@ class TransplantScriptRecorder(ScriptRecorder):
         return super()._is_quiet(info) and not any(n == info.name or n.startswith(info.name + ".")
                                                    for n in self.transplant)
 
+    def _is_lean(self, info: Any, rec: Any) -> bool:
+        return super()._is_lean(info, rec) and not any(n == info.name or n.startswith(info.name + ".")
+                                                       for n in self.transplant)
+
     def torch_post(self, module: Any, output: Any) -> Any:
         """Record as :meth:`ScriptRecorder.torch_post`, then return the output with the
         transplanted elements replaced (None when nothing is replaced).

@@ -157,3 +157,118 @@ def test_steps_end_at_the_outermost_return_with_quiet_modules(tmp_path, capsys):
     assert sorted((r["step"], r["name"], r["call"]) for r in tensors) == [(s, "Net.blocks.1.up", 0) for s in range(6)]
     assert seen["quiet"] == seen["every"] - {"Net.blocks.1.up", "Net.head"} and len(seen["every"]) == 16
     assert torch.nn.Module.__call__ is ORIGINAL_CALL
+
+
+def test_lean_modules_skip_both_hooks_inside_another_call():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Sequential(Boom()))
+    hooks = Hooks()
+    seen: list[tuple[str, torch.Tensor]] = []
+    take = [True]
+
+    def defer_of(name: str):
+        def defer(output: object) -> bool:
+            seen.append((name, output))  # type: ignore[arg-type]
+            return take[0]
+        return defer
+
+    hooks.lean = {id(model[0]): defer_of("lin"), id(model[1]): defer_of("tanh"), id(model[2][0]): defer_of("boom")}
+    remove = install_module_calls(hooks)
+    try:
+        x = torch.ones(1, 3)
+        with pytest.raises(ValueError, match="boom"):
+            model(x)
+        # the outer calls are hooked; the lean ones only deferred (and a raising one seen by nobody)
+        assert hooks.pre == ["Sequential", "Sequential"] and [n for n, _ in seen] == ["lin", "tanh"]
+        assert hooks.post == [("Sequential", False), ("Sequential", False)] and hooks.depth == 0
+        assert torch.equal(seen[1][1], torch.tanh(model[0](x)))
+        hooks.pre.clear(), hooks.post.clear(), seen.clear()
+        take[0] = False  # defer declines: torch_post sees the call, depth counted as torch_pre would
+        torch.nn.Sequential(model[0], model[1])(x)
+        assert hooks.pre == ["Sequential"] and hooks.post == [("Linear", True), ("Tanh", True), ("Sequential", True)]
+        assert hooks.depth == 0 and [n for n, _ in seen] == ["lin", "tanh"]
+        hooks.pre.clear(), seen.clear()
+        model[0](x)  # called by the script itself (depth 0): the hooks, not defer
+        assert hooks.pre == ["Linear"] and seen == []
+    finally:
+        remove()
+    assert torch.nn.Module.__call__ is ORIGINAL_CALL
+
+
+LEAN = textwrap.dedent('''
+    """Outputs the lean path must copy, count and order as the hooks do: changed in place after
+    the call, a module called twice per step, one returning a tuple at some calls, bfloat16, a
+    tensor that requires grad, a non-contiguous one, and a module the script calls itself."""
+    import sys
+    import torch
+    from torch import nn
+
+    class Pair(nn.Module):
+        def forward(self, x, n):
+            return (x, x * 2) if n % 3 == 0 else x * 3
+
+    class Net(nn.Module):
+        def __init__(self, d=8, vocab=16):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(vocab, d)
+            self.up = nn.Linear(d, d)
+            self.act = nn.GELU()
+            self.pair = Pair()
+            self.bf = nn.Linear(d, d).to(torch.bfloat16)
+            self.grad = nn.Linear(d, d)
+            self.tr = nn.Identity()
+            self.head = nn.Linear(d, vocab)
+
+        def forward(self, token, n):
+            h = self.up(self.emb(token))
+            y = h.clone()
+            h.mul_(0)  # the recorded output is changed after the call: the trace keeps what it was
+            y = self.act(self.up(y)) + self.act(y)
+            p = self.pair(y, n)
+            y = p if torch.is_tensor(p) else p[1]
+            y = y + self.bf(y.to(torch.bfloat16)).float()
+            with torch.enable_grad():
+                g = self.grad(y)
+            y = y + g.detach() + self.tr(y.t()).t()
+            return self.head(y)
+
+    model = Net().eval()
+    token = torch.tensor([1])
+    with torch.no_grad():
+        for n in range(int(sys.argv[1])):
+            model.act(torch.ones(2))  # by the script: a root (GELU), call 0 of the step; the lean calls follow
+            token = model(token, n)[0].argmax().view(1)
+''')
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_the_lean_path_records_what_the_hooks_record(tmp_path, writer):
+    from test_format_writer_process import assert_same_trace
+
+    script = tmp_path / "lean.py"
+    script.write_text(LEAN)
+    deferred: list[int] = []
+
+    class Counting(ScriptRecorder):
+        def _end_step(self) -> None:
+            deferred.append(len(self.lean))
+            super()._end_step()
+
+    class Hooked(ScriptRecorder):
+        def _is_lean(self, info, rec) -> bool:
+            return False
+
+    for name, recorder in (("lean", Counting), ("hooked", Hooked)):
+        result = run_script(str(script), ["7"], trace=tmp_path / f"{name}.trace", modules=["*"], tensors="full",
+                            logits=["head"], writer=writer, recorder=recorder)
+        assert result.status == 0 and result.steps == 7, result.traceback
+    assert max(deferred) >= 6  # up, act, pair, bf, grad, tr took the lean path
+    assert_same_trace(tmp_path / "hooked.trace", tmp_path / "lean.trace")
+    reader = TraceReader(tmp_path / "lean.trace")
+    rows = reader.tensors(columns=["step", "name", "call"]).to_pylist()
+    calls = sorted((r["name"], r["call"]) for r in rows if r["step"] == 0)
+    assert ("Net.up", 1) in calls and ("GELU", 2) in calls and ("Net.pair.0", 0) in calls
+    assert not any(r["name"] == "Net.pair" for r in rows if r["step"] == 0)
+    assert any(r["name"] == "Net.pair" for r in rows if r["step"] == 1)
+    up = reader.tensor("0", 0, "Net.up", call=0)
+    assert up.any()  # the values before h.mul_(0)

@@ -134,8 +134,17 @@ class RecorderLane:
         if self._direct is not None:
             self._outbox.tensor_rows(rows)  # type: ignore[attr-defined]
             return
-        for sample, step, name, call, order, source, dtype, array, values, _ticket in rows:
-            self.tensor_row(sample, step, name, call, order, source, dtype, array, values, copy=False)
+        item, items, nbytes, pool = TensorItem, [], 0, self._pool
+        for sample, step, name, call, order, source, dtype, a, values, _ticket in rows:
+            pooled = None
+            if not a.flags.c_contiguous:
+                if a.nbytes < POOLED_BYTES:
+                    a = a.copy(order="C")
+                else:
+                    a, pooled = pool.copy(a)
+            items.append(item(sample, step, name, call, order, source, dtype, a, values, None, pooled))
+            nbytes += a.nbytes
+        self._outbox.put_many(items, nbytes)  # held, or queued as one item: one wake for them all
 
     def decided(self, sample: str, step: int, decision: Decision, *, head: str, **keys: Any) -> None:
         """Write a Decision whose fields have the row's types already (from

@@ -139,6 +139,25 @@ class Outbox:
             self.budget.take(nbytes, self.consumer)  # type: ignore[arg-type]
         self.queue.put(item)
 
+    def put_many(self, items: list, nbytes: int) -> None:
+        """:meth:`put` of each of ``items`` (``nbytes`` in all), queued as one
+        :class:`ManyItem` when not holding."""
+        if self._held is not None:
+            with self.lock:
+                held = self._held
+                if held is not None:
+                    held.extend(items)
+                    self._held_bytes += nbytes
+                    if (self._held_bytes < self._hold_bytes and len(held) < self._hold_rows
+                            and time.monotonic() - self._held_since < self.hold_s):
+                        return
+            if held is not None:
+                self.send_held()
+                return
+        if nbytes:
+            self.budget.take(nbytes, self.consumer)  # type: ignore[arg-type]
+        self.queue.put(ManyItem(items))
+
     def hold(self) -> None:
         """Start holding rows (no-op when holding already)."""
         with self.lock:
