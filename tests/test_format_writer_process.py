@@ -94,6 +94,30 @@ def test_a_small_ring_makes_the_caller_wait_and_loses_nothing(tmp_path):
     assert_same_trace(tmp_path / "False.trace", tmp_path / "True.trace")
 
 
+def test_the_ring_starts_over_where_the_child_released_it(tmp_path, monkeypatch):
+    """Past RECYCLE_BYTES the arrays go back to the ring's start once the child is done there,
+    so a run that the child keeps up with uses the ring's first MBs over and over."""
+    from steptrace.tracefmt import writerprocess
+
+    monkeypatch.setattr(writerprocess, "RECYCLE_BYTES", 1 << 16)
+    rng = np.random.default_rng(2)
+    rows = [[rng.standard_normal(int(rng.integers(1, 700))).astype(np.float32) for _ in range(16)] for _ in range(60)]
+    deepest = []
+    for process in (False, True):
+        with TraceWriter(tmp_path / f"{process}.trace", process=process, ring_bytes=1 << 22 if process else None) as w:
+            w.lane.hold()
+            for step, arrays in enumerate(rows):
+                w.lane.tensor_rows([("s", step, f"t{i}", 0, i, None, "float32", a, i % 4 == 0, None)
+                                    for i, a in enumerate(arrays)])
+                if process:
+                    deepest.append(w._worker.pos)
+                    if step % 5 == 4:
+                        w.flush()  # the child releases what it took
+    assert_same_trace(tmp_path / "False.trace", tmp_path / "True.trace")
+    # held rows keep their arrays until the flush after them: laps of 64 KiB + 5 steps, not of 4 MiB
+    assert max(deepest) < 1 << 18 and w._worker.head > 1 << 22
+
+
 def test_an_array_larger_than_the_ring_is_a_clear_error(tmp_path):
     with TraceWriter(tmp_path / "t.trace", process=True, ring_bytes=1 << 16) as w:
         with pytest.raises(TraceWriteError, match="ring_bytes"):

@@ -99,7 +99,6 @@ class ProcessOutbox:
         with self.lock:
             enc = self._enc
             row = enc.row
-            place = self.link.place
             unsent = self._send_locked
             held = 0
             size = self.link.size
@@ -117,8 +116,8 @@ class ProcessOutbox:
                 row(sample, step, name, call, order, source, dtype, array, values, ticket % size)
             # the arrays to copy go in once every reservation has its record: waiting for room
             # then never waits on reserved space the child cannot release yet
-            for sample, step, name, call, order, source, dtype, array, values, _ in copies:
-                row(sample, step, name, call, order, source, dtype, array, values, place(array, unsent))
+            if copies:
+                enc.rows(copies, self.link.place_many([r[7] for r in copies], unsent))
             if self._holding:
                 self._held_bytes += held
                 if (enc.count < self._hold_rows and self._held_bytes < self._hold_bytes

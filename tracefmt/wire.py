@@ -185,6 +185,30 @@ class ItemEncoder:
         self.buf += st.pack(TENSOR, s, step, n, call, order, src, d, bool(values), ndim, offset, a.nbytes, *a.shape)
         self.count += 1
 
+    def rows(self, rows: list[tuple], offsets: list[int]) -> None:
+        """:meth:`row` of each of ``rows`` (``(sample, step, name, call, order, source, dtype,
+        array, values, ticket)``) whose array is at the same place of ``offsets``."""
+        ids, sid, structs, packed = self._ids, self._sid, _ROWS, []
+        get, add = ids.get, packed.append
+        for (sample, step, name, call, order, source, dtype, a, values, _), offset in zip(rows, offsets):
+            s = get(sample)
+            if s is None:
+                s = sid(sample)
+            n = get(name)
+            if n is None:
+                n = sid(name)
+            src = -1 if source is None else get(source)
+            if src is None:
+                src = sid(source)
+            d = get(dtype)
+            if d is None:
+                d = sid(dtype)
+            ndim = a.ndim
+            st = structs[ndim] if ndim < len(structs) else struct.Struct(_TENSOR.format + f"{ndim}q")
+            add(st.pack(TENSOR, s, step, n, call, order, src, d, bool(values), ndim, offset, a.nbytes, *a.shape))
+        self.buf += b"".join(packed)
+        self.count += len(packed)
+
     def logits(self, it: LogitsItem, offset: int) -> None:
         """Logits copied to ``offset`` of the ring, and what their decision needs."""
         a = it.logits

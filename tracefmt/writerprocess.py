@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from itertools import accumulate
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,13 @@ from .wire import ALIGN, CLOSE, CONFIG, FLUSH, ITEMS, REPLY, read_frame, write_f
 
 #: Bytes of the ring's header: the child's released position (int64).
 HEADER = ALIGN
+_PAD = bytes(ALIGN)  # the zeros between arrays joined by WriterProcess.place_many
+#: Past this far into the ring, arrays go back to its start as soon as the child has released
+#: that much there: a ring that the child keeps up with then uses its first few MB over and
+#: over (warm in the caches, its pages mapped), not its whole size, whose every page is touched
+#: for the first time on the model's thread (place_many of 64 small arrays: 1.0 us per array
+#: over a 4 MB ring, 1.5-2.0 us over the default 256 MB one, measured 2026-12-04).
+RECYCLE_BYTES = 4 << 20
 #: The pipe's buffer is raised to this (Linux), so that a child still starting does not block the caller.
 PIPE_BYTES = 1 << 20
 
@@ -111,6 +119,7 @@ class WriterProcess:
         self.head = 0  # bytes placed so far, skipped tails included
         self.pos = 0  # where the next array goes (head modulo size)
         self.limit = ring_bytes  # head may grow up to this before the child's released position is read again
+        self._recycle_at = RECYCLE_BYTES if ring_bytes >= 2 * RECYCLE_BYTES else ring_bytes + 1
         #: Tickets of arrays reserved (copied) whose records are not made yet: the child may
         #: release the ring only up to the first.
         self.reserved: deque[int] = deque()
@@ -125,6 +134,8 @@ class WriterProcess:
         nb = a.nbytes
         n = (nb + ALIGN - 1) & -ALIGN
         pos = self.pos
+        if pos >= self._recycle_at:
+            pos = self._start_over(n)
         if pos + n > self.size or self.head + n > self.limit:
             pos = self._make_room(n, nb, unsent)
         if nb:
@@ -135,6 +146,37 @@ class WriterProcess:
         self.head += n
         self.pos = pos + n
         return pos
+
+    def place_many(self, arrays: list[np.ndarray], unsent: Callable[[], None]) -> list[int]:
+        """:meth:`place` of each of ``arrays``, in order: small C-contiguous arrays (a quarter of
+        the ring in all, at most) are joined and copied as one block, which the ring's tail is
+        skipped for when it does not fit there."""
+        if not arrays:
+            return []
+        sizes = [a.nbytes for a in arrays]
+        padded = [(nb + ALIGN - 1) & -ALIGN for nb in sizes]
+        n = sum(padded)
+        if n > self.size >> 2:
+            return [self.place(a, unsent) for a in arrays]
+        parts: list[Any] = []
+        try:
+            for a, nb, p in zip(arrays, sizes, padded):
+                if nb:
+                    parts.append(a.data.cast("B"))
+                if p != nb:
+                    parts.append(_PAD[: p - nb])
+        except TypeError:  # one is not C-contiguous
+            return [self.place(a, unsent) for a in arrays]
+        pos = self.pos
+        if pos >= self._recycle_at:
+            pos = self._start_over(n)
+        if pos + n > self.size or self.head + n > self.limit:
+            pos = self._make_room(n, n, unsent)
+        if n:
+            self._bytes[pos : pos + n] = b"".join(parts)
+        self.head += n
+        self.pos = pos + n
+        return list(accumulate(padded[:-1], initial=pos))
 
     def reserve(self, a: np.ndarray) -> int | None:
         """Copy ``a`` into the ring now, for a record made later (:meth:`tracefmt.processoutbox.ProcessOutbox.tensor_rows`
@@ -147,6 +189,8 @@ class WriterProcess:
         nb = a.nbytes
         n = (nb + ALIGN - 1) & -ALIGN
         pos = self.pos
+        if pos >= self._recycle_at:
+            pos = self._start_over(n)
         size = self.size
         if pos + n > size or self.head + n > self.limit:
             if pos + n > size:
@@ -168,6 +212,16 @@ class WriterProcess:
         self.head = ticket + n
         self.pos = pos + n
         return ticket
+
+    def _start_over(self, n: int) -> int:
+        """Go back to the ring's start (see :data:`RECYCLE_BYTES`) when the child has released
+        its first ``n`` bytes of this lap; return where the next array goes."""
+        released = int(self.released[0])
+        if released >= self.head - self.pos + n:
+            self.head += self.size - self.pos
+            self.pos = 0
+            self.limit = released + self.size
+        return self.pos
 
     def _make_room(self, n: int, nb: int, unsent: Callable[[], None]) -> int:
         if n > self.size:
