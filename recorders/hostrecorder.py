@@ -28,7 +28,7 @@ class HostRecorder(Recorder):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # small tensors copied by lane_row (and recorders.torch.lean_deferrer) whose rows are not
+        # small tensors copied by lane_row (and recorders.torchcalls.lean_deferrer) whose rows are not
         # made yet: (step, name, call, source, SPEC.md dtype, copy, values, None). Copies, even
         # with a writer process: copying into its ring (lane.reserve) costs the model's thread
         # ~1.3 us more per tensor than a.copy(); the step's copies go into the ring together.
@@ -83,7 +83,7 @@ class HostRecorder(Recorder):
     def _finish_deferred(self) -> None:
         """Hand the writer the rows of the small tensors :meth:`lane_row` copied, in call order
         (before anything else is recorded, when a step ends, and at close)."""
-        pending = self._pending  # one list for the recorder's life: recorders.torch.lean_deferrer appends to it
+        pending = self._pending  # one list for the recorder's life: recorders.torchcalls.lean_deferrer appends to it
         if not pending:
             return
         rows = []

@@ -2,7 +2,7 @@
 
 :func:`run_script` runs ``script.py`` (or ``-m module``) in this process with ``runpy``, with
 ``sys.argv`` set to the script's arguments, while a :class:`~recorders.scripthooks.ScriptRecorder`
-records it: every torch module call (:func:`recorders.torch.install_module_calls`) once the
+records it: every torch module call (:func:`recorders.torchcalls.install_module_calls`) once the
 script imports torch, and ONNX Runtime sessions created by the script routed through the
 recorder (:func:`recorders.onnxruntime.patch_sessions`) once it imports onnxruntime. Neither
 framework is imported unless the script imports it (a post-import hook on ``sys.meta_path``).
@@ -255,7 +255,7 @@ def run_script(
     undo: list[Callable[[], None]] = []
 
     def on_torch(_module: ModuleType) -> None:
-        from .torch import install_module_calls
+        from .torchcalls import install_module_calls
 
         undo.append(install_module_calls(hooks))
 

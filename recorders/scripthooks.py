@@ -189,10 +189,10 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         self.busy = 0  # > 0 while a hook writes: Ctrl-C waits for it (see recorders.script)
         self._section = _Writing(self)
         self.interrupted = False
-        self.depth = 0  # module calls in progress (see recorders.torch.install_module_calls)
+        self.depth = 0  # module calls in progress (see recorders.torchcalls.install_module_calls)
         self.quiet: set[int] = set()  # ids of modules that need no hook inside another's call
         # ids of modules whose output is recorded and nothing more: their defer(output), for
-        # the lean path of recorders.torch.install_module_calls
+        # the lean path of recorders.torchcalls.install_module_calls
         self.lean: dict[int, Callable[[Any], bool]] = {}
         self._defer: Callable[[str, str | None, bool], Callable[[Any], bool]] | None = None
         self._decided = False

@@ -1,12 +1,12 @@
 """The torch half of :class:`recorders.scripthooks.ScriptRecorder`: :mod:`steptrace.recorders.script`
 connects :meth:`ModuleHooks.torch_pre` and :meth:`ModuleHooks.torch_post` to every module call
-(:func:`recorders.torch.install_module_calls`): they name each module at its first call
+(:func:`recorders.torchcalls.install_module_calls`): they name each module at its first call
 (``ROOT.path``), record its output's tensors, decide a logits output and end the step at the
 outermost return. A module found to need nothing (not recorded, not decided, starting no
 sample) goes into ``quiet`` after its first call, and its later calls inside another module's
 call skip both hooks. A module whose output is recorded and nothing more (not decided,
 starting no sample) goes into ``lean``: its later calls inside another module's call skip both
-hooks too, and :func:`recorders.torch.lean_deferrer` copies its output for the step's rows.
+hooks too, and :func:`recorders.torchcalls.lean_deferrer` copies its output for the step's rows.
 torch itself is not imported here: modules and tensors are used through
 their own methods.
 """
@@ -134,7 +134,7 @@ class ModuleHooks:
             rec = self._recorder(lambda: torch_defaults(module))
         if first and self._is_lean(info, rec):
             if self._defer is None:
-                from .torch import lean_deferrer
+                from .torchcalls import lean_deferrer
 
                 self._defer = lean_deferrer(rec)
             self.lean[id(module)] = self._defer(info.name, info.source, info.mode == "full")

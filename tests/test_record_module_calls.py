@@ -1,5 +1,5 @@
 """`trace record`'s torch hook: ``torch.nn.Module.__call__`` wrapped by
-``recorders.torch.install_module_calls``. Every call runs the recorder's hooks except calls of a
+``recorders.torchcalls.install_module_calls``. Every call runs the recorder's hooks except calls of a
 module that needs nothing (not recorded, not decided, starting no sample) made inside another
 module's call; steps still end at the outermost return, whichever module that is."""
 
@@ -12,7 +12,7 @@ import torch
 
 from steptrace.recorders.script import run_script
 from steptrace.recorders.scripthooks import ScriptRecorder
-from steptrace.recorders.torch import install_module_calls
+from steptrace.recorders.torchcalls import install_module_calls
 from steptrace.tracefmt import TraceReader
 
 ORIGINAL_CALL = torch.nn.Module.__call__
