@@ -123,18 +123,8 @@ class Outbox:
 
     def put(self, item: Any, nbytes: int = 0) -> None:
         """Queue ``item`` (taking ``nbytes`` of the budget), or hold it (see :meth:`hold`)."""
-        if self._held is not None:
-            with self.lock:
-                held = self._held
-                if held is not None:
-                    held.append(item)
-                    self._held_bytes += nbytes
-                    if (self._held_bytes < self._hold_bytes and len(held) < self._hold_rows
-                            and time.monotonic() - self._held_since < self.hold_s):
-                        return
-            if held is not None:
-                self.send_held()
-                return
+        if self._held is not None and self._hold([item], nbytes):
+            return
         if nbytes:
             self.budget.take(nbytes, self.consumer)  # type: ignore[arg-type]
         self.queue.put(item)
@@ -142,21 +132,26 @@ class Outbox:
     def put_many(self, items: list, nbytes: int) -> None:
         """:meth:`put` of each of ``items`` (``nbytes`` in all), queued as one
         :class:`ManyItem` when not holding."""
-        if self._held is not None:
-            with self.lock:
-                held = self._held
-                if held is not None:
-                    held.extend(items)
-                    self._held_bytes += nbytes
-                    if (self._held_bytes < self._hold_bytes and len(held) < self._hold_rows
-                            and time.monotonic() - self._held_since < self.hold_s):
-                        return
-            if held is not None:
-                self.send_held()
-                return
+        if self._held is not None and self._hold(items, nbytes):
+            return
         if nbytes:
             self.budget.take(nbytes, self.consumer)  # type: ignore[arg-type]
         self.queue.put(ManyItem(items))
+
+    def _hold(self, items: list, nbytes: int) -> bool:
+        """Add ``items`` to the held rows, sending them all once a limit is reached; False:
+        holding stopped meanwhile (the caller queues them)."""
+        with self.lock:
+            held = self._held
+            if held is None:
+                return False
+            held.extend(items)
+            self._held_bytes += nbytes
+            if (self._held_bytes < self._hold_bytes and len(held) < self._hold_rows
+                    and time.monotonic() - self._held_since < self.hold_s):
+                return True
+        self.send_held()
+        return True
 
     def hold(self) -> None:
         """Start holding rows (no-op when holding already)."""

@@ -98,22 +98,24 @@ class ProcessOutbox:
         a row with a ticket from :meth:`reserve` has its array in the ring already."""
         with self.lock:
             enc = self._enc
-            row = enc.row
             unsent = self._send_locked
             held = 0
             size = self.link.size
             reserved = self.link.reserved
-            copies = []
+            copies, ticketed, offsets = [], [], []
             for r in rows:
-                sample, step, name, call, order, source, dtype, array, values, ticket = r
-                held += array.nbytes
+                ticket = r[9]
+                held += r[7].nbytes
                 if ticket is None:
                     copies.append(r)
                     continue
                 if ticket != reserved[0]:
                     raise TraceWriteError(f"ring ticket {ticket} out of order (expected {reserved[0]})")
                 reserved.popleft()
-                row(sample, step, name, call, order, source, dtype, array, values, ticket % size)
+                ticketed.append(r)
+                offsets.append(ticket % size)
+            if ticketed:
+                enc.rows(ticketed, offsets)
             # the arrays to copy go in once every reservation has its record: waiting for room
             # then never waits on reserved space the child cannot release yet
             if copies:

@@ -166,24 +166,7 @@ class ItemEncoder:
     def row(self, sample: str, step: int, name: str, call: int, order: int, source: str | None, dtype: str,
             a: np.ndarray, values: bool, offset: int) -> None:
         """:meth:`tensor` of a row given as its fields (no statistics)."""
-        ids = self._ids
-        sid = self._sid
-        s = ids.get(sample)
-        if s is None:
-            s = sid(sample)
-        n = ids.get(name)
-        if n is None:
-            n = sid(name)
-        src = -1 if source is None else ids.get(source)
-        if src is None:
-            src = sid(source)  # type: ignore[arg-type]
-        d = ids.get(dtype)
-        if d is None:
-            d = sid(dtype)
-        ndim = a.ndim
-        st = _ROWS[ndim] if ndim < len(_ROWS) else struct.Struct(_TENSOR.format + f"{ndim}q")
-        self.buf += st.pack(TENSOR, s, step, n, call, order, src, d, bool(values), ndim, offset, a.nbytes, *a.shape)
-        self.count += 1
+        self.rows([(sample, step, name, call, order, source, dtype, a, values, None)], [offset])
 
     def rows(self, rows: list[tuple], offsets: list[int]) -> None:
         """:meth:`row` of each of ``rows`` (``(sample, step, name, call, order, source, dtype,
