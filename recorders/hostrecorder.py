@@ -29,9 +29,9 @@ class HostRecorder(Recorder):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # small tensors copied by lane_row (and recorders.torchcalls.lean_deferrer) whose rows are not
-        # made yet: (step, name, call, source, SPEC.md dtype, copy, values, None). Copies, even
-        # with a writer process: copying into its ring (lane.reserve) costs the model's thread
-        # ~1.3 us more per tensor than a.copy(); the step's copies go into the ring together.
+        # made yet: (step, name, call, source, SPEC.md dtype, copy, values). Copies, even with a
+        # writer process: copying each into its ring as it comes cost the model's thread ~1.3 us
+        # more per tensor than a.copy(); the step's copies go into the ring together.
         self._pending: list[tuple] = []
 
     def lane_row(self, name: str, value: Any, call: int, source: str | None, values: bool) -> bool:
@@ -69,7 +69,7 @@ class HostRecorder(Recorder):
             # Called between the model's ops, with cold caches: copy and nothing more;
             # _finish_deferred makes the rows in one loop.
             st = self._step or self._current()
-            self._pending.append((st, name, call, source, dt, a.copy(), values, None))
+            self._pending.append((st, name, call, source, dt, a.copy(), values))
             return True
         self._check()
         st = self._step or self._current()
@@ -87,11 +87,11 @@ class HostRecorder(Recorder):
         if not pending:
             return
         rows = []
-        for st, name, call, source, dt, a, values, ticket in pending:
+        for st, name, call, source, dt, a, values in pending:
             order = st.order
             st.order = order + 1
             key = st.key
-            rows.append((key.sample, key.index, name, call, order, source, dt, a, values, ticket))
+            rows.append((key.sample, key.index, name, call, order, source, dt, a, values))
         pending.clear()
         with self._lock:
             self.writer.lane.tensor_rows(rows)

@@ -107,7 +107,7 @@ def test_the_ring_starts_over_where_the_child_released_it(tmp_path, monkeypatch)
         with TraceWriter(tmp_path / f"{process}.trace", process=process, ring_bytes=1 << 22 if process else None) as w:
             w.lane.hold()
             for step, arrays in enumerate(rows):
-                w.lane.tensor_rows([("s", step, f"t{i}", 0, i, None, "float32", a, i % 4 == 0, None)
+                w.lane.tensor_rows([("s", step, f"t{i}", 0, i, None, "float32", a, i % 4 == 0)
                                     for i, a in enumerate(arrays)])
                 if process:
                     deepest.append(w._worker.pos)

@@ -45,8 +45,6 @@ class RecorderLane:
         self._pool = pool
         # a writer process's outbox copies rows into its ring at once: no item, no copy here
         self._direct = getattr(outbox, "tensor_row", None)
-        #: :meth:`reserve` may take arrays (a writer process's ring).
-        self.reserves = self._direct is not None
 
     def hold(self) -> None:
         """Keep the rows of later ``add_*`` and lane calls (from any thread) and hand them to the
@@ -104,22 +102,10 @@ class RecorderLane:
             a, pooled = self._pool.copy(array)
         self._outbox.put(TensorItem(sample, step, name, call, order, source, dtype, a, values, None, pooled), a.nbytes)
 
-    def reserve(self, array: np.ndarray) -> int | None:
-        """Copy ``array`` now for a row given later to :meth:`tensor_rows` with the ticket this
-        returns (rows of reserved arrays in the order of their reservations, before any other
-        row). Only a writer process's ring takes reservations: None otherwise, and when its
-        ring has no room without waiting; copy the array yourself then.
-
-        Args:
-            array: a numpy array of the row's container dtype.
-        """
-        return None if self._direct is None else self._outbox.reserve(array)  # type: ignore[attr-defined]
-
     def tensor_rows(self, rows: list[tuple]) -> None:
         """:meth:`tensor_row` of each of ``rows`` (``(sample, step, name, call, order, source,
-        dtype, array, values, ticket)``, in that order), with ``copy=False``: arrays the caller
-        owns and never changes, or (``ticket`` not None) the arrays given to :meth:`reserve`,
-        whose shape and dtype are all that is read.
+        dtype, array, values)``, in that order), with ``copy=False``: arrays the caller owns and
+        never changes.
 
         Raises:
             UnsupportedDtypeError: an array's dtype is not its ``dtype``'s container.
@@ -135,7 +121,7 @@ class RecorderLane:
             self._outbox.tensor_rows(rows)  # type: ignore[attr-defined]
             return
         item, items, nbytes, pool = TensorItem, [], 0, self._pool
-        for sample, step, name, call, order, source, dtype, a, values, _ticket in rows:
+        for sample, step, name, call, order, source, dtype, a, values in rows:
             pooled = None
             if not a.flags.c_contiguous:
                 if a.nbytes < POOLED_BYTES:

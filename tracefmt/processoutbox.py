@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from .errors import TraceWriteError
 from .outbox import Budget, BufferPool
 from .wire import ItemEncoder
 from .writeitems import DecisionBatchItem, DecisionItem, LogitsItem, StatsItem, TensorItem
@@ -88,40 +87,14 @@ class ProcessOutbox:
                     return
             self._send_locked()
 
-    def reserve(self, array: np.ndarray) -> int | None:
-        """:meth:`WriterProcess.reserve` under this outbox's lock."""
-        with self.lock:
-            return self.link.reserve(array)
-
     def tensor_rows(self, rows: list[tuple]) -> None:
-        """:meth:`tensor_row` of each of ``rows`` (:meth:`tracefmt.lane.RecorderLane.tensor_rows`);
-        a row with a ticket from :meth:`reserve` has its array in the ring already."""
+        """:meth:`tensor_row` of each of ``rows`` (:meth:`tracefmt.lane.RecorderLane.tensor_rows`):
+        their arrays go into the ring as one block (:meth:`WriterProcess.place_many`)."""
         with self.lock:
             enc = self._enc
-            unsent = self._send_locked
-            held = 0
-            size = self.link.size
-            reserved = self.link.reserved
-            copies, ticketed, offsets = [], [], []
-            for r in rows:
-                ticket = r[9]
-                held += r[7].nbytes
-                if ticket is None:
-                    copies.append(r)
-                    continue
-                if ticket != reserved[0]:
-                    raise TraceWriteError(f"ring ticket {ticket} out of order (expected {reserved[0]})")
-                reserved.popleft()
-                ticketed.append(r)
-                offsets.append(ticket % size)
-            if ticketed:
-                enc.rows(ticketed, offsets)
-            # the arrays to copy go in once every reservation has its record: waiting for room
-            # then never waits on reserved space the child cannot release yet
-            if copies:
-                enc.rows(copies, self.link.place_many([r[7] for r in copies], unsent))
+            enc.rows(rows, self.link.place_many([r[7] for r in rows], self._send_locked))
             if self._holding:
-                self._held_bytes += held
+                self._held_bytes += sum(r[7].nbytes for r in rows)
                 if (enc.count < self._hold_rows and self._held_bytes < self._hold_bytes
                         and time.monotonic() - self._held_since < self.hold_s):
                     return

@@ -166,14 +166,14 @@ class ItemEncoder:
     def row(self, sample: str, step: int, name: str, call: int, order: int, source: str | None, dtype: str,
             a: np.ndarray, values: bool, offset: int) -> None:
         """:meth:`tensor` of a row given as its fields (no statistics)."""
-        self.rows([(sample, step, name, call, order, source, dtype, a, values, None)], [offset])
+        self.rows([(sample, step, name, call, order, source, dtype, a, values)], [offset])
 
     def rows(self, rows: list[tuple], offsets: list[int]) -> None:
         """:meth:`row` of each of ``rows`` (``(sample, step, name, call, order, source, dtype,
-        array, values, ticket)``) whose array is at the same place of ``offsets``."""
+        array, values)``) whose array is at the same place of ``offsets``."""
         ids, sid, structs, packed = self._ids, self._sid, _ROWS, []
         get, add = ids.get, packed.append
-        for (sample, step, name, call, order, source, dtype, a, values, _), offset in zip(rows, offsets):
+        for (sample, step, name, call, order, source, dtype, a, values), offset in zip(rows, offsets):
             s = get(sample)
             if s is None:
                 s = sid(sample)

@@ -33,7 +33,6 @@ import select
 import subprocess
 import sys
 import time
-from collections import deque
 from itertools import accumulate
 from collections.abc import Callable
 from pathlib import Path
@@ -120,9 +119,6 @@ class WriterProcess:
         self.pos = 0  # where the next array goes (head modulo size)
         self.limit = ring_bytes  # head may grow up to this before the child's released position is read again
         self._recycle_at = RECYCLE_BYTES if ring_bytes >= 2 * RECYCLE_BYTES else ring_bytes + 1
-        #: Tickets of arrays reserved (copied) whose records are not made yet: the child may
-        #: release the ring only up to the first.
-        self.reserved: deque[int] = deque()
         self.stalled = 0.0
         self._send(CONFIG, json.dumps({**config, "path": str(path), "part": part, "ring_bytes": ring_bytes}).encode())
 
@@ -178,41 +174,6 @@ class WriterProcess:
         self.pos = pos + n
         return list(accumulate(padded[:-1], initial=pos))
 
-    def reserve(self, a: np.ndarray) -> int | None:
-        """Copy ``a`` into the ring now, for a record made later (:meth:`tracefmt.processoutbox.ProcessOutbox.tensor_rows`
-        with the ticket, in the order of the reservations); None, copying nothing, when that
-        would wait or would keep more than a quarter of the ring from the child.
-
-        Returns:
-            The ticket: ``a``'s position in the bytes placed so far.
-        """
-        nb = a.nbytes
-        n = (nb + ALIGN - 1) & -ALIGN
-        pos = self.pos
-        if pos >= self._recycle_at:
-            pos = self._start_over(n)
-        size = self.size
-        if pos + n > size or self.head + n > self.limit:
-            if pos + n > size:
-                self.head += size - pos
-                self.pos = pos = 0
-            self.limit = int(self.released[0]) + size
-            if self.head + n > self.limit:
-                return None
-        reserved = self.reserved
-        if reserved and self.head + n - reserved[0] > size >> 2:
-            return None
-        if nb:
-            try:
-                self._bytes[pos : pos + nb] = a.data.cast("B")
-            except TypeError:  # not C-contiguous
-                np.copyto(self.ring[pos : pos + nb].view(a.dtype).reshape(a.shape), a)
-        ticket = self.head
-        reserved.append(ticket)
-        self.head = ticket + n
-        self.pos = pos + n
-        return ticket
-
     def _start_over(self, n: int) -> int:
         """Go back to the ring's start (see :data:`RECYCLE_BYTES`) when the child has released
         its first ``n`` bytes of this lap; return where the next array goes."""
@@ -234,9 +195,6 @@ class WriterProcess:
             self.pos = 0
         self.limit = int(self.released[0]) + self.size
         if self.head + n > self.limit:
-            if self.reserved and self.head + n - self.reserved[0] > self.size:
-                raise TraceWriteError("the writer process's ring is held by reserved arrays whose rows never came "
-                                      "(a recorder's bug): nothing more can be written")
             unsent()
             self._wait_room(n)
         return self.pos
@@ -270,8 +228,7 @@ class WriterProcess:
         """Send an ITEMS frame of ``records`` (the ring up to :attr:`head` holds their arrays)."""
         self._poll()
         if self.error is None:
-            end = self.reserved[0] if self.reserved else self.head
-            self._send(ITEMS, end.to_bytes(8, "little") + records)
+            self._send(ITEMS, self.head.to_bytes(8, "little") + records)
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
