@@ -5,6 +5,7 @@ exceptions and sys.exit leave a valid closed trace and the script's status is re
 
 from __future__ import annotations
 
+import gc
 import os
 import runpy
 import signal
@@ -147,6 +148,7 @@ def test_torch_script_records_what_the_torch_recorder_api_records(scripts, tmp_p
             api_tokens.append(tok)
     assert tokens == api_tokens
     assert torch.nn.Module.__call__ is torch.nn.Module._wrapped_call_impl  # unwrapped after the run
+    assert gc.get_freeze_count() == 0  # the objects frozen while the script ran are unfrozen
     assert decisions(tmp_path / "script.trace") == decisions(tmp_path / "api.trace")
     script, api = digests(tmp_path / "script.trace", "GRULM"), digests(tmp_path / "api.trace")
     assert {k[2] for k in api} == {"emb", "gru.0", "gru.1", "head", "logits:token"}
@@ -234,6 +236,7 @@ def test_script_exception_is_reported_and_the_trace_closed(scripts, tmp_path, ca
     assert code == EXIT_MISMATCH  # the script failed
     assert "ValueError: boom at step 3" in err and "gru_decode.py" in err and "exited with status 1" in err
     assert "runpy" not in err  # the traceback starts in the script
+    assert gc.get_freeze_count() == 0
     report = validate(tmp_path / "f.trace")
     assert report.ok and report.complete
     assert [r["step"] for r in decisions(tmp_path / "f.trace")] == [0, 1, 2]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import gc
 import sys
 import time
 from dataclasses import dataclass
@@ -240,6 +241,13 @@ def run(args: argparse.Namespace) -> RecordOutcome:
         live = Live(line, console=err, refresh_per_second=4, transient=True,
                     redirect_stdout=sys.stdout.isatty(), redirect_stderr=True)
         live.start()
+    # Freeze what this process holds before the script runs (steptrace, pyarrow, rich), so the
+    # script's full garbage collections never walk our objects, and fewer of them run (in
+    # bench_record.py's script workload: 2 full collections instead of 3 with --logits, 3
+    # instead of 4 with --modules '*', ~50 ms each); unfrozen once it ends, so nothing leaks
+    frozen = gc.get_freeze_count() == 0
+    if frozen:
+        gc.freeze()
     try:
         result = run_script(name, script_args, trace=args.output, module=args.module is not None,
                             modules=_globs(args.modules), logits=_globs(args.logits), tensors=args.tensors,
@@ -249,6 +257,8 @@ def run(args: argparse.Namespace) -> RecordOutcome:
                             open_loop=None if args.open_loop is None else _globs(args.open_loop),
                             command=_command(args, target), progress=line.update)
     finally:
+        if frozen:
+            gc.unfreeze()
         if live is not None:
             live.stop()
     if result.traceback:
