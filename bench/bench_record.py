@@ -50,9 +50,11 @@ every workload):
                 12-block MLP (d = 128, torch on one thread, 64 module calls per step), whole-process
                 wall time of ``python script.py`` against ``trace record --logits head script.py``
                 and ``trace record --modules '*' --logits head script.py`` (interpreter and
-                imports included: what a user waits for), the latter also with
-                ``--writer process`` (``/p``); ``--compare PATH`` adds the same two
-                runs of another steptrace checkout (before/after ratios from the same repeats);
+                imports included: what a user waits for), the latter with the default writer
+                (``--writer auto``: a writer process when modules are recorded) and with
+                ``--writer thread`` (``/thread``); ``--compare PATH`` adds the same two
+                runs of another steptrace checkout with its defaults (before/after ratios
+                from the same repeats);
                 ``cpu s`` is the process's CPU time (user + system, every thread), which a
                 machine shared with other work inflates less than wall time;
     ort         statistics of every intermediate of a conv model with large activations (6
@@ -268,10 +270,10 @@ def bench_script(args: argparse.Namespace, out: Path) -> list[str]:
         configs[f"{prefix}--modules '*'"] = ([*cli, "-o", str(out / "m.trace"), "--modules", "*", "--logits", "head",
                                               str(script), steps], e)
         targets[f"{prefix}--logits"], targets[f"{prefix}--modules '*'"] = 1.15, 1.6
-        if not prefix:  # --writer process (a checkout to compare may predate it)
-            configs["--modules '*' /p"] = ([*cli, "-o", str(out / "p.trace"), "--writer", "process", "--modules", "*",
-                                            "--logits", "head", str(script), steps], e)
-            targets["--modules '*' /p"] = 1.6
+        if not prefix:  # the other writer (a checkout to compare may predate --writer)
+            configs["--modules '*' /thread"] = ([*cli, "-o", str(out / "p.trace"), "--writer", "thread", "--modules",
+                                                 "*", "--logits", "head", str(script), steps], e)
+            targets["--modules '*' /thread"] = 1.6
     runs: dict[str, list[float]] = {c: [] for c in configs}
     cpus: dict[str, list[float]] = {c: [] for c in configs}
     loads: list[float] = []

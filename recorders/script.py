@@ -198,7 +198,7 @@ def run_script(
     progress: Callable[[int], None] | None = None,
     all_positions: bool = False,
     open_loop: Sequence[str] | None = None,
-    writer: str = "thread",
+    writer: str = "auto",
     recorder: Callable[..., ScriptRecorder] = ScriptRecorder,
 ) -> ScriptResult:
     """Run a script (or ``-m`` module) in this process and record it into ``trace``.
@@ -224,8 +224,9 @@ def run_script(
         open_loop: heads not fed back (manifest ``open_loop``); None: ``["token"]`` with
             ``all_positions``, none otherwise.
         writer: where statistics, digests and files are made: ``"thread"`` (a background thread
-            of this process) or ``"process"`` (a writer process of its own, which never holds
-            the script's GIL; ``TraceWriter(process=True)``).
+            of this process), ``"process"`` (a writer process of its own, which never holds
+            the script's GIL; ``TraceWriter(process=True)``) or ``"auto"`` (a process when
+            ``modules`` are recorded, a thread otherwise).
         recorder: the :class:`ScriptRecorder` class (or a factory taking its arguments) that
             records the run; ``trace triage`` passes one that also transplants.
 

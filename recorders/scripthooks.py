@@ -62,10 +62,12 @@ from .scriptmodules import ModuleHooks, _Mod
 from .scriptnames import any_match
 from .scriptsessions import SessionHooks, _Session
 
-__all__ = ["SAMPLE_ENV", "SCORES", "SampleIdsExhaustedError", "ScriptRecorder"]
+__all__ = ["SAMPLE_ENV", "SCORES", "WRITERS", "SampleIdsExhaustedError", "ScriptRecorder"]
 
 #: The environment variable a script sets to name the sample of the steps that follow.
 SAMPLE_ENV = "STEPTRACE_SAMPLE"
+#: Where the trace writer's background work runs (``ScriptRecorder(writer=...)``, ``--writer``).
+WRITERS = ("auto", "thread", "process")
 _MODES = ("stats", "full")
 
 
@@ -123,7 +125,10 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         open_loop: heads not fed back (manifest ``open_loop``); None: ``["token"]`` with
             ``all_positions``, none otherwise.
         writer: ``"thread"`` or ``"process"``: the trace writer's background work in a thread of
-            this process or in a process of its own (``TraceWriter(process=True)``).
+            this process or in a process of its own (``TraceWriter(process=True)``); ``"auto"``:
+            a process when ``modules`` are recorded (``tensors`` not ``"none"``), where the
+            writer's Python work would otherwise hold the script's GIL once per recorded
+            tensor, a thread otherwise (decisions only: nothing to start).
 
     Raises:
         RecorderUsageError: a bad option (an unknown ``scores``, ``sample_ids`` without
@@ -150,7 +155,7 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         progress: Callable[[int], None] | None = None,
         all_positions: bool = False,
         open_loop: Sequence[str] | None = None,
-        writer: str = "thread",
+        writer: str = "auto",
     ) -> None:
         if scores not in SCORES:
             raise RecorderUsageError(f"scores {scores!r} is unknown; use one of {', '.join(SCORES)}")
@@ -165,8 +170,11 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         self.samples_started = 0
         self.skipped_before_samples: dict[str, int] = {}  # outermost calls before the first sample_per call
         self.all_positions = all_positions
-        if writer not in ("thread", "process"):
-            raise RecorderUsageError(f"writer {writer!r} is unknown; use thread or process")
+        if writer not in WRITERS:
+            raise RecorderUsageError(f"writer {writer!r} is unknown; use one of {', '.join(WRITERS)}")
+        if writer == "auto":
+            writer = "process" if modules and tensors != "none" else "thread"
+        #: ``"thread"`` or ``"process"`` (``"auto"`` resolved).
         self.writer = writer
         self.open_loop = list(open_loop) if open_loop is not None else ["token"] if all_positions else []
         if reference is not None and (all_positions or "token" in self.open_loop):

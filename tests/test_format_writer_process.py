@@ -244,3 +244,52 @@ def test_trace_record_with_a_writer_process(tmp_path, trace_cli):
                         "--logits", "3", str(script))
         assert out.returncode == 0, out.stderr
     assert_same_trace(tmp_path / "thread.trace", tmp_path / "process.trace")
+
+
+def test_trace_records_writer_is_a_process_when_it_records_modules(tmp_path):
+    from steptrace.recorders.scripthooks import WRITERS, ScriptRecorder
+    from steptrace.tui.cli import build_parser
+
+    def writer(**kw):
+        return ScriptRecorder(tmp_path / "t.trace", **kw).writer
+
+    assert writer(modules=["*"], logits=["head"]) == "process"  # the default: auto
+    assert writer(logits=["head"]) == "thread"  # decisions only: nothing to start
+    assert writer(modules=["*"], tensors="none") == "thread"
+    assert writer(modules=["*"], writer="thread") == "thread"
+    assert writer(logits=["head"], writer="process") == "process"
+    assert not (tmp_path / "t.trace").exists()  # nothing is started or written before the first record
+    with pytest.raises(TraceUsageError, match="auto, thread, process"):
+        writer(writer="fork")
+    args = build_parser("record").parse_args(["record", "-o", "x.trace", "s.py"])
+    assert args.writer == "auto"
+    with pytest.raises(SystemExit):
+        build_parser("record").parse_args(["record", "--writer", "fork", "-o", "x.trace", "s.py"])
+    assert set(WRITERS) == {"auto", "thread", "process"}  # the CLI's choices (kept light: no import there)
+
+
+def test_a_writer_process_runs_the_steptrace_of_its_parent(tmp_path):
+    """A steptrace found through ``sys.path`` alone (a checkout put there by a launcher): the
+    child is given the same directory, so both sides speak the same wire format."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "pp").mkdir()
+    (tmp_path / "pp" / "steptrace").symlink_to(root)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path / "pp")!r})
+        import numpy as np
+        import steptrace
+        from steptrace.tracefmt import TraceWriter
+        from steptrace.tracefmt.writerprocess import _child_code
+        assert steptrace.__file__.startswith({str(tmp_path / "pp")!r}), steptrace.__file__
+        print(_child_code())
+        with TraceWriter({str(tmp_path / "t.trace")!r}, process=True) as w:
+            w.add_tensor("s", 0, "x", np.arange(6, dtype=np.float32))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert repr(str(tmp_path / "pp")) in out.stdout
+    assert validate(tmp_path / "t.trace").ok
+    assert TraceReader(tmp_path / "t.trace").tensors().num_rows == 1

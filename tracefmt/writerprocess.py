@@ -75,6 +75,16 @@ def _ring_file(size: int) -> int:
     return fd
 
 
+def _child_code() -> str:
+    """The child's ``python -c`` program: it imports the steptrace this process runs (found
+    first on ``sys.path`` when the package sits in a directory of that name, as a plain install
+    or ``PYTHONPATH`` has it; an editable install's finder is inherited with site-packages), so
+    both sides read the same wire format."""
+    package = Path(os.path.abspath(__file__)).parent.parent
+    head = f"import sys; sys.path.insert(0, {str(package.parent)!r}); " if package.name == "steptrace" else ""
+    return head + "from steptrace.tracefmt.writerchild import main; main()"
+
+
 class WriterProcess:
     """The child process, the pipes to it and the ring: the caller's view of the background loop
     (``error`` and ``counts`` as a :class:`~tracefmt.writerloop.Worker` has them).
@@ -96,13 +106,14 @@ class WriterProcess:
             try:
                 self._map = mmap.mmap(fd, HEADER + ring_bytes)
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-c", "from steptrace.tracefmt.writerchild import main; main()", str(fd)],
+                    [sys.executable, "-c", _child_code(), str(fd)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(fd,), start_new_session=True,
                 )
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise TraceWriteError(f"could not start the writer process: {exc}") from exc
+            raise TraceWriteError(f"could not start the writer process: {exc}; write from a thread instead "
+                                  "(trace record --writer thread, TraceWriter(process=False))") from exc
         self._out = self._proc.stdin.fileno()  # type: ignore[union-attr]
         self._in = self._proc.stdout.fileno()  # type: ignore[union-attr]
         import fcntl

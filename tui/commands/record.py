@@ -185,10 +185,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="what the --logits output holds: logits (default), probabilities (log(p) is decided) "
                         "or log-probabilities")
     p.add_argument("-k", type=int, default=8, help="top-k candidates kept per decision (default 8)")
-    p.add_argument("--writer", choices=["thread", "process"], default="thread",
-                   help="make statistics, digests and files in a background thread (default) or in a writer "
-                        "process of its own, which never holds the script's GIL (faster with --modules on a "
-                        "machine with a core to spare)")
+    p.add_argument("--writer", choices=["auto", "thread", "process"], default="auto",  # recorders.scripthooks.WRITERS
+                   help="make statistics, digests and files in a writer process of its own, which never holds "
+                        "the script's GIL, or in a background thread of this one; auto (default): a process when "
+                        "--modules records tensors, a thread otherwise")
     p.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE",
                    help="run a module as `python -m MODULE [args ...]` does (the rest of the line is its)")
     p.add_argument("target", nargs=argparse.REMAINDER, metavar="script.py [args ...]",
