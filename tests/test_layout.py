@@ -14,16 +14,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("tracefmt", "recorders", "differ", "tui", "assets")
-#: Frameworks and the one module allowed to import each (STYLE.md: one module per framework).
-FRAMEWORKS = {
+#: Frameworks and the one module allowed to import each (STYLE.md: one module per framework);
+#: numba has one kernel module per layer that compiles (tracefmt sits below differ).
+FRAMEWORKS: dict[str, str | tuple[str, ...]] = {
     "torch": "recorders/torch.py",
     "onnxruntime": "recorders/onnxruntime.py",
     "onnx": "recorders/onnxruntime.py",
     "coremltools": "recorders/coreml.py",
     "transformers": "recorders/hf.py",
-    "numba": "differ/kernel.py",  # the compiled tensor kernel (the `fast` extra)
-    "llvmlite": "differ/kernel.py",
+    "numba": ("differ/kernel.py", "tracefmt/statskernel.py"),  # the compiled kernels (the `fast` extra)
+    "llvmlite": ("differ/kernel.py", "tracefmt/statskernel.py"),
 }
+#: The compiled kernels and the one policy module that imports each, inside a function.
+KERNELS = {"steptrace.differ.kernel": "differ/kernelpolicy.py", "steptrace.tracefmt.statskernel": "tracefmt/statspolicy.py"}
 #: What each layer may import of the others (``tui → differ → tracefmt``, ``tui → recorders →
 #: tracefmt``; triage, in recorders, judges re-runs with the differ; nothing imports tui).
 LAYER_MAY_IMPORT = {
@@ -104,14 +107,15 @@ def test_each_framework_is_imported_in_one_module():
         rel = p.relative_to(ROOT).as_posix()
         for ln, mod in _imports(p):
             owner = FRAMEWORKS.get(mod.split(".")[0])
-            if owner is not None and rel != owner:
+            if owner is not None and rel not in ((owner,) if isinstance(owner, str) else owner):
                 bad.append(f"{_where(p, ln)} imports {mod} (only {owner} may)")
     assert not bad, "\n".join(bad)
 
 
 def test_the_compiled_kernel_is_imported_lazily_by_its_policy_alone():
-    """numba costs a process ~0.3-0.8 s: differ/kernel.py (its one importer) is imported only by
-    differ/kernelpolicy.py, inside a function, so `import steptrace.differ` never loads numba."""
+    """numba costs a process ~0.3-0.8 s: differ/kernel.py and tracefmt/statskernel.py (its only
+    importers) are imported only by their policies (differ/kernelpolicy.py,
+    tracefmt/statspolicy.py), inside a function, so importing a layer never loads numba."""
     bad = []
     for p in _sources(everywhere=True):
         rel = p.relative_to(ROOT).as_posix()
@@ -119,7 +123,7 @@ def test_the_compiled_kernel_is_imported_lazily_by_its_policy_alone():
             continue
         top = {n.lineno for n in ast.parse(p.read_text(encoding="utf-8")).body if isinstance(n, (ast.Import, ast.ImportFrom))}
         for ln, mod in _imports(p):
-            if mod == "steptrace.differ.kernel" and (rel != "differ/kernelpolicy.py" or ln in top):
+            if mod in KERNELS and (rel != KERNELS[mod] or ln in top):
                 bad.append(f"{_where(p, ln)} imports {mod}" + (" at module level" if ln in top else ""))
     assert not bad, "\n".join(bad)
 

@@ -18,6 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 from .dtypes import DTYPES, F16_SPECIAL_MAGNITUDE, widen_bfloat16, widen_float16
+from .statspolicy import kernel_for
+
+#: The SPEC.md dtypes the compiled kernel reduces (:data:`steptrace.tracefmt.statskernel.KINDS`).
+KERNEL_DTYPES = frozenset({"float32", "float64", "float16", "bfloat16"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +98,20 @@ def compute_stats(a: np.ndarray, name: str) -> TensorStats:
         return TensorStats(0, None, None, None, None, None, 0.0, 0, 0)
     flat = a.reshape(-1)
     is_float = DTYPES[name][1] == "f"
+    # the compiled one-pass kernel (statspolicy says when): the same sums and range, bit for bit
+    kernel = kernel_for(n) if name in KERNEL_DTYPES and flat.flags.c_contiguous else None
     lo, hi, total, sumsq, count, nan_count, inf_count = math.inf, -math.inf, 0.0, 0.0, 0, 0, 0
     with np.errstate(invalid="ignore", over="ignore"):  # +inf + -inf, overflow: handled below
         for start in range(0, n, _CHUNK):
             chunk = flat[start : start + _CHUNK]
+            if kernel is not None:
+                s, q, lo_c, hi_c = kernel(chunk, name)
+                if math.isfinite(s):  # no NaN or ±Inf in the chunk (else the numpy path counts them)
+                    lo, hi = min(lo, lo_c), max(hi, hi_c)
+                    total += s
+                    sumsq += q
+                    count += chunk.size
+                    continue
             c = _widened(chunk, name, specials=False)
             lo_c, hi_c = float(c.min()), float(c.max())
             if name == "float16" and max(-lo_c, hi_c) >= F16_SPECIAL_MAGNITUDE:

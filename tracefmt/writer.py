@@ -39,6 +39,7 @@ from .outbox import Budget, BufferPool, Outbox, StepCounter
 from .payload import DEFAULT_DIGEST, DIGEST_ALGORITHMS, ENCODINGS, Encoder, digest_function
 from .schema import PARTS_DIR, data_file, part_file
 from .stats import TensorStats
+from .statspolicy import check_kernel_env
 from .writeitems import CLOSE, NOW, FlushItem, StatsItem, TensorItem
 from .writerdecisions import DecisionMethods
 from .writerloop import Worker
@@ -159,6 +160,7 @@ class TraceWriter(DecisionMethods):
             raise TraceUsageError(f"ring_bytes={ring!r}: give the writer process a ring of at least 64 KiB")
         if digest not in DIGEST_ALGORITHMS:
             raise TraceUsageError(f"digest {digest!r} is unknown; use one of {', '.join(DIGEST_ALGORITHMS)}")
+        check_kernel_env()  # a bad STEPTRACE_KERNEL fails here, not in the background work
         #: The digest algorithm of this part's tensor rows (SPEC.md §4.5).
         self.digest_algorithm = digest
         self.path = Path(path)

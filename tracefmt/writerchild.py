@@ -27,6 +27,7 @@ from .ipcfile import ArrowAppender, finish_file
 from .outbox import Budget, BufferPool, Outbox
 from .payload import Encoder, digest_function
 from .schema import PARTS_DIR, data_file
+from .statspolicy import KERNEL_AFTER_ELEMENTS, allow_kernel_after
 from .wire import CLOSE, CONFIG, FLUSH, ITEMS, REPLY, ItemDecoder, read_frame, write_frame
 from .writeitems import CLOSE as CLOSE_ITEM
 from .writeitems import FlushItem, ManyItem
@@ -105,6 +106,8 @@ class _Child:
 def main() -> None:
     """The writer process's entry point (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # no model thread here to wait on numba's load: under auto, a long recording takes the kernel
+    allow_kernel_after(KERNEL_AFTER_ELEMENTS)
     ring_fd = int(sys.argv[1])
     first = read_frame(0)
     if first is None or first[0] != CONFIG:
