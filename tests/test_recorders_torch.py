@@ -512,3 +512,35 @@ def test_recording_killed_mid_run_stays_readable(tmp_path):
     assert len(steps) >= 15 and steps == list(range(len(steps)))
     last = max(s for s, v in rows(r.tensors(name="head"), "step", "has_values") if v)
     assert r.tensor("0", last, "head").shape[-1] == 64
+
+
+def test_outputs_that_require_grad_or_are_bfloat16_are_recorded_as_under_no_grad(tmp_path):
+    """The hook's lean path lets numpy() refuse what it cannot view (a tensor that requires
+    grad): those take the checked path, with the same rows and bits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    bf = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
+    x = torch.randn(2, 8)
+    traces = {}
+    for grad in (False, True):
+        path = tmp_path / f"grad{grad}.trace"
+        with TorchRecorder(path, model, modules="full") as rec, torch.set_grad_enabled(grad):
+            for i in range(3):
+                with rec.step(index=i):
+                    out = model(x * (i + 1))
+                    assert out.requires_grad == grad
+        traces[grad] = path
+    with TorchRecorder(tmp_path / "bf.trace", bf, modules="full") as rec, torch.no_grad():
+        with rec.step(index=0):
+            want = bf(x.to(torch.bfloat16))
+    ra, rb = TraceReader(traces[False]), TraceReader(traces[True])
+    ta, tb = ra.tensors(), rb.tensors()
+    assert ta.num_rows == tb.num_rows == 9
+    for c in ("step", "name", "call", "order", "digest", "min", "max", "mean"):
+        assert ta[c].to_pylist() == tb[c].to_pylist(), c
+    for r in ta.to_pylist():
+        assert ra.tensor(r["sample"], r["step"], r["name"]).tobytes() == rb.tensor(r["sample"], r["step"], r["name"]).tobytes()
+    got = TraceReader(tmp_path / "bf.trace")
+    row = got.tensors().to_pylist()[0]
+    assert row["dtype"] == "bfloat16"
+    assert got.tensor(row["sample"], 0, row["name"]).tobytes() == want.float().numpy().tobytes()  # read widened, exactly
