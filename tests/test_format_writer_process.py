@@ -118,6 +118,23 @@ def test_the_ring_starts_over_where_the_child_released_it(tmp_path, monkeypatch)
     assert max(deepest) < 1 << 18 and w._worker.head > 1 << 22
 
 
+def test_the_ring_starts_over_only_when_the_child_is_nearly_done_with_the_lap():
+    """Going back to the ring's start while the child is far behind would make every array of
+    the new lap wait for its old-lap bytes (a ring of the lap's size): it goes forward then."""
+    from types import SimpleNamespace
+
+    from steptrace.tracefmt.writerprocess import WriterProcess
+
+    size, pos = 256 << 20, 20 << 20
+    lap = 3 * size  # the head coordinate of this lap's start
+    for backlog, restarts in ((0, True), (pos // 4, True), (pos // 4 + 64, False), (pos - 4096, False)):
+        ring = SimpleNamespace(head=lap + pos, pos=pos, size=size, limit=lap + pos,
+                               released=np.array([lap + pos - backlog], np.int64))
+        assert WriterProcess._start_over(ring, 4096) == (0 if restarts else pos), backlog
+        if restarts:
+            assert ring.head == lap + size and ring.limit == lap + pos - backlog + size
+
+
 def test_an_array_larger_than_the_ring_is_a_clear_error(tmp_path):
     with TraceWriter(tmp_path / "t.trace", process=True, ring_bytes=1 << 16) as w:
         with pytest.raises(TraceWriteError, match="ring_bytes"):

@@ -46,12 +46,16 @@ from .wire import ALIGN, CLOSE, CONFIG, FLUSH, ITEMS, REPLY, read_frame, write_f
 #: Bytes of the ring's header: the child's released position (int64).
 HEADER = ALIGN
 _PAD = bytes(ALIGN)  # the zeros between arrays joined by WriterProcess.place_many
-#: Past this far into the ring, arrays go back to its start as soon as the child has released
-#: that much there: a ring that the child keeps up with then uses its first few MB over and
-#: over (warm in the caches, its pages mapped), not its whole size, whose every page is touched
-#: for the first time on the model's thread (place_many of 64 small arrays: 1.0 us per array
-#: over a 4 MB ring, 1.5-2.0 us over the default 256 MB one, measured 2026-12-04).
-RECYCLE_BYTES = 4 << 20
+#: Past this far into the ring, arrays go back to its start once the child is nearly done with
+#: what lies before (:meth:`WriterProcess._start_over`): a ring that the child keeps up with
+#: then uses its first MBs over and over (its pages mapped, mostly in cache), not its whole
+#: size, whose every page is touched for the first time on the model's thread (place_many of
+#: 64 small arrays: 1.0 us per array over a 4 MB ring, 1.5-2.0 us over the default 256 MB
+#: one). A lap holds more than a writer holds back (8 MB at most): the rows of a new lap's
+#: arrays travel only when the held rows go, and until the child has them it cannot release
+#: the old lap's bytes there (a 4 MB lap made bench_record.py's KV workload wait ~5 ms every
+#: 4 MB: 15-20 ms per 256 steps; 16 MB, none; measured 2026-12-04).
+RECYCLE_BYTES = 16 << 20
 #: The pipe's buffer is raised to this (Linux), so that a child still starting does not block the caller.
 PIPE_BYTES = 1 << 20
 
@@ -186,10 +190,15 @@ class WriterProcess:
         return list(accumulate(padded[:-1], initial=pos))
 
     def _start_over(self, n: int) -> int:
-        """Go back to the ring's start (see :data:`RECYCLE_BYTES`) when the child has released
-        its first ``n`` bytes of this lap; return where the next array goes."""
+        """Go back to the ring's start (see :data:`RECYCLE_BYTES`) when the child is nearly done
+        with this lap: it has released all but its last quarter, and the first ``n`` bytes.
+        Return where the next array goes.
+
+        A child further behind (still starting, or slower than the model for a while) would
+        make each array of the new lap wait for its old-lap bytes, as a ring of this lap's
+        size would: the arrays go on forward through the rest of the ring instead."""
         released = int(self.released[0])
-        if released >= self.head - self.pos + n:
+        if released >= self.head - self.pos + n and released >= self.head - (self.pos >> 2):
             self.head += self.size - self.pos
             self.pos = 0
             self.limit = released + self.size
