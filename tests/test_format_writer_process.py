@@ -127,11 +127,11 @@ def test_the_ring_starts_over_only_when_the_child_is_nearly_done_with_the_lap():
 
     size, pos = 256 << 20, 20 << 20
     lap = 3 * size  # the head coordinate of this lap's start
-    for backlog, restarts in ((0, True), (pos // 4, True), (pos // 4 + 64, False), (pos - 4096, False)):
-        ring = SimpleNamespace(head=lap + pos, pos=pos, size=size, limit=lap + pos,
-                               released=np.array([lap + pos - backlog], np.int64))
-        assert WriterProcess._start_over(ring, 4096) == (0 if restarts else pos), backlog
-        if restarts:
+    for backlog, restarts in ((0, True), (pos // 4, True), (pos // 4 + (1 << 18) + 64, False), (pos - 4096, False)):
+        ring = SimpleNamespace(head=lap + pos + (1 << 20), pos=pos + (1 << 20), size=size, limit=lap + pos,
+                               sent=lap + pos, released=np.array([lap + pos - backlog], np.int64))
+        assert WriterProcess._start_over(ring, 4096) == (0 if restarts else pos + (1 << 20)), backlog
+        if restarts:  # the last MB placed is held, not sent: not the child's backlog
             assert ring.head == lap + size and ring.limit == lap + pos - backlog + size
 
 

@@ -131,6 +131,7 @@ class WriterProcess:
         self.ring = np.ndarray((ring_bytes,), np.uint8, buffer=self._map, offset=HEADER)
         self._bytes = memoryview(self._map)[HEADER:]
         self.head = 0  # bytes placed so far, skipped tails included
+        self.sent = 0  # the head when records were last sent: the child may release up to it
         self.pos = 0  # where the next array goes (head modulo size)
         self.limit = ring_bytes  # head may grow up to this before the child's released position is read again
         self._recycle_at = RECYCLE_BYTES if ring_bytes >= 2 * RECYCLE_BYTES else ring_bytes + 1
@@ -190,15 +191,15 @@ class WriterProcess:
         return list(accumulate(padded[:-1], initial=pos))
 
     def _start_over(self, n: int) -> int:
-        """Go back to the ring's start (see :data:`RECYCLE_BYTES`) when the child is nearly done
-        with this lap: it has released all but its last quarter, and the first ``n`` bytes.
-        Return where the next array goes.
+        """Go back to the ring's start (see :data:`RECYCLE_BYTES`) when the child has released
+        the lap's first ``n`` bytes and is nearly done with what it was sent (all but a quarter
+        of a lap; rows still held are not its to release). Return where the next array goes.
 
         A child further behind (still starting, or slower than the model for a while) would
         make each array of the new lap wait for its old-lap bytes, as a ring of this lap's
         size would: the arrays go on forward through the rest of the ring instead."""
         released = int(self.released[0])
-        if released >= self.head - self.pos + n and released >= self.head - (self.pos >> 2):
+        if released >= self.head - self.pos + n and self.sent - released <= self.pos >> 2:
             self.head += self.size - self.pos
             self.pos = 0
             self.limit = released + self.size
@@ -249,6 +250,7 @@ class WriterProcess:
         self._poll()
         if self.error is None:
             self._send(ITEMS, self.head.to_bytes(8, "little") + records)
+            self.sent = self.head
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
