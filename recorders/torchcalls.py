@@ -48,15 +48,24 @@ def install_module_calls(hooks: Any) -> Any:
     pre, post, quiet = hooks.torch_pre, hooks.torch_post, hooks.quiet
     lean: dict[int, Callable[[Any], bool]] = hooks.lean if hasattr(hooks, "lean") else {}
     active = True
+    # torch's own __call__ is _wrapped_call_impl, which only picks the compiled forward or
+    # _call_impl: a quiet call does that itself, a Python frame fewer per unrecorded module
+    # (any other __call__, wrapped by someone else, is called as it is)
+    direct = original is getattr(module_class, "_wrapped_call_impl", None) and hasattr(module_class, "_call_impl")
 
     def __call__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if hooks.depth:
             key = id(self)
             if key in quiet:
+                if direct and self._compiled_call_impl is None:
+                    return self._call_impl(*args, **kwargs)
                 return original(self, *args, **kwargs)
             defer = lean.get(key)
             if defer is not None and active and not compiling() and not tracing():
-                output = original(self, *args, **kwargs)
+                if direct and self._compiled_call_impl is None:
+                    output = self._call_impl(*args, **kwargs)
+                else:
+                    output = original(self, *args, **kwargs)
                 if defer(output):
                     return output
                 hooks.depth += 1  # the general path, as torch_pre would have counted it
