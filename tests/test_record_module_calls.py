@@ -63,6 +63,34 @@ def test_quiet_modules_skip_the_hooks_only_inside_another_call():
     assert torch.nn.Module.__call__ is ORIGINAL_CALL
 
 
+def test_a_quiet_or_lean_call_keeps_a_compiled_forward():
+    """A quiet or lean call goes to torch's _call_impl itself, unless the module has a compiled
+    forward (``Module.compile()`` sets ``_compiled_call_impl``): that one runs, as torch's own
+    ``__call__`` would run it."""
+    model = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Tanh())
+    compiled = []
+    inner = model[1]
+
+    def fake_compiled(*args, **kwargs):  # what Module.compile() installs, without compiling
+        compiled.append(1)
+        return inner._call_impl(*args, **kwargs) * 2
+
+    inner._compiled_call_impl = fake_compiled
+    hooks = Hooks()
+    hooks.lean = {id(model[0]): lambda out: True}
+    hooks.quiet |= {id(inner)}
+    remove = install_module_calls(hooks)
+    try:
+        x = torch.ones(1, 3)
+        out = model(x)
+        assert compiled == [1] and torch.equal(out, torch.tanh(torch.relu(x)) * 2)
+        assert hooks.pre == ["Sequential"]  # neither the lean ReLU nor the quiet Tanh was hooked
+    finally:
+        remove()
+        inner._compiled_call_impl = None
+    assert torch.equal(model(x), torch.tanh(torch.relu(x)))
+
+
 def test_post_sees_a_failed_forward_and_may_replace_the_output():
     hooks = Hooks(replace=torch.zeros(1, 3))
     remove = install_module_calls(hooks)
