@@ -252,12 +252,14 @@ def _decide_exact(x: np.ndarray, rows: np.ndarray, above: np.ndarray, am: np.nda
         np.exp(e, out=e)
         lse = np.where(finite, m + np.log(e.sum(axis=1)), m)
         margins = (topk_logits[:, 0].astype(np.float64) - topk_logits[:, 1]).astype(np.float32)
-    for j, r in enumerate(rows.tolist()):
-        rk, tl = ranks[j].tolist(), tv[j].tolist()
+    # one conversion per column, then a Python step per row: the writer's thread holds the GIL
+    # for these loops, which the model's thread waits for
+    top32 = top.astype(np.int32)
+    tvs = tv.astype(np.float32).tolist()  # float32 values as Python floats, exactly
+    for j, r, c, a, mg, ls, rk, tl in zip(range(n), rows.tolist(), own.tolist(), am.tolist(), margins.tolist(),
+                                           lse.tolist(), ranks.tolist(), tvs):
         out[r] = Decision(
-            chosen=int(own[j]), argmax=int(am[j]), topk_ids=top[j].astype(np.int32), topk_logits=topk_logits[j],
-            margin=float(margins[j]), logsumexp=float(lse[j]), chosen_logit=float(np.float32(tl[0])),
-            chosen_rank=rk[0],
-            watched=[{"id": w, "logit": float(np.float32(lg)), "rank": r_}
-                     for w, lg, r_ in zip(watched, tl[1:], rk[1:])],
+            chosen=c, argmax=a, topk_ids=top32[j], topk_logits=topk_logits[j], margin=mg, logsumexp=ls,
+            chosen_logit=tl[0], chosen_rank=rk[0],
+            watched=[{"id": w, "logit": lg, "rank": r_} for w, lg, r_ in zip(watched, tl[1:], rk[1:])] if watched else [],
         )

@@ -207,7 +207,7 @@ def row_of_decision(sample: str, step: int, head: str, d: Decision, keys: RowKey
     """The row of a :class:`tracefmt.decisions.Decision` from :func:`tracefmt.decisions.decide`
     (whose fields have the row's types already). ``chosen_logit``/``chosen_rank`` only when
     ``chosen`` is outside the top-k (SPEC.md §3.1 lets readers derive them otherwise)."""
-    in_top = d.chosen in d.topk_ids
+    in_top = d.chosen == d.argmax or d.chosen in d.topk_ids  # the argmax is the first of the top k
     return decision_row(
         sample, step, head, chosen=d.chosen, argmax=d.argmax, topk_ids=d.topk_ids, topk_logits=d.topk_logits,
         margin=d.margin, logsumexp=d.logsumexp, chosen_logit=None if in_top else d.chosen_logit,
