@@ -101,9 +101,12 @@ def _decisions_of_logits(items: list) -> int:
         x = it.logits
         groups.setdefault((x.shape, x.dtype.str, it.k, tuple(it.watched)), []).append(i)
     freed = 0
-    for (_shape, _dt, k, watched), group in groups.items():
-        for at in range(0, len(group), 32):  # 32 rows at a time: the float64 scratch stays in cache
-            idx = group[at : at + 32]
+    for (shape, _dt, k, watched), group in groups.items():
+        # a chunk's float64 scratch (1 MB: 32 rows of 4096 logits) stays in cache; fewer, larger
+        # numpy calls for smaller vocabularies (each hands the GIL back and forth)
+        rows = max(32, min(512, (1 << 17) // max(shape[0], 1)))
+        for at in range(0, len(group), rows):
+            idx = group[at : at + rows]
             xs = np.stack([items[i].logits for i in idx])
             decisions = decide_many(xs, k=k, chosen=[items[i].chosen for i in idx], watched=list(watched))
             for i, d in zip(idx, decisions):
