@@ -126,9 +126,9 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
             ``all_positions``, none otherwise.
         writer: ``"thread"`` or ``"process"``: the trace writer's background work in a thread of
             this process or in a process of its own (``TraceWriter(process=True)``); ``"auto"``:
-            a process when ``modules`` are recorded (``tensors`` not ``"none"``), where the
-            writer's Python work would otherwise hold the script's GIL once per recorded
-            tensor, a thread otherwise (decisions only: nothing to start).
+            a process when ``modules`` are recorded (``tensors`` not ``"none"``) on a POSIX
+            system, where the writer's Python work would otherwise hold the script's GIL once
+            per recorded tensor, a thread otherwise (decisions only: nothing to start).
 
     Raises:
         RecorderUsageError: a bad option (an unknown ``scores``, ``sample_ids`` without
@@ -172,8 +172,8 @@ class ScriptRecorder(ModuleHooks, SessionHooks):
         self.all_positions = all_positions
         if writer not in WRITERS:
             raise RecorderUsageError(f"writer {writer!r} is unknown; use one of {', '.join(WRITERS)}")
-        if writer == "auto":
-            writer = "process" if modules and tensors != "none" else "thread"
+        if writer == "auto":  # a writer process needs POSIX (TraceWriter(process=True))
+            writer = "process" if modules and tensors != "none" and os.name == "posix" else "thread"
         #: ``"thread"`` or ``"process"`` (``"auto"`` resolved).
         self.writer = writer
         self.open_loop = list(open_loop) if open_loop is not None else ["token"] if all_positions else []

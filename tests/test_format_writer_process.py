@@ -5,6 +5,7 @@ caller wait; a killed recording process and a killed writer process; real torch 
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -263,7 +264,7 @@ def test_trace_record_with_a_writer_process(tmp_path, trace_cli):
     assert_same_trace(tmp_path / "thread.trace", tmp_path / "process.trace")
 
 
-def test_trace_records_writer_is_a_process_when_it_records_modules(tmp_path):
+def test_trace_records_writer_is_a_process_when_it_records_modules(tmp_path, monkeypatch):
     from steptrace.recorders.scripthooks import WRITERS, ScriptRecorder
     from steptrace.tui.cli import build_parser
 
@@ -278,6 +279,9 @@ def test_trace_records_writer_is_a_process_when_it_records_modules(tmp_path):
     assert not (tmp_path / "t.trace").exists()  # nothing is started or written before the first record
     with pytest.raises(TraceUsageError, match="auto, thread, process"):
         writer(writer="fork")
+    monkeypatch.setattr(os, "name", "nt")  # no writer process there: auto takes the thread
+    assert writer(modules=["*"]) == "thread"
+    monkeypatch.undo()
     args = build_parser("record").parse_args(["record", "-o", "x.trace", "s.py"])
     assert args.writer == "auto"
     with pytest.raises(SystemExit):

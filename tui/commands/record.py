@@ -188,7 +188,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--writer", choices=["auto", "thread", "process"], default="auto",  # recorders.scripthooks.WRITERS
                    help="make statistics, digests and files in a writer process of its own, which never holds "
                         "the script's GIL, or in a background thread of this one; auto (default): a process when "
-                        "--modules records tensors, a thread otherwise")
+                        "--modules records tensors (on POSIX systems), a thread otherwise")
     p.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE",
                    help="run a module as `python -m MODULE [args ...]` does (the rest of the line is its)")
     p.add_argument("target", nargs=argparse.REMAINDER, metavar="script.py [args ...]",
