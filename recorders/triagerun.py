@@ -354,10 +354,12 @@ class ScriptRun:
     def _run(self, trace: str, teacher: str | None, factory: Callable[..., ScriptRecorder]) -> None:
         from .script import run_script
 
+        # the writer's thread: re-runs are many and short, and a writer process's start (~0.15 s
+        # each) would cost more than the GIL it spares them
         with contextlib.redirect_stdout(io.StringIO()) if self.quiet else contextlib.nullcontext():
             result = run_script(self.target, list(self.args), trace=trace, module=self.module,
                                 modules=list(self.modules), logits=list(self.logits), tensors="full", teacher=teacher,
-                                sample=self.sample, k=self.k, recorder=factory)
+                                sample=self.sample, k=self.k, recorder=factory, writer="thread")
         if result.interrupted:
             raise KeyboardInterrupt
         if result.error is not None or result.status:
