@@ -530,9 +530,8 @@ def test_outputs_that_require_grad_or_are_bfloat16_are_recorded_as_under_no_grad
                     out = model(x * (i + 1))
                     assert out.requires_grad == grad
         traces[grad] = path
-    with TorchRecorder(tmp_path / "bf.trace", bf, modules="full") as rec, torch.no_grad():
-        with rec.step(index=0):
-            want = bf(x.to(torch.bfloat16))
+    with TorchRecorder(tmp_path / "bf.trace", bf, modules="full") as rec, torch.no_grad(), rec.step(index=0):
+        want = bf(x.to(torch.bfloat16))
     ra, rb = TraceReader(traces[False]), TraceReader(traces[True])
     ta, tb = ra.tensors(), rb.tensors()
     assert ta.num_rows == tb.num_rows == 9
