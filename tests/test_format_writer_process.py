@@ -65,6 +65,7 @@ def write_everything(w: TraceWriter) -> None:
                            digest=bytes(range(16)), source="cuda")
         w.lane.tensor_row("s", step, "lane", 0, 100, None, "float32", x[:64], False)
         w.add_logits("s", step, rng.standard_normal(300).astype(np.float32), k=4, watched=[3], piece=f"p{step}")
+        w.add_logits("s", step, rng.standard_normal(600).astype(np.float32)[::2], head="strided", k=3)  # a view
         nan_logits = rng.standard_normal(50).astype(np.float32)
         nan_logits[7] = np.nan
         w.add_logits("s", step, nan_logits, head="nan")  # decided on the caller's side: a decision row
