@@ -408,6 +408,62 @@ def test_decide_many_equals_decide_row_by_row(data, n, v, k, dtype):
     assert [repr(d) for d in got] == [repr(decide(x[i], k=k, chosen=chosen[i], watched=watched)) for i in range(n)]
 
 
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), n=st.integers(1, 6), v=st.integers(2, 40), k=st.integers(2, 10),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_decisions_derived_as_columns_are_the_rows_batch(data, n, v, k, dtype):
+    """The writer's columnar decisions (decide_columns -> decisions_batch_of_columns) write the
+    record batch the row path writes (decide -> row_of_decision -> decisions_batch)."""
+    from steptrace.tracefmt.batches import decisions_batch, decisions_batch_of_columns
+    from steptrace.tracefmt.decisions import decide_columns
+    from steptrace.tracefmt.writeitems import row_keys, row_of_decision
+
+    x = data.draw(hnp.arrays(dtype, (n, v), elements=st.one_of(
+        st.sampled_from([0.0, 1.0, -1.0, -np.inf, np.inf, np.nan]), st.floats(-50, 50, width=32))))
+    chosen = data.draw(st.lists(st.one_of(st.none(), st.integers(0, v - 1)), min_size=n, max_size=n))
+    watched = data.draw(st.lists(st.integers(0, v - 1), max_size=3))
+    keys = [row_keys(data.draw(st.fixed_dictionaries({}, optional={
+        "forced": st.booleans(), "piece": st.one_of(st.none(), st.text(max_size=3)),
+        "frame": st.integers(0, 9), "time_us": st.one_of(st.none(), st.integers(0, 2**40))}))) for _ in range(n)]
+    cols, rest = decide_columns(x, k=k, chosen=chosen, watched=watched)
+    assert set(rest) | set([] if cols is None else cols.rows.tolist()) == set(range(n))
+    if cols is None:
+        return
+    rows = cols.rows.tolist()
+    got = decisions_batch_of_columns(cols, [f"s{i}" for i in rows], rows, ["token"] * len(rows),
+                                     [keys[i] for i in rows], watched)
+    want = decisions_batch([row_of_decision(f"s{i}", i, "token", decide(x[i], k=k, chosen=chosen[i], watched=watched),
+                                            keys[i]) for i in rows])
+    assert got.schema == want.schema
+    assert repr(got.to_pylist()) == repr(want.to_pylist())
+
+
+def test_held_logits_of_many_chunks_are_decided_as_decide_does(tmp_path):
+    """1,500 held logits (chunks of 512 rows, NaN rows among them, a token chosen outside the
+    top k, watched ids): every decision row is decide()'s."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1500, 64)).astype(np.float32)
+    x[[7, 700, 1400], 3] = np.nan
+    chosen = [int(r.argmax()) if i % 97 else int(r.argmin()) for i, r in enumerate(x)]
+    with TraceWriter(tmp_path / "t.trace", metadata={"watched": {"a": 5, "b": 9}}) as w:
+        w.lane.hold()
+        for i in range(1500):
+            w.add_logits("s", i, x[i], k=4, chosen=chosen[i], piece=f"p{i % 3}")
+    got = TraceReader(tmp_path / "t.trace").decisions().to_pylist()
+    assert len(got) == 1500
+    for i in (0, 1, 7, 96, 97, 511, 512, 700, 1023, 1024, 1400, 1499):
+        d = decide(x[i], k=4, chosen=chosen[i], watched=[5, 9])
+        row = got[i]
+        assert row["step"] == i and row["chosen"] == d.chosen and row["argmax"] == d.argmax
+        assert row["topk_ids"] == d.topk_ids.tolist() and row["topk_logits"] == d.topk_logits.tolist()
+        assert row["margin"] == np.float32(d.margin)
+        assert repr(np.float32(row["logsumexp"])) == repr(np.float32(d.logsumexp))  # NaN rows too
+        assert row["piece"] == f"p{i % 3}" and [w["rank"] for w in row["watched"]] == [w["rank"] for w in d.watched]
+        assert row["chosen_rank"] == d.chosen_rank  # stored, or derived by the reader within the top k
+        assert repr(np.float32(row["chosen_logit"])) == repr(np.float32(d.chosen_logit))
+    assert sum(r["chosen"] != r["argmax"] for r in got) >= 15  # the tokens chosen outside the argmax
+
+
 def test_a_failure_on_the_writer_thread_is_reported_not_hung(tmp_path, monkeypatch):
     """An unexpected exception on the background thread surfaces as TraceWriteError on the
     caller's next call and at close, instead of leaving the caller waiting on a dead thread."""

@@ -10,9 +10,10 @@ import numpy as np
 import pyarrow as pa
 
 from .checks import check_vocab_ids
+from .decisions import ExactColumns
 from .errors import TraceUsageError
-from .schema import DECISIONS, FORMAT_VERSION, TENSORS, VALUES
-from .writeitems import TensorColumns, TensorRow
+from .schema import DECISIONS, FORMAT_VERSION, TENSORS, VALUES, WATCHED_TYPE
+from .writeitems import RowKeys, TensorColumns, TensorRow
 
 
 def numbers(values: np.ndarray, value_type: pa.DataType, valid: np.ndarray | None = None) -> pa.Array:
@@ -110,3 +111,47 @@ def write_vocab(path: Path, vocab: Sequence[str] | Mapping[int, str]) -> None:
     table = table.replace_schema_metadata({b"steptrace.kind": b"vocab", b"steptrace.version": FORMAT_VERSION.encode()})
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
+
+
+def decisions_batch_of_columns(c: ExactColumns, samples: list[str], steps: list[int], heads: list[str],
+                               keys: list[RowKeys], watched: list[int]) -> pa.RecordBatch:
+    """The decisions record batch of :func:`decisions_batch` for the rows of ``c`` (one per
+    logits item, with its key and keyed columns), built from the columns with no Python step
+    per row but the keyed columns' (:func:`tracefmt.writeitems.row_of_decision`'s rows, value
+    for value: ``chosen_logit``/``chosen_rank`` only where ``chosen`` is outside the top k).
+
+    Args:
+        c: the exact rows' columns (:func:`tracefmt.decisions.decide_columns`).
+        samples, steps, heads, keys: each row's key and keyed columns, in ``c``'s row order.
+        watched: the ids watched in every row.
+    """
+    n, k = c.topk_ids.shape
+    in_top = (c.chosen == c.argmax) | (c.topk_ids == c.chosen[:, None]).any(axis=1)
+    lists = numbers(np.arange(0, (n + 1) * k, k, dtype=np.int32), pa.int32())
+    if watched:
+        w = len(watched)
+        struct = pa.StructArray.from_arrays(
+            [numbers(np.tile(np.asarray(watched, np.int32), n), pa.int32()),
+             numbers(np.ascontiguousarray(c.values[:, 1:]).reshape(-1), pa.float32()),
+             numbers(c.ranks[:, 1:].astype(np.int32).reshape(-1), pa.int32())],
+            fields=list(WATCHED_TYPE))
+        watched_col = pa.ListArray.from_arrays(numbers(np.arange(0, (n + 1) * w, w, dtype=np.int32), pa.int32()),
+                                               struct)
+    else:
+        watched_col = pa.nulls(n, pa.list_(WATCHED_TYPE))
+    forced, piece, frame, chunk, position, emission, time = zip(*keys) if keys else ((),) * 7
+    arrays = [
+        pa.array(samples, pa.utf8()), pa.array(steps, pa.int32()), pa.array(heads, pa.utf8()),
+        numbers(c.chosen.astype(np.int32), pa.int32()), numbers(c.argmax.astype(np.int32), pa.int32()),
+        pa.array(forced, pa.bool_()),
+        pa.ListArray.from_arrays(lists, numbers(c.topk_ids.reshape(-1), pa.int32())),
+        pa.ListArray.from_arrays(lists, numbers(np.ascontiguousarray(c.topk_logits).reshape(-1), pa.float32())),
+        numbers(c.margin, pa.float32()), numbers(c.logsumexp.astype(np.float32), pa.float32()),
+        numbers(np.ascontiguousarray(c.values[:, 0]), pa.float32(), valid=~in_top),
+        numbers(c.ranks[:, 0].astype(np.int32), pa.int32(), valid=~in_top),
+        watched_col,
+        pa.array(piece, pa.utf8()), pa.array(frame, pa.int32()), pa.array(chunk, pa.int32()),
+        pa.array(position, pa.int32()), pa.array(emission, pa.int32()),
+        pa.array(time, pa.timestamp("us", tz="UTC")),
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=DECISIONS)

@@ -10,6 +10,7 @@ import math
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -199,13 +200,48 @@ def decide_many(
     Returns:
         One :class:`Decision` per row.
     """
+    cols, rest = decide_columns(logits, k=k, chosen=chosen, watched=watched)
+    out: list[Decision | None] = [None] * len(chosen)
+    if cols is not None:
+        _decisions_of_columns(cols, watched, out)
+    for i, d in rest.items():
+        out[i] = d
+    return out  # type: ignore[return-value]
+
+
+class ExactColumns(NamedTuple):
+    """:func:`decide` of the rows ``rows`` of a 2-d logits array, column by column (rows whose
+    top k are exactly the logits above the k-th: no NaN, no tie at the k-th)."""
+
+    rows: np.ndarray  # int64 (n,): which rows of the logits
+    chosen: np.ndarray  # int64 (n,)
+    argmax: np.ndarray  # int64 (n,)
+    topk_ids: np.ndarray  # int32 (n, k)
+    topk_logits: np.ndarray  # float32 (n, k)
+    margin: np.ndarray  # float32 (n,)
+    logsumexp: np.ndarray  # float64 (n,)
+    values: np.ndarray  # float32 (n, 1 + watched): the chosen id's logit, then each watched id's
+    ranks: np.ndarray  # int64 (n, 1 + watched): their ranks
+
+
+def decide_columns(
+    logits: np.ndarray, *, k: int, chosen: list[int | None], watched: list[int],
+) -> tuple[ExactColumns | None, dict[int, Decision]]:
+    """:func:`decide_many` as columns: the rows it can derive in a few numpy calls over the whole
+    array as :class:`ExactColumns` (None: none), and the others (NaN, a tie at the k-th, or
+    logits of another dtype) decided one by one by :func:`decide`, by row.
+
+    Raises:
+        TraceUsageError: a chosen or watched id outside the vocabulary.
+    """
     x = np.asarray(logits)
     n, v = x.shape
     for t in [c for c in chosen if c is not None] + list(watched):
         if not 0 <= int(t) < v:
             raise TraceUsageError(f"token id {t} is outside the logits (vocabulary of {v})")
     k = min(k, v)
-    out: list[Decision | None] = [None] * n
+    cols = None
+    done = np.zeros(n, bool)
     if n and x.dtype in (np.float32, np.float64) and k >= 2:
         am = x.argmax(axis=1)
         m = x[np.arange(n), am]
@@ -213,16 +249,18 @@ def decide_many(
         above = x >= kth[:, None]
         exact = np.flatnonzero(~np.isnan(m) & (np.count_nonzero(above, axis=1) == k))  # no NaN, no tie at the k-th
         if exact.size:
-            _decide_exact(x, exact, above, am, m, k, chosen, watched, out)
-    return [d if d is not None else decide(x[i], k=k, chosen=chosen[i], watched=watched) for i, d in enumerate(out)]
+            cols = _exact_columns(x, exact, above, am, m, k, chosen, watched)
+            done[exact] = True
+    rest = {i: decide(x[i], k=k, chosen=chosen[i], watched=watched) for i in np.flatnonzero(~done).tolist()}
+    return cols, rest
 
 
 _scratch = threading.local()
 
 
-def _decide_exact(x: np.ndarray, rows: np.ndarray, above: np.ndarray, am: np.ndarray, m: np.ndarray, k: int,
-                  chosen: list[int | None], watched: list[int], out: list) -> None:
-    """:func:`decide_many` for ``rows``, whose top k are exactly the logits ``above`` the k-th."""
+def _exact_columns(x: np.ndarray, rows: np.ndarray, above: np.ndarray, am: np.ndarray, m: np.ndarray, k: int,
+                   chosen: list[int | None], watched: list[int]) -> ExactColumns:
+    """:func:`decide_columns` for ``rows``, whose top k are exactly the logits ``above`` the k-th."""
     n, v = rows.size, x.shape[1]
     xs = x[rows] if rows.size < x.shape[0] else x
     if rows.size < x.shape[0]:
@@ -252,14 +290,17 @@ def _decide_exact(x: np.ndarray, rows: np.ndarray, above: np.ndarray, am: np.nda
         np.exp(e, out=e)
         lse = np.where(finite, m + np.log(e.sum(axis=1)), m)
         margins = (topk_logits[:, 0].astype(np.float64) - topk_logits[:, 1]).astype(np.float32)
+    return ExactColumns(rows, own, am, top.astype(np.int32), topk_logits, margins, lse, tv.astype(np.float32), ranks)
+
+
+def _decisions_of_columns(c: ExactColumns, watched: list[int], out: list) -> None:
+    """Fill ``out`` (by row) with the :class:`Decision` of each row of ``c``."""
     # one conversion per column, then a Python step per row: the writer's thread holds the GIL
     # for these loops, which the model's thread waits for
-    top32 = top.astype(np.int32)
-    tvs = tv.astype(np.float32).tolist()  # float32 values as Python floats, exactly
-    for j, r, c, a, mg, ls, rk, tl in zip(range(n), rows.tolist(), own.tolist(), am.tolist(), margins.tolist(),
-                                           lse.tolist(), ranks.tolist(), tvs):
+    for j, r, ch, a, mg, ls, rk, tl in zip(range(c.rows.size), c.rows.tolist(), c.chosen.tolist(), c.argmax.tolist(),
+                                            c.margin.tolist(), c.logsumexp.tolist(), c.ranks.tolist(), c.values.tolist()):
         out[r] = Decision(
-            chosen=c, argmax=a, topk_ids=top32[j], topk_logits=topk_logits[j], margin=mg, logsumexp=ls,
+            chosen=ch, argmax=a, topk_ids=c.topk_ids[j], topk_logits=c.topk_logits[j], margin=mg, logsumexp=ls,
             chosen_logit=tl[0], chosen_rank=rk[0],
             watched=[{"id": w, "logit": lg, "rank": r_} for w, lg, r_ in zip(watched, tl[1:], rk[1:])] if watched else [],
         )

@@ -276,6 +276,14 @@ class DecisionBatchItem(NamedTuple):
     batch: pa.RecordBatch
 
 
+class DecisionColumnsItem(NamedTuple):
+    """Decisions the background thread derived column by column (:func:`tracefmt.batches.decisions_batch_of_columns`),
+    in place of the first of their logits items (the others become :data:`WAKE`)."""
+
+    batch: pa.RecordBatch
+    keys: list[tuple[str, int]]  # (sample, step) of each row
+
+
 class ManyItem(NamedTuple):
     """Rows held by :meth:`tracefmt.lane.RecorderLane.hold` and handed over together."""
 

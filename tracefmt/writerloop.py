@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .batches import decisions_batch, tensors_batch, values_batch
-from .decisions import decide, decide_many
+from .batches import decisions_batch, decisions_batch_of_columns, tensors_batch, values_batch
+from .decisions import ExactColumns, decide, decide_columns
 from .errors import TraceError
 from .ipcfile import ArrowAppender
 from .outbox import BufferPool, Outbox
@@ -35,8 +35,10 @@ from .pendingrows import (
 from .stats import SMALL_ELEMENTS, stats_columns
 from .tensorjobs import TensorJobs, job_threads
 from .writeitems import (
+    WAKE,
     CloseItem,
     DecisionBatchItem,
+    DecisionColumnsItem,
     DecisionItem,
     DecisionRow,
     FlushItem,
@@ -92,9 +94,12 @@ def _positions(seq: list, value: Any) -> list[int]:
 
 def _decisions_of_logits(items: list) -> int:
     """Derive the decisions of the logits items of ``items`` in as few numpy calls as possible
-    (:func:`tracefmt.decisions.decide_many` per group of equal shape, dtype, k and watched ids);
-    each becomes a :class:`DecisionItem`, in place. Returns the logits' bytes, for the caller
-    to give back to the queue's budget."""
+    (:func:`tracefmt.decisions.decide_columns` per group of equal shape, dtype, k and watched
+    ids), in place: a chunk's exactly derived rows become one :class:`DecisionColumnsItem`
+    (a record batch built from the columns, at the first of their items; the others become
+    :data:`WAKE`), any other row a :class:`DecisionItem`. The writer's thread then holds the
+    GIL for no Python step per decision but the keyed columns'. Returns the logits' bytes, for
+    the caller to give back to the queue's budget."""
     groups: dict[tuple, list[int]] = {}
     for i in _positions(list(map(type, items)), LogitsItem):
         it = items[i]
@@ -105,14 +110,29 @@ def _decisions_of_logits(items: list) -> int:
         # a chunk's float64 scratch (1 MB: 32 rows of 4096 logits) stays in cache; fewer, larger
         # numpy calls for smaller vocabularies (each hands the GIL back and forth)
         rows = max(32, min(512, (1 << 17) // max(shape[0], 1)))
+        exact: list[ExactColumns] = []
+        where: list[int] = []  # the items of the exact rows, in order
         for at in range(0, len(group), rows):
             idx = group[at : at + rows]
-            xs = np.stack([items[i].logits for i in idx])
-            decisions = decide_many(xs, k=k, chosen=[items[i].chosen for i in idx], watched=list(watched))
-            for i, d in zip(idx, decisions):
-                it = items[i]
-                items[i] = DecisionItem(row_of_decision(it.sample, it.step, it.head, d, it.keys))
-                freed += it.logits.nbytes
+            its = [items[i] for i in idx]
+            xs = np.stack([it.logits for it in its])
+            freed += xs.nbytes
+            cols, rest = decide_columns(xs, k=k, chosen=[it.chosen for it in its], watched=list(watched))
+            for j, d in rest.items():
+                it = its[j]
+                items[idx[j]] = DecisionItem(row_of_decision(it.sample, it.step, it.head, d, it.keys))
+            if cols is not None:
+                exact.append(cols)
+                where += [idx[j] for j in cols.rows.tolist()]
+        if exact:  # one record batch for the group: building one costs ~60-100 us, whatever its rows
+            cols = exact[0] if len(exact) == 1 else ExactColumns(*(np.concatenate(f) for f in zip(*exact)))
+            picked = [items[i] for i in where]
+            samples, steps = [it.sample for it in picked], [it.step for it in picked]
+            batch = decisions_batch_of_columns(cols, samples, steps, [it.head for it in picked],
+                                               [it.keys for it in picked], list(watched))
+            for i in where:
+                items[i] = WAKE
+            items[where[0]] = DecisionColumnsItem(batch, list(zip(samples, steps)))
     return freed
 
 
@@ -172,6 +192,7 @@ class Worker:
 
     def _loop(self) -> None:
         dec: list[DecisionRow] = []
+        decb: list[pa.RecordBatch] = []  # decisions derived as columns (DecisionColumnsItem)
         ten: list[TensorRow | PendingRow | ColumnRows] = []
         steps_seen: set[tuple[str, int]] = set()  # distinct steps since the last flush
         deadline: float | None = None
@@ -180,14 +201,16 @@ class Worker:
         flush_steps = self._flush_steps
 
         def flush() -> None:
-            nonlocal dec, ten, deadline
+            nonlocal dec, decb, ten, deadline
             # Values first: every tensor row written below references a value already in the file.
             self._write_values(wait=True)
             if ten:
                 self._files["tensors"].write(tensors_batch(pending_columns(ten)))
             if dec:
                 self._files["decisions"].write(decisions_batch(dec))
-            dec, ten = [], []
+            for batch in decb:
+                self._files["decisions"].write(batch)
+            dec, decb, ten = [], [], []
             steps_seen.clear()
             deadline = None
 
@@ -277,6 +300,15 @@ class Worker:
                     item.done.set()
                     continue
                 if kind is WakeItem:
+                    continue
+                if kind is DecisionColumnsItem:
+                    decb.append(item.batch)
+                    counts["decisions"] += item.batch.num_rows
+                    steps_seen.update(item.keys)
+                    if deadline is None:
+                        deadline = time.monotonic() + self._flush_s
+                    if len(steps_seen) > flush_steps:
+                        self._guard(flush)
                     continue
                 if kind is DecisionBatchItem:  # a whole batch of decisions: written as it is
                     self._guard(flush)
