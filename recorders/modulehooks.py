@@ -148,8 +148,8 @@ class ModuleRecorder(Recorder):
                 # A numpy copy, even with a writer process: copying each into its ring as it
                 # came cost ~1.3 us more per output than a.copy() (clone() ~0.1-0.2 us more,
                 # warm), and the step's copies go into the ring together. numpy() itself
-                # refuses other devices, layouts and tensors that require grad (each a torch
-                # attribute fewer to read): those take the checks below.
+                # refuses other devices and layouts (a torch attribute fewer to read each),
+                # and tensors that require grad, copied detached.
                 kind = lean.get(output.dtype)
                 if kind is not None:
                     dt, bits = kind
@@ -157,21 +157,18 @@ class ModuleRecorder(Recorder):
                         a = output.numpy() if bits is None else output.view(bits).numpy().view(u16)
                     except (TypeError, RuntimeError):
                         a = None
+                        if output.requires_grad and output.is_cpu and output.layout == strided:
+                            out = output.detach()
+                            a = out.numpy() if bits is None else out.view(bits).numpy().view(u16)
                     if a is not None and a.nbytes <= small:
                         self._pending.append((st, name, source, values, a.copy(), dt))
                         return
-            if self._lean and type(output) is tensor and output.is_cpu and not self._closed:
-                if output.nbytes <= small and output.dtype in lean and output.layout == strided:
-                    out = output.detach() if output.requires_grad else output  # what numpy() refused
-                    dt, bits = lean[out.dtype]
-                    a = out.numpy() if bits is None else out.view(bits).numpy().view(u16)
-                    self._pending.append((st, name, source, values, a.copy(), dt))
+                if output.is_cpu:
+                    self._finish_deferred()
+                    self._record_cpu(st, name, st.count(name), output, source, values)
                     return
-                self._finish_deferred()
-                self._record_cpu(st, name, st.count(name), output, source, values)
-            else:
-                self._finish_deferred()
-                self._record_output(name, self.next_call(name), output, source, mode)
+            self._finish_deferred()
+            self._record_output(name, self.next_call(name), output, source, mode)
 
         return hook
 

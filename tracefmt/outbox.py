@@ -104,6 +104,9 @@ class Outbox:
         hold_bytes, hold_rows, hold_s: when held rows travel.
     """
 
+    #: Whether :meth:`put` copies an item's arrays before returning (no: the caller's copy travels).
+    copies_on_put = False
+
     def __init__(self, budget: Budget, *, hold_bytes: int, hold_rows: int, hold_s: float) -> None:
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.budget = budget

@@ -28,6 +28,9 @@ class ProcessOutbox:
         hold_bytes, hold_rows, hold_s: when held rows travel.
     """
 
+    #: :meth:`put` copies an item's arrays into the ring before returning.
+    copies_on_put = True
+
     def __init__(self, link: WriterProcess, pool: BufferPool, *, hold_bytes: int, hold_rows: int, hold_s: float) -> None:
         self.link = link
         self.lock = threading.Lock()

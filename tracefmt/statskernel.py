@@ -85,22 +85,28 @@ def _value_impl(x, i, kind):
     return widened
 
 
+def _sequential(x, lo, hi, kind, s, q, mn, mx):
+    """Add ``x[lo:hi]`` one by one to the sums ``s`` and ``q`` (of squares) and the range."""
+    for i in range(lo, hi):
+        v = _value(x, i, kind)
+        w = np.float64(v)
+        s += w
+        q += w * w
+        mn = min(mn, v)
+        mx = max(mx, v)
+    return s, q, mn, mx
+
+
+_sequential = _jit(_sequential)
+
+
 def _pairwise(x, lo, n, kind):
     """numpy's pairwise sum of ``x[lo:lo+n]`` as float64, of their squares too, and their range.
 
     Returns ``(sum, sum of squares, min, max)`` (``min``/``max`` of the widened values)."""
     if n < 8:
-        s = q = 0.0
         v = _value(x, lo, kind)
-        mn = mx = v
-        for i in range(lo, lo + n):
-            v = _value(x, i, kind)
-            w = np.float64(v)
-            s += w
-            q += w * w
-            mn = min(mn, v)
-            mx = max(mx, v)
-        return s, q, mn, mx
+        return _sequential(x, lo, lo + n, kind, 0.0, 0.0, v, v)
     if n <= 128:
         v0, v1, v2, v3 = _value(x, lo, kind), _value(x, lo + 1, kind), _value(x, lo + 2, kind), _value(x, lo + 3, kind)
         v4, v5, v6, v7 = (_value(x, lo + 4, kind), _value(x, lo + 5, kind), _value(x, lo + 6, kind),
@@ -139,15 +145,7 @@ def _pairwise(x, lo, n, kind):
             i += 8
         s = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
         q = ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
-        while i < lo + n:
-            v = _value(x, i, kind)
-            w = np.float64(v)
-            s += w
-            q += w * w
-            mn = min(mn, v)
-            mx = max(mx, v)
-            i += 1
-        return s, q, mn, mx
+        return _sequential(x, i, lo + n, kind, s, q, mn, mx)  # the rest past a multiple of 8
     n2 = n // 2
     n2 -= n2 % 8
     s1, q1, mn1, mx1 = _pairwise(x, lo, n2, kind)

@@ -190,7 +190,6 @@ class TraceWriter(DecisionMethods):
         flush_s = flush_ms / 1000.0
         hold_bytes = max(min(queue_bytes // 4, 8 << 20), 1)
         self._pool = BufferPool(queue_bytes)
-        self._outbox_copies = process  # a writer process's outbox copies each array as it is put
         self._files: dict[str, ArrowAppender] = {}
         self._thread: threading.Thread | None = None
         self._outbox: Outbox | ProcessOutbox

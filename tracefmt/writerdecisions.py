@@ -34,7 +34,6 @@ class DecisionMethods:
     lane: RecorderLane
     _outbox: Outbox
     _keys: DecisionKeys
-    _outbox_copies: bool  # the outbox copies each array as it is put (a writer process)
     _check_open: Callable[[], None]
     _failed_or_closed: Callable[[], bool]
     add_tensor: Callable[..., None]
@@ -218,7 +217,7 @@ class DecisionMethods:
                 if t is None or not 0 <= t < v:
                     raise TraceUsageError(f"token id {t} is outside the logits (vocabulary of {v})")
             # a writer process copies the logits into its ring as they are put: no copy here
-            copy = x if self._outbox_copies else x.copy()
+            copy = x if self._outbox.copies_on_put else x.copy()
             self._outbox.put(LogitsItem(sample, step, head, copy, k, ids[0], ids[1:], keys_row), copy.nbytes)
         if keep_logits:
             self.add_tensor(sample, step, f"logits:{head}", x, source="decision")
