@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from steptrace.tracefmt import TraceReader
 from steptrace.tracefmt.errors import TraceNotFoundError
 
 from .errors import ReferenceNotFoundError
+
+if TYPE_CHECKING:  # the reader (and pyarrow.compute) is imported by a recorder that has a reference
+    from steptrace.tracefmt import TraceReader
 
 
 class RefTensor(NamedTuple):
@@ -43,6 +45,8 @@ class Reference:
     """
 
     def __init__(self, trace: str | os.PathLike[str] | TraceReader, *, samples: Mapping[str, str] | None = None) -> None:
+        from steptrace.tracefmt import TraceReader
+
         self.reader = trace if isinstance(trace, TraceReader) else TraceReader(trace)
         self.samples = dict(samples or {})
         self._tokens: dict[tuple[str, str], np.ndarray] | None = None  # (sample, head) -> chosen by step (-1: none)

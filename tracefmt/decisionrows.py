@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .checks import I32, check_key, opt_float, opt_i32
 from .errors import TraceUsageError
@@ -97,6 +96,8 @@ def checked_batch(table: pa.Table | pa.RecordBatch | Mapping[str, Any]) -> pa.Re
     Raises:
         TraceUsageError: a column is missing, unknown, of the wrong type, or breaks SPEC.md.
     """
+    import pyarrow.compute as pc  # here: the writer's other paths need none of it
+
     t = table if isinstance(table, (pa.Table, pa.RecordBatch)) else pa.table(dict(table))
     n = t.num_rows
     names = set(t.column_names)

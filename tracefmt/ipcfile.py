@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .arrowio import MAGIC, DataFile
 from .schema import DICTIONARY_COLUMNS, SCHEMAS, file_metadata
@@ -98,6 +97,17 @@ def unify(table: pa.Table, kind: str) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=pa.schema([f.with_nullable(True) for f in schema]))
 
 
+def _dictionary_encode(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``pyarrow.compute.dictionary_encode(col)`` without importing ``pyarrow.compute``: that
+    import makes a Python wrapper of every compute function (~50 ms, a fixed cost of every
+    ``trace record``), and nothing else a writer does needs it."""
+    try:
+        from pyarrow._compute import call_function
+    except ImportError:  # a pyarrow without that module: the public one
+        from pyarrow.compute import call_function
+    return call_function("dictionary_encode", [col])
+
+
 def compact(path: Path, kind: str, part: str, *, level: int, batch_rows: int = 1 << 14) -> int:
     """Rewrite a closed data file in large batches, dictionary-encoding repetitive strings.
 
@@ -113,7 +123,7 @@ def compact(path: Path, kind: str, part: str, *, level: int, batch_rows: int = 1
     for f in table.schema:
         col = table.column(f.name)
         if f.name in DICTIONARY_COLUMNS[kind] and not pa.types.is_dictionary(f.type):
-            col = pc.dictionary_encode(col)
+            col = _dictionary_encode(col)
             f = pa.field(f.name, col.type, f.nullable)
         fields.append(f)
         arrays.append(col)
