@@ -7,6 +7,9 @@ sample) goes into ``quiet`` after its first call, and its later calls inside ano
 call skip both hooks. A module whose output is recorded and nothing more (not decided,
 starting no sample) goes into ``lean``: its later calls inside another module's call skip both
 hooks too, and :func:`recorders.torchcalls.lean_deferrer` copies its output for the step's rows.
+A logits module decided as it is and recorded no other way (:meth:`ModuleHooks._is_lean_logits`)
+takes a lean path of its own from its second call on: :func:`recorders.torchcalls.lean_decider`
+decides its plain float CPU logits without the hooks, and leaves the rest to them.
 torch itself is not imported here: modules and tensors are used through
 their own methods.
 """
@@ -107,6 +110,16 @@ class ModuleHooks:
         return (info.mode in ("stats", "full") and info.logits is False and not info.starts_sample
                 and rec._ring is None)
 
+    def _is_lean_logits(self, info: _Mod, rec: Any, output: Any) -> bool:
+        """Whether a logits module's later calls inside another module's call may take the lean
+        path (:func:`recorders.torchcalls.lean_decider`), from its second decision on (its notes
+        are made at its first): its output itself is the logits, decided as they are (not
+        probabilities, not every position), and nothing else is done with it or them (no
+        record of the module or of ``logits:token``, no teacher, no budget, no sample start)."""
+        return (info.logits == _SELF and info.mode == "none" and not info.starts_sample and is_torch_tensor(output)
+                and self.scores != "prob" and not self.all_positions and rec._ring is None
+                and not rec.teacher_forcing and rec._logits_mode("token") == "none")
+
     def _logits_path(self, info: _Mod, output: Any) -> tuple | None:
         if info.logits is None:  # first output seen: does an element match a logits glob?
             hits = [p for n, p, _ in elements(info.name, output)
@@ -156,6 +169,10 @@ class ModuleHooks:
         if info.rel and hit != info.name:
             self.relative[hit] = ".".join([info.rel, *map(str, path)])
         token = self._decide(rec, hit, t)
+        if first is False and id(module) not in self.lean and self._is_lean_logits(info, rec, output):
+            from .torchcalls import lean_decider
+
+            self.lean[id(module)] = lean_decider(self, rec)
         if not rec.teacher_forcing:
             return None
         return replace_element(output, path, self._forced(t, token))

@@ -1,7 +1,8 @@
 """The torch half of ``trace record``'s module calls (split from :mod:`recorders.torch`, whose
 torch it uses): :func:`install_module_calls` wraps
-``torch.nn.Module.__call__`` for :class:`recorders.scriptmodules.ModuleHooks`, and
-:func:`lean_deferrer` makes the per-module copy of its lean path."""
+``torch.nn.Module.__call__`` for :class:`recorders.scriptmodules.ModuleHooks`,
+:func:`lean_deferrer` makes the per-module copy of its lean path and :func:`lean_decider` the
+decision of a logits module's lean path."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from .torch import _LEAN, torch  # torch is imported by recorders/torch.py alone (docs/layout.md)
 
-__all__ = ["install_module_calls", "lean_deferrer"]
+__all__ = ["install_module_calls", "lean_decider", "lean_deferrer"]
 
 
 def install_module_calls(hooks: Any) -> Any:
@@ -142,3 +143,52 @@ def lean_deferrer(rec: Any) -> Any:
         return defer
 
     return deferrer
+
+
+#: Logits dtypes whose numpy view a decision takes as it is (others: the general path widens them).
+_PLAIN_LOGITS = frozenset({torch.float32, torch.float64, torch.float16})
+
+
+def lean_decider(hooks: Any, rec: Any) -> Callable[[Any], bool]:
+    """Return the ``defer(output)`` of a logits module's lean path for
+    :func:`install_module_calls` (:meth:`recorders.scriptmodules.ModuleHooks._is_lean_logits`
+    says which modules take it: the module's output is the logits, decided as they are, with no
+    teacher, budget or other record of it).
+
+    ``defer`` decides the last position of the first row of a dense CPU tensor of a plain float
+    dtype exactly as ``hooks.torch_post`` would (the previous step ended if one was decided in
+    this outer call, the step opened, ``rec.decide`` given the row's numpy view, in the hooks'
+    writing section) and returns True; it returns False, having done nothing, for anything else
+    (another type, dtype, device or layout, a batch of more than one row, a tensor that
+    requires grad, logits holding NaN), which the general path then takes, notes included.
+
+    Args:
+        hooks: the :class:`recorders.scripthooks.ScriptRecorder`.
+        rec: its HostRecorder.
+    """
+    tensor, plain, section = torch.Tensor, _PLAIN_LOGITS, hooks._writing()
+
+    def defer(t: Any) -> bool:
+        if type(t) is not tensor or t.dtype not in plain:
+            return False
+        shape = t.shape
+        n = len(shape)
+        if n >= 3 and shape[0] > 1:
+            return False
+        try:
+            x = t.numpy()
+        except (TypeError, RuntimeError):  # another device or layout, or it requires grad
+            return False
+        row = x if n <= 1 else x[(0,) * (n - 2) + (-1,)]  # recorders.outputs.decided_index
+        am = int(row.argmax())
+        if row[am] != row[am]:  # NaN: the general path decides it
+            return False
+        with section:
+            if hooks._decided:
+                hooks._end_step()  # a second logits call inside one outer call: the next step
+            hooks._open_step(rec)
+            rec.decide(row, chosen=am)
+        hooks._decided = True
+        return True
+
+    return defer

@@ -300,3 +300,85 @@ def test_the_lean_path_records_what_the_hooks_record(tmp_path, writer):
     assert any(r["name"] == "Net.pair" for r in rows if r["step"] == 1)
     up = reader.tensor("0", 0, "Net.up", call=0)
     assert up.any()  # the values before h.mul_(0)
+
+
+LOGITS = textwrap.dedent('''
+    """A decode loop whose logits module meets every case the lean decision leaves to the hooks."""
+    import sys
+    import torch
+    from torch import nn
+
+    class Head(nn.Module):
+        def __init__(self, d, vocab):
+            super().__init__()
+            self.lin = nn.Linear(d, vocab)
+
+        def forward(self, h, n):
+            y = self.lin(h)
+            if n == 3:
+                y = y * float("nan")  # NaN logits: their order needs the full decision
+            if n == 5:
+                y = y.to(torch.bfloat16)  # widened by the hooks' path
+            if n == 6:
+                y = y.half()  # a plain float dtype: the lean path's again
+            return y
+
+    class Net(nn.Module):
+        def __init__(self, vocab=48, d=8):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(vocab, d)
+            self.mix = nn.Linear(d, d)
+            self.head = Head(d, vocab)
+
+        def forward(self, token, n):
+            h = torch.tanh(self.mix(self.emb(token)))
+            if n == 7:
+                with torch.enable_grad():  # logits that require grad: numpy() refuses them
+                    return self.head(h.detach().requires_grad_(), n)
+            if n == 8:
+                self.head(h, n)  # two logits calls in one outer call: two steps
+            return self.head(h, n)
+
+    model = Net().eval()
+    token = torch.tensor([1])
+    with torch.no_grad():
+        for n in range(int(sys.argv[1])):
+            logits = model(token, n)
+            token = logits[0].float().nan_to_num(0.0).argmax().view(1)
+            print(int(token))
+''')
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_the_lean_decision_decides_what_the_hooks_decide(tmp_path, writer, capsys):
+    from test_format_writer_process import assert_same_trace
+
+    script = tmp_path / "logits.py"
+    script.write_text(LOGITS)
+    hooked_decisions: list[int] = []
+
+    class Counting(ScriptRecorder):
+        def _decide(self, rec, name, t):
+            hooked_decisions.append(self.steps)
+            return super()._decide(rec, name, t)
+
+    class Hooked(ScriptRecorder):
+        def _is_lean_logits(self, info, rec, output) -> bool:
+            return False
+
+    printed = {}
+    for name, recorder in (("lean", Counting), ("hooked", Hooked)):
+        result = run_script(str(script), ["10"], trace=tmp_path / f"{name}.trace", logits=["head"], writer=writer,
+                            recorder=recorder)
+        assert result.status == 0 and result.steps == 11, result.traceback
+        printed[name] = capsys.readouterr().out
+    # the first decision makes it lean (its notes are made there); NaN, bfloat16 and
+    # requires-grad logits are the hooks' (steps 3, 5, 7); float16 ones the lean path's
+    assert hooked_decisions == [0, 3, 5, 7]
+    assert printed["lean"] == printed["hooked"]
+    assert_same_trace(tmp_path / "hooked.trace", tmp_path / "lean.trace")
+    rows = sorted(TraceReader(tmp_path / "lean.trace").decisions(columns=["step", "chosen", "argmax"]).to_pylist(),
+                  key=lambda r: r["step"])
+    assert [r["step"] for r in rows] == list(range(11))
+    assert [int(x) for x in printed["lean"].split()] == [r["chosen"] for r in rows if r["step"] != 8]
