@@ -160,15 +160,18 @@ def test_torch_script_records_what_the_torch_recorder_api_records(scripts, tmp_p
 
 
 def test_recording_imports_neither_the_reader_nor_pyarrow_compute(scripts, tmp_path):
-    """Writing needs neither: pyarrow.compute alone is ~50 ms of every `trace record`'s start."""
+    """Writing needs neither: pyarrow.compute alone is ~50 ms of every `trace record`'s start; and
+    off a terminal (stderr is a pipe here) its notes and summary are plain lines, with no rich."""
     code = ("import sys; from steptrace.tui.cli import main; "
             "rc = main(['record', '-o', sys.argv[1], '--modules', '*', '--tensors', 'full', '--writer', 'thread', "
             "'--logits', 'head', sys.argv[2], '--steps', '3']); "
-            "print('RC', rc, 'LOADED', [m for m in ('pyarrow.compute', 'steptrace.tracefmt.reader') if m in sys.modules])")
+            "print('RC', rc, 'LOADED', [m for m in ('pyarrow.compute', 'steptrace.tracefmt.reader', 'rich') "
+            "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.trace"), str(scripts / "gru_decode.py")],
                          check=False, capture_output=True, text=True, timeout=300)
     assert "RC 0 LOADED []" in out.stdout, out.stdout[-500:] + out.stderr[-1500:]
     assert [d["step"] for d in decisions(tmp_path / "t.trace")] == [0, 1, 2]
+    assert "recorded 3 steps (3 decisions, " in out.stderr
 
 
 def test_onnx_script_records_what_the_ort_recorder_api_records(scripts, tmp_path, capsys):

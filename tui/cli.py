@@ -12,14 +12,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from rich.console import Console
-from rich.text import Text
 from steptrace.tracefmt import TraceError, __version__
-from steptrace.tui.render.console import stderr_console
-from steptrace.tui.render.info import FOLD_OVER
 from steptrace.tui.render.wording import plural
+
+if TYPE_CHECKING:  # rich is imported where a command prints with it (`trace record` off a terminal never does)
+    from rich.console import Console
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -72,6 +71,10 @@ def say(label: str, style: str, message: str) -> None:
     to :data:`MAX_MESSAGE` characters."""
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 40] + f" ... ({len(message) - MAX_MESSAGE + 40:,} characters cut)"
+    from rich.text import Text
+
+    from steptrace.tui.render.console import stderr_console
+
     stderr_console().print(Text.assemble((f"{label}: ", style), message), soft_wrap=True)
 
 
@@ -98,6 +101,8 @@ def _progress_callback(
 
     The callback takes (lines done, bytes read), or (lines done, lines in all) with ``total``.
     """
+    from steptrace.tui.render.console import stderr_console
+
     console = stderr_console()
     if not console.is_terminal:
         return None, lambda: None
@@ -119,6 +124,8 @@ def _progress_callback(
 def stdout_console() -> Console:
     """The console for reports on stdout: fitted to the terminal, or off a terminal (a pipe, a
     file, a CI log) plain text as wide as its content, so nothing is cut."""
+    from rich.console import Console
+
     con = Console()
     if con.is_terminal:
         return con
@@ -290,6 +297,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
+    from steptrace.tui.render.info import FOLD_OVER
+
     p = sub.add_parser("info", help="show what a trace holds", description="Show a trace's metadata, parts, "
                        "samples, steps, heads, tensor names (in execution order) and sizes, and whether it is "
                        "complete.", epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -349,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("error", "bold red", str(exc))
         code = exit_code(error=exc)
     except KeyboardInterrupt as exc:
-        stderr_console().print("interrupted")
+        sys.stderr.write("interrupted\n")
         code = exit_code(error=exc)
     except BrokenPipeError:  # stdout closed early by `| head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.text import Text
 from steptrace.tracefmt.errors import TraceUsageError
-from steptrace.tui.render.console import stderr_console
 
 if TYPE_CHECKING:
+    from rich.text import Text
+
     from steptrace.recorders.script import ScriptResult
 
 HELP = "record an unmodified PyTorch / ONNX Runtime script, step by step"
@@ -196,6 +196,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+class _Stderr:
+    """Where ``trace record`` writes its notes and summary: the rich stderr console on a terminal
+    (the progress line, colours); off one, plain lines on ``sys.stderr``, as that console writes
+    them there, without importing rich (~20 ms of every recording's start)."""
+
+    def __init__(self) -> None:
+        self.console = None
+        if sys.stderr.isatty():
+            from steptrace.tui.render.console import stderr_console
+
+            self.console = stderr_console()
+
+    def line(self, text: str, label: str = "", style: str = "") -> None:
+        """Write ``label`` (in ``style``) then ``text`` verbatim (no markup) on one line."""
+        if self.console is None:
+            sys.stderr.write(f"{label}{text}\n")
+            sys.stderr.flush()
+            return
+        from rich.text import Text
+
+        self.console.print(Text.assemble((label, style), text) if label else Text(text, style=style))
+
+
 class _Line:
     """The progress line: steps recorded and time, redrawn by rich.live on its own thread."""
 
@@ -208,6 +231,8 @@ class _Line:
         self.steps = steps
 
     def __rich__(self) -> Text:
+        from rich.text import Text
+
         return Text(f"● recording {self.label}: {self.steps:,} steps, {time.monotonic() - self.t0:,.0f} s", style="dim")
 
 
@@ -232,13 +257,13 @@ def run(args: argparse.Namespace) -> RecordOutcome:
         raise TraceUsageError("--sample-from names the samples that --sample-per MODULE starts; give --sample-per too")
     ids = sample_ids(args.sample_from) if args.sample_from else None
     label = f"-m {name}" if args.module is not None else name
-    err = stderr_console()
+    err = _Stderr()
     line = _Line(label)
     live = None
-    if err.is_terminal:
+    if err.console is not None:
         from rich.live import Live
 
-        live = Live(line, console=err, refresh_per_second=4, transient=True,
+        live = Live(line, console=err.console, refresh_per_second=4, transient=True,
                     redirect_stdout=sys.stdout.isatty(), redirect_stderr=True)
         live.start()
     # Freeze what this process holds before the script runs (steptrace, pyarrow, rich), so the
@@ -264,14 +289,14 @@ def run(args: argparse.Namespace) -> RecordOutcome:
     if result.traceback:
         sys.stderr.write(result.traceback if result.traceback.endswith("\n") else result.traceback + "\n")
     for note in result.notes:
-        err.print(Text.assemble(("note: ", "yellow"), note))
+        err.line(note, "note: ", "yellow")
     s = result.summary
-    err.print(f"recorded {result.steps:,} steps ({s.decisions:,} decisions, {s.tensors:,} tensors, "
-              f"{s.file_bytes / 1e6:,.1f} MB) into {args.output}")
+    err.line(f"recorded {result.steps:,} steps ({s.decisions:,} decisions, {s.tensors:,} tensors, "
+             f"{s.file_bytes / 1e6:,.1f} MB) into {args.output}")
     if result.interrupted:
         raise KeyboardInterrupt
     if result.status:
-        err.print(Text(f"{label} exited with status {result.status}", style="red"))
+        err.line(f"{label} exited with status {result.status}", style="red")
     else:
         _check_matches(result, args)
     return RecordOutcome(mismatch=result.status != 0, exit_status=result.status, steps=result.steps,
