@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Instructions, not seconds: `trace record` of the script workload counted by callgrind.
+
+    python bench/bench_instructions.py [--steps 100 300] [--compare PATH] [--modules]
+
+On a shared VM the wall time of a decode step moves by more than the few per cent the recorder's
+targets are about (``bench_record.py --workload script`` and ``--workload kv``); the number of
+instructions a process executes does not. This bench runs ``bench_record.py``'s script workload
+(a 12-block MLP, one-token steps) under ``valgrind --tool=callgrind --separate-threads=yes``,
+plain and under ``trace record --logits head`` (``--modules``: also ``--modules '*'``), each at
+two step counts, and prints per configuration
+
+    per step    the main thread's instructions per step (the difference of the two runs over
+                the difference of their steps), and the recorder's over plain;
+    fixed       the whole process's instructions not proportional to steps (imports, the
+                trace's open and close), over plain's;
+    at N        the whole process's instructions at ``--at`` steps (1,500: the wall-time
+                bench's), recorded over plain: the ratio the wall-time target reads on, with
+                the writer's threads counted as if they ran on the model's core.
+
+Caveats: valgrind runs the process ~50x slower and one thread at a time. The writer's
+time-based batching (rows handed over every ``flush_ms / 2``) therefore fires ~50x more often
+per step than in a real run, so the other threads' counts overstate their work; the main
+thread's count is the model's thread's own. A writer process (``--modules '*'`` takes one) is
+not traced: its work is not counted. GIL waits, cache misses and a second core are not
+instructions: this counts work, and the wall-time benches stay the targets. ``--compare PATH``
+adds the configurations of another steptrace checkout (``PATH/steptrace``, on ``PYTHONPATH``).
+Needs valgrind (Debian: ``apt-get install valgrind``); each run takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_record import SCRIPT  # the same script as the wall-time bench
+
+CLI = "import sys; from steptrace.tui.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def counts(cmd: list[str], env: dict[str, str], work: Path, tag: str) -> tuple[int, int]:
+    """Run ``cmd`` under callgrind; return (main thread's instructions, all threads')."""
+    out = work / f"cg.{tag}"
+    res = subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}",
+                          *cmd], env=env, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"{tag}: exit {res.returncode}\n{res.stderr[-2000:]}")
+    threads = {}
+    for f in work.glob(f"cg.{tag}-*"):
+        m = re.search(r"^(?:summary|totals): (\d+)", f.read_text(errors="replace"), re.MULTILINE)
+        if m:
+            threads[int(f.name.rsplit("-", 1)[1])] = int(m.group(1))
+    if not threads:
+        raise SystemExit(f"{tag}: callgrind wrote no counts in {work}")
+    return threads[min(threads)], sum(threads.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, nargs=2, default=[100, 300], metavar=("A", "B"))
+    ap.add_argument("--at", type=int, default=1500, help="steps of the whole-process ratio")
+    ap.add_argument("--compare", metavar="PATH", help="a folder holding another steptrace checkout as steptrace/")
+    ap.add_argument("--modules", action="store_true", help="also --modules '*' (stats, the default writer)")
+    args = ap.parse_args()
+    if shutil.which("valgrind") is None:
+        raise SystemExit("bench_instructions.py needs valgrind on PATH (Debian: apt-get install valgrind)")
+    a, b = args.steps
+    if not 0 < a < b:
+        raise SystemExit("--steps A B needs 0 < A < B")
+    # torch's modules have their bytecode cached (pip compiles it at install); give steptrace's the
+    # same (as bench_record.py does), or under PYTHONDONTWRITEBYTECODE every run compiles it
+    for root in [Path(__file__).resolve().parent.parent, *([Path(args.compare) / "steptrace"] if args.compare else [])]:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "-x", r"/(tests|bench|examples)/", str(root)],
+                       check=False, capture_output=True)
+    work = Path(tempfile.mkdtemp(prefix="steptrace-instr-"))
+    script = work / "mlp_decode.py"
+    script.write_text(SCRIPT)
+    python = os.path.realpath(sys.executable)  # not a shim script: valgrind follows no exec
+    env = dict(os.environ)
+    configs: dict[str, tuple[list[str], dict[str, str]]] = {"plain": ([], env)}
+    sides = [("", env)]
+    if args.compare:
+        sides.append(("compare ", {**env, "PYTHONPATH": os.pathsep.join([args.compare, env.get("PYTHONPATH", "")])}))
+    for prefix, e in sides:
+        configs[f"{prefix}--logits"] = (["--logits", "head"], e)
+        if args.modules:
+            configs[f"{prefix}--modules '*'"] = (["--modules", "*", "--logits", "head"], e)
+    print(f"callgrind instructions of the script workload at {a} and {b} steps (python {sys.version.split()[0]}); "
+          f"load {os.getloadavg()[0]:.2f} (counts do not depend on it)", flush=True)
+    got: dict[str, dict[int, tuple[int, int]]] = {}
+    for name, (opts, e) in configs.items():
+        got[name] = {}
+        for n in (a, b):
+            trace = work / f"t{len(got)}-{n}.trace"
+            cmd = [python, str(script), str(n)] if name == "plain" else [
+                python, "-c", CLI, "record", "-o", str(trace), *opts, str(script), str(n)]
+            got[name][n] = counts(cmd, e, work, f"{len(got)}-{n}")
+            print(f"  {name:<22} {n:>5} steps: main thread {got[name][n][0] / 1e9:7.3f} G, all {got[name][n][1] / 1e9:7.3f} G",
+                  flush=True)
+    pa_main = (got["plain"][b][0] - got["plain"][a][0]) / (b - a)
+    pa_all = (got["plain"][b][1] - got["plain"][a][1]) / (b - a)
+    p_fixed = got["plain"][a][1] - a * pa_all
+    print(f"\n{'config':<22} {'per step (main)':>16} {'ratio':>7} {'fixed (all)':>12} {'over plain':>11} "
+          f"{'at ' + format(args.at, ','):>9} ratio")
+    for name, c in got.items():
+        per_main = (c[b][0] - c[a][0]) / (b - a)
+        per_all = (c[b][1] - c[a][1]) / (b - a)
+        fixed = c[a][1] - a * per_all
+        whole = fixed + args.at * per_all
+        plain_whole = p_fixed + args.at * pa_all
+        print(f"{name:<22} {per_main / 1e3:13.1f} K {per_main / pa_main:7.3f} {fixed / 1e6:9.1f} M {(fixed - p_fixed) / 1e6:+9.1f} M "
+              f"{whole / plain_whole:9.3f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
