@@ -11,6 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from steptrace.tracefmt.decisions import first_max
+
+from .outputs import decided_index
 from .torch import _LEAN, torch  # torch is imported by recorders/torch.py alone (docs/layout.md)
 
 __all__ = ["install_module_calls", "lean_decider", "lean_deferrer"]
@@ -172,16 +175,15 @@ def lean_decider(hooks: Any, rec: Any) -> Callable[[Any], bool]:
         if type(t) is not tensor or t.dtype not in plain:
             return False
         shape = t.shape
-        n = len(shape)
-        if n >= 3 and shape[0] > 1:
+        if len(shape) >= 3 and shape[0] > 1:
             return False
         try:
             x = t.numpy()
         except (TypeError, RuntimeError):  # another device or layout, or it requires grad
             return False
-        row = x if n <= 1 else x[(0,) * (n - 2) + (-1,)]  # recorders.outputs.decided_index
-        am = int(row.argmax())
-        if row[am] != row[am]:  # NaN: the general path decides it
+        row = x[decided_index(shape)]
+        am = first_max(row)
+        if am is None:  # NaN: the general path decides it
             return False
         with section:
             if hooks._decided:

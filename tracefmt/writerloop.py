@@ -301,25 +301,21 @@ class Worker:
                     continue
                 if kind is WakeItem:
                     continue
-                if kind is DecisionColumnsItem:
-                    decb.append(item.batch)
-                    counts["decisions"] += item.batch.num_rows
-                    steps_seen.update(item.keys)
-                    if deadline is None:
-                        deadline = time.monotonic() + self._flush_s
-                    if len(steps_seen) > flush_steps:
-                        self._guard(flush)
-                    continue
                 if kind is DecisionBatchItem:  # a whole batch of decisions: written as it is
                     self._guard(flush)
                     self._guard(self._files["decisions"].write, item.batch)
                     counts["decisions"] += item.batch.num_rows
                     continue
-                steps_seen.add((item.row.sample, item.row.step) if kind is DecisionItem else (item.sample, item.step))
-                if self.error is None:
-                    self._guard(self._accept, item, dec, ten)  # gives a tensor's bytes back when done
-                elif kind is TensorItem:
-                    self._budget.give(item.array.nbytes)
+                if kind is DecisionColumnsItem:  # written with the rows at the next flush
+                    decb.append(item.batch)
+                    counts["decisions"] += item.batch.num_rows
+                    steps_seen.update(item.keys)
+                else:
+                    steps_seen.add((item.row.sample, item.row.step) if kind is DecisionItem else (item.sample, item.step))
+                    if self.error is None:
+                        self._guard(self._accept, item, dec, ten)  # gives a tensor's bytes back when done
+                    elif kind is TensorItem:
+                        self._budget.give(item.array.nbytes)
                 if deadline is None:
                     deadline = time.monotonic() + self._flush_s
                 if len(steps_seen) > flush_steps:
