@@ -2,6 +2,7 @@
 """Instructions, not seconds: `trace record` of the script workload counted by callgrind.
 
     python bench/bench_instructions.py [--steps 100 300] [--compare PATH] [--modules]
+    python bench/bench_instructions.py --workload kv [--steps 40 120] [--compare PATH]
 
 On a shared VM the wall time of a decode step moves by more than the few per cent the recorder's
 targets are about (``bench_record.py --workload script`` and ``--workload kv``); the number of
@@ -25,6 +26,16 @@ thread's count is the model's thread's own. A writer process (``--modules '*'`` 
 not traced: its work is not counted. GIL waits, cache misses and a second core are not
 instructions: this counts work, and the wall-time benches stay the targets. ``--compare PATH``
 adds the configurations of another steptrace checkout (``PATH/steptrace``, on ``PYTHONPATH``).
+
+``--workload kv`` counts ``bench_record.py``'s KV-cache workload instead (its ``decode()``, in
+process: the transformer LM, one token per step, 45 modules) under each of ``bench_record.py``'s
+recorder configurations (``none``, ``floor``, ``decisions``, ``stats``, ``decisions/p``,
+``stats/p``; ``--configs`` picks), and prints the model thread's instructions per step, over
+``none``'s, and ``stats`` less the copy-only ``floor`` in points of ``none``: the figures the KV
+targets (decisions <= 3 %, stats <= the floor + 15 points) read on, without the VM's noise. A
+writer process runs outside valgrind, at full speed: its work is not counted, as it does not run
+on the model's thread.
+
 Needs valgrind (Debian: ``apt-get install valgrind``); each run takes about a minute.
 """
 
@@ -43,6 +54,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_record import SCRIPT  # the same script as the wall-time bench
 
 CLI = "import sys; from steptrace.tui.cli import main; sys.exit(main(sys.argv[1:]))"
+KV_CONFIGS = ("none", "floor", "decisions", "stats", "decisions/p", "stats/p")
+# one KV decode of bench_record.py in this process: argv = bench dir, config, steps, context, out dir
+KV_CHILD = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+from bench_record import TransformerLM, decode
+torch.set_num_threads(1)
+config, steps, context, out = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
+model = TransformerLM(seed=0, d=256, layers=4, heads=4, vocab=4096, context=context).eval()
+prompt = [int(i) for i in torch.randint(0, 4096, (32,), generator=torch.Generator().manual_seed(0))]
+decode(model, prompt, 8, "kv", config, out)  # warm, as bench_record.py does
+decode(model, prompt, steps, "kv", config, out)
+"""
 
 
 def counts(cmd: list[str], env: dict[str, str], work: Path, tag: str) -> tuple[int, int]:
@@ -64,14 +90,18 @@ def counts(cmd: list[str], env: dict[str, str], work: Path, tag: str) -> tuple[i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, nargs=2, default=[100, 300], metavar=("A", "B"))
+    ap.add_argument("--workload", choices=("script", "kv"), default="script")
+    ap.add_argument("--steps", type=int, nargs=2, default=None, metavar=("A", "B"),
+                    help="the two step counts (default 100 300; kv: 40 120)")
+    ap.add_argument("--configs", nargs="+", choices=KV_CONFIGS, default=list(KV_CONFIGS),
+                    help="kv: the recorder configurations to count")
     ap.add_argument("--at", type=int, default=1500, help="steps of the whole-process ratio")
     ap.add_argument("--compare", metavar="PATH", help="a folder holding another steptrace checkout as steptrace/")
     ap.add_argument("--modules", action="store_true", help="also --modules '*' (stats, the default writer)")
     args = ap.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("bench_instructions.py needs valgrind on PATH (Debian: apt-get install valgrind)")
-    a, b = args.steps
+    a, b = args.steps or ((40, 120) if args.workload == "kv" else (100, 300))
     if not 0 < a < b:
         raise SystemExit("--steps A B needs 0 < A < B")
     # torch's modules have their bytecode cached (pip compiles it at install); give steptrace's the
@@ -80,6 +110,10 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "compileall", "-q", "-x", r"/(tests|bench|examples)/", str(root)],
                        check=False, capture_output=True)
     work = Path(tempfile.mkdtemp(prefix="steptrace-instr-"))
+    if args.workload == "kv":
+        kv(args, a, b, work)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     script = work / "mlp_decode.py"
     script.write_text(SCRIPT)
     python = os.path.realpath(sys.executable)  # not a shim script: valgrind follows no exec
@@ -118,6 +152,47 @@ def main() -> None:
         print(f"{name:<22} {per_main / 1e3:13.1f} K {per_main / pa_main:7.3f} {fixed / 1e6:9.1f} M {(fixed - p_fixed) / 1e6:+9.1f} M "
               f"{whole / plain_whole:9.3f}")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def kv(args: argparse.Namespace, a: int, b: int, work: Path) -> None:
+    """Count the KV workload's configurations: the model thread's instructions per step."""
+    python = os.path.realpath(sys.executable)
+    bench_dir = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dict and set orders in every run
+    sides = [("", env)]
+    if args.compare:
+        sides.append(("compare ", {**env, "PYTHONPATH": os.pathsep.join([args.compare, env.get("PYTHONPATH", "")])}))
+    configs = ["none", *(c for c in args.configs if c != "none")]
+    print(f"callgrind instructions of bench_record.py's KV workload at {a} and {b} steps (python "
+          f"{sys.version.split()[0]}); load {os.getloadavg()[0]:.2f} (counts do not depend on it)", flush=True)
+    per: dict[str, float] = {}
+    for prefix, env in sides:
+        for config in configs:
+            if prefix and config in ("none", "floor"):
+                continue  # neither records: the same in both checkouts
+            name = f"{prefix}{config}"
+            got = []
+            for n in (a, b):
+                tag = f"kv{len(per)}-{n}"
+                out = work / tag
+                out.mkdir()
+                cmd = [python, "-c", KV_CHILD, bench_dir, config, str(n), str(32 + b + 9), str(out)]
+                got.append(counts(cmd, env, work, tag)[0])
+                print(f"  {name:<22} {n:>5} steps: main thread {got[-1] / 1e9:7.3f} G", flush=True)
+            per[name] = (got[1] - got[0]) / (b - a)
+    print(f"\n{'config':<22} {'per step (main)':>16} {'over none':>10}  target")
+    for name, v in per.items():
+        base = per["none"]
+        over = v / base - 1
+        config = name.removeprefix("compare ")
+        note = ""
+        if config.startswith("decisions"):
+            note = f"<= 3 %: {'PASS' if over <= 0.03 else 'MISS'}"
+        elif config.startswith("stats") and "floor" in per:
+            floor = per["floor"] / base - 1
+            points = (over - floor) * 100
+            note = f"floor {floor:.1%} + {points:.1f} points (<= 15: {'PASS' if points <= 15 else 'MISS'})"
+        print(f"{name:<22} {v / 1e3:13.1f} K {over:+10.1%}  {note}")
 
 
 if __name__ == "__main__":
