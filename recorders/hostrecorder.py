@@ -12,6 +12,7 @@ import numpy as np
 
 from .capture import HostCopy, Recorder
 from .decisions import is_torch_tensor
+from .steps import RepeatedRows
 
 __all__ = ["HostRecorder"]
 
@@ -33,6 +34,7 @@ class HostRecorder(Recorder):
         # writer process: copying each into its ring as it comes cost the model's thread ~1.3 us
         # more per tensor than a.copy(); the step's copies go into the ring together.
         self._pending: list[tuple] = []
+        self._repeats = RepeatedRows()  # steps whose rows repeat the last ones'
 
     def lane_row(self, name: str, value: Any, call: int, source: str | None, values: bool) -> bool:
         """Record a dense CPU torch tensor of a SPEC.md dtype at the open step through the writer's
@@ -86,6 +88,16 @@ class HostRecorder(Recorder):
         pending = self._pending  # one list for the recorder's life: recorders.torchcalls.lean_deferrer appends to it
         if not pending:
             return
+        st = pending[0][0]
+        lane = self.writer.lane
+        one = pending[-1][0] is st  # (always, but for a step ended without ending its rows)
+        if one:
+            # the calls were counted as the tensors came: a template needs no calls of its own
+            sig = [(name, call, source, dt, a.shape, values) for _, name, call, source, dt, a, values in pending]
+            with self._lock:
+                if self._repeats.repeat(lane, st, sig, [p[5] for p in pending]):
+                    pending.clear()
+                    return
         rows = []
         for st, name, call, source, dt, a, values in pending:
             order = st.order
@@ -94,7 +106,9 @@ class HostRecorder(Recorder):
             rows.append((key.sample, key.index, name, call, order, source, dt, a, values))
         pending.clear()
         with self._lock:
-            self.writer.lane.tensor_rows(rows)
+            if one:
+                self._repeats.saw(lane, rows[0][4], sig, rows)
+            lane.tensor_rows(rows)
 
     def to_host(self, value: Any, dtype: str | None) -> tuple[np.ndarray | HostCopy, str | None]:
         if is_torch_tensor(value):

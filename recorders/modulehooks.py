@@ -24,6 +24,7 @@ from .capture import HostCopy, Recorder
 from .decisions import Decision, LogitsKind, decide_with
 from .errors import RecorderUsageError, TransplantMismatchError
 from .policy import CapturePolicy, PolicyLike
+from .steps import RepeatedRows
 
 __all__ = ["ModuleRecorder"]
 
@@ -109,6 +110,7 @@ class ModuleRecorder(Recorder):
         # small CPU outputs of the open step: (step, name, source, values, numpy copy, SPEC.md
         # dtype), counted and handed to the writer by _finish_deferred in one loop
         self._pending: list[tuple] = []
+        self._repeats = RepeatedRows()  # steps whose pending rows repeat the last ones'
         self._handles: list[Any] = []
         tp = CapturePolicy(transplant)
         for name, mod in named.items():
@@ -173,18 +175,34 @@ class ModuleRecorder(Recorder):
         return hook
 
     def _finish_deferred(self) -> None:
-        """Count and hand to the writer the small outputs the hooks copied (in hook order)."""
+        """Count and hand to the writer the small outputs the hooks copied (in hook order).
+
+        A decode loop's steps repeat their rows: the same modules, outputs of the same dtypes
+        and shapes, in the same order. When a step's first records are the rows of the step
+        before, and were those of the step before that too, they go from a
+        :class:`~tracefmt.lane.RowTemplate` of them: only the arrays (and the step) travel."""
         pending = self._pending
         if not pending:
             return
         self._pending = []
+        st = pending[0][0]
+        lane = self.writer.lane
+        # the step's first records (of one step: the hooks' is always the open one): their
+        # calls and orders follow from the rows alone
+        first = not st.calls and pending[-1][0] is st
+        if first:
+            sig = [(name, source, values, dt, a.shape) for _, name, source, values, a, dt in pending]
+            if self._repeats.repeat(lane, st, sig, [p[4] for p in pending]):
+                return
         rows = []
         for st, name, source, values, a, dt in pending:
             order = st.order
             st.order = order + 1
             key = st.key
             rows.append((key.sample, key.index, name, st.count(name), order, source, dt, a, values))
-        self.writer.lane.tensor_rows(rows)  # the copies are ours already
+        if first:
+            self._repeats.saw(lane, rows[0][4], sig, rows, st.calls)
+        lane.tensor_rows(rows)  # the copies are ours already
 
     def _record_cpu(self, st: Any, name: str, call: int, t: Any, source: str, values: bool) -> None:
         """Record a CPU tensor output: :meth:`Recorder.record`'s work in as few Python steps as

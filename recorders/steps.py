@@ -9,7 +9,7 @@ which keeps SPEC.md's keys unique.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -87,6 +87,55 @@ class StepScope:
     def __exit__(self, *exc: object) -> None:
         if self._book._step is not None and self._book._step is self._step:
             self._book.end_step()
+
+
+class RepeatedRows:
+    """A recorder's rows that repeat step after step (a decode loop's hooked modules: the same
+    names, calls, dtypes and shapes in the same order), written from a
+    :class:`~tracefmt.lane.RowTemplate` once the rows of two steps in a row were the same.
+
+    A recorder gives the rows it writes together as a *signature* (a list of tuples of every
+    field but the step, the order and the array) with their arrays: :meth:`repeat` writes them
+    from the template when the signature is the template's, else the caller writes them row by
+    row and tells :meth:`saw`. Rows written together at different points of a step (before a
+    decision and after it, say) are told apart by the step's order where they start.
+    """
+
+    __slots__ = ("_at",)
+
+    #: Points of a step followed at most (the orders where rows written together start).
+    POINTS = 16
+
+    def __init__(self) -> None:
+        # the order where rows start -> [signature of the last step's, template's signature,
+        # template, its calls]
+        self._at: dict[int, list[Any]] = {}
+
+    def repeat(self, lane: Any, st: Step, sig: list[tuple], arrays: list[np.ndarray]) -> bool:
+        """Write the rows of ``arrays`` at ``st`` (from its next order on, their calls added to
+        ``st.calls`` as :meth:`saw` was told) if ``sig`` is the template's; False otherwise."""
+        order = st.order
+        at = self._at.get(order)
+        if at is None or sig != at[1]:
+            return False
+        st.order = order + len(arrays)
+        if at[3]:
+            st.calls.update(at[3])
+        key = st.key
+        lane.template_rows(at[2], key.sample, key.index, order, arrays)
+        return True
+
+    def saw(self, lane: Any, order: int, sig: list[tuple], rows: list[tuple], calls: dict[str, int] | None = None) -> None:
+        """The caller wrote ``rows`` (of signature ``sig``) row by row from ``order`` on;
+        ``calls``: the calls they counted, for :meth:`repeat` to count again."""
+        at = self._at.get(order)
+        if at is None:
+            if len(self._at) < self.POINTS:
+                self._at[order] = [sig, None, None, None]
+        elif sig == at[0]:  # the second step in a row with these rows here: a template of them
+            at[1:] = [sig, lane.row_template(rows), dict(calls or {})]
+        else:
+            at[0] = sig
 
 
 class StepBook:

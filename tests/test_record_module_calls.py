@@ -382,3 +382,66 @@ def test_the_lean_decision_decides_what_the_hooks_decide(tmp_path, writer, capsy
                   key=lambda r: r["step"])
     assert [r["step"] for r in rows] == list(range(11))
     assert [int(x) for x in printed["lean"].split()] == [r["chosen"] for r in rows if r["step"] != 8]
+
+
+REPEATING = textwrap.dedent('''
+    import sys
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self, vocab=40, d=6):
+            super().__init__()
+            torch.manual_seed(1)
+            self.emb = nn.Embedding(vocab, d)
+            self.mix = nn.Linear(d, 3)  # 12-byte outputs: padded in a writer process's ring
+            self.act = nn.Tanh()
+            self.head = nn.Linear(3, vocab)
+
+        def forward(self, token, n):
+            h = self.act(self.mix(self.emb(token)))
+            if n in (4, 5):
+                h = self.act(h * 2)  # other rows on two steps: a call more
+            return self.head(h)
+
+    model = Net().eval()
+    token = torch.tensor([1])
+    with torch.no_grad():
+        for n in range(int(sys.argv[1])):
+            token = model(token, n)[0].argmax().view(1)
+            print(int(token))
+''')
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_recorded_steps_that_repeat_their_rows_write_what_row_by_row_writes(tmp_path, writer, capsys, monkeypatch):
+    from test_format_writer_process import assert_same_trace
+
+    from steptrace.tracefmt.lane import RecorderLane
+
+    script = tmp_path / "repeating.py"
+    script.write_text(REPEATING)
+    repeated: list[tuple[int, int]] = []
+    template_rows = RecorderLane.template_rows
+
+    def counted(self, template, sample, step, order, arrays):
+        repeated.append((step, order))
+        return template_rows(self, template, sample, step, order, arrays)
+
+    def row_by_row(self, template, sample, step, order, arrays):
+        self.tensor_rows(template.rows(sample, step, order, arrays))
+
+    for name, patch in (("template", counted), ("rows", row_by_row)):
+        monkeypatch.setattr(RecorderLane, "template_rows", patch)
+        result = run_script(str(script), ["10"], trace=tmp_path / f"{name}.trace", modules=["*"], logits=["head"],
+                            writer=writer)
+        assert result.status == 0 and result.steps == 10, result.traceback
+    # the modules inside (orders 0-3, before the decision and its logits' row) and the outer
+    # module (order 5, or 6 after a call more) from the second step of the same rows on; the
+    # modules inside have other rows at steps 4 and 5, and go row by row at 6 and 7 before
+    # they repeat again
+    assert repeated == [(2, 0), (2, 5), (3, 0), (3, 5), (6, 5), (7, 5), (8, 0), (8, 5), (9, 0), (9, 5)]
+    assert_same_trace(tmp_path / "rows.trace", tmp_path / "template.trace")
+    names = [(r["step"], r["name"], r["call"], r["order"]) for r in TraceReader(tmp_path / "template.trace").tensors(
+        columns=["step", "name", "call", "order"]).to_pylist()]
+    assert (4, "Net.act", 1, 3) in names and (9, "Net.head", 0, 3) in names and (9, "Net", 0, 5) in names

@@ -543,3 +543,61 @@ def test_outputs_that_require_grad_or_are_bfloat16_are_recorded_as_under_no_grad
     row = got.tensors().to_pylist()[0]
     assert row["dtype"] == "bfloat16"
     assert got.tensor(row["sample"], 0, row["name"]).tobytes() == want.float().numpy().tobytes()  # read widened, exactly
+
+
+# ---------------------------------------------------------------------- steps that repeat their rows
+class Repeating(nn.Module):
+    """A step's outputs: 12-byte ones (padded in a writer process's ring), a module called
+    twice on some steps (the rows change there), bfloat16, and logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = nn.Linear(4, 3)
+        self.act = nn.ReLU()
+        self.b = nn.Linear(3, 16)
+        self.low = nn.Linear(3, 5).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor, twice: bool) -> torch.Tensor:
+        y = self.act(self.a(x))
+        if twice:
+            y = self.act(y * 2)
+        self.low(y.to(torch.bfloat16))
+        return self.b(y)
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_steps_that_repeat_their_rows_write_what_row_by_row_writes(tmp_path, writer, monkeypatch):
+    from test_format_writer_process import assert_same_trace
+
+    from steptrace.tracefmt.lane import RecorderLane
+
+    model = Repeating().eval()
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+    repeated: list[tuple[str, int]] = []
+    template_rows = RecorderLane.template_rows
+
+    def counted(self, template, sample, step, order, arrays):
+        repeated.append((sample, step))
+        return template_rows(self, template, sample, step, order, arrays)
+
+    def row_by_row(self, template, sample, step, order, arrays):
+        self.tensor_rows(template.rows(sample, step, order, arrays))
+
+    for name, patch in (("template", counted), ("rows", row_by_row)):
+        monkeypatch.setattr(RecorderLane, "template_rows", patch)
+        rec = TorchRecorder(tmp_path / f"{name}.trace", model, modules="full", writer_options={"process": writer == "process"})
+        with torch.no_grad():
+            for sample, steps in (("a", 10), ("b", 5)):
+                for t in range(steps):
+                    with rec.step(sample=sample, index=t):
+                        rec.decide(model(x[t : t + 1], sample == "a" and t in (4, 5))[0])
+        assert rec.close().tensors == 15 * 5 + 2  # four modules, the logits, act twice at two steps
+    # a template from the second step of the same rows on; a step with other rows goes row by
+    # row, and their second step makes a new template
+    assert repeated == [("a", 2), ("a", 3), ("a", 8), ("a", 9), *(("b", t) for t in range(5))]
+    assert_same_trace(tmp_path / "rows.trace", tmp_path / "template.trace")
+    r = TraceReader(tmp_path / "template.trace")
+    got = rows(r.tensors(), "sample", "step", "name", "call", "order", "dtype", "shape")
+    assert ("a", 4, "act", 1, 2, "float32", [1, 3]) in got and ("b", 3, "low", 0, 2, "bfloat16", [1, 5]) in got
+    np.testing.assert_array_equal(r.tensor("b", 3, "b").astype(np.float32), model(x[3:4], False).detach().numpy())

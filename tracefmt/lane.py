@@ -6,8 +6,10 @@ caches). :class:`RecorderLane` (``writer.lane``) is how it does so: rows held an
 background thread in batches (:meth:`RecorderLane.hold`), tensor rows given positionally with
 only the dtype checked (:meth:`RecorderLane.tensor_row`), and decisions from
 :func:`tracefmt.decisions.decide` written without re-checking their fields
-(:meth:`RecorderLane.decided`). Everything else goes through the writer's checked ``add_*``
-methods. Callers of this interface check their own arguments; it is not for user code.
+(:meth:`RecorderLane.decided`), and steps whose rows repeat the last step's written from a
+:class:`RowTemplate` (:meth:`RecorderLane.template_rows`: only the arrays change). Everything
+else goes through the writer's checked ``add_*`` methods. Callers of this interface check their
+own arguments; it is not for user code.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from .checks import check_key, opt_i32
 from .decisions import Decision
 from .dtypes import container
-from .errors import UnsupportedDtypeError
+from .errors import TraceUsageError, UnsupportedDtypeError
 from .outbox import BufferPool, Outbox
 from .writeitems import DecisionItem, TensorItem, row_keys, row_of_decision
 
@@ -28,6 +30,35 @@ if TYPE_CHECKING:
 
 #: Arrays below this many bytes are copied plainly; larger ones into recycled buffers.
 POOLED_BYTES = 64 << 10
+
+
+class RowTemplate:
+    """The rows of a step that repeats (a decode loop's hooked modules, step after step): every
+    field of each row but the sample, the step, the array and the order, which is the first
+    row's plus the row's position. Made by :meth:`RecorderLane.row_template` from one step's
+    rows (their dtypes checked there, once); :meth:`RecorderLane.template_rows` then writes a
+    later step's rows from it and that step's arrays alone.
+
+    Attributes:
+        fields: per row ``(name, call, source, dtype, values)``.
+        shapes: per row, the array's shape.
+        sizes: per row, the array's bytes.
+        nbytes: the arrays' bytes in all.
+    """
+
+    __slots__ = ("fields", "nbytes", "shapes", "sizes")
+
+    def __init__(self, rows: list[tuple]) -> None:
+        self.fields = [(r[2], r[3], r[5], r[6], bool(r[8])) for r in rows]
+        self.shapes = [r[7].shape for r in rows]
+        self.sizes = [r[7].nbytes for r in rows]
+        self.nbytes = sum(self.sizes)
+
+    def rows(self, sample: str, step: int, order: int, arrays: list[np.ndarray]) -> list[tuple]:
+        """The rows (as :meth:`RecorderLane.tensor_rows` takes them) of ``arrays`` at ``sample``,
+        ``step``, the first at execution order ``order``."""
+        return [(sample, step, name, call, order + i, source, dtype, a, values)
+                for i, ((name, call, source, dtype, values), a) in enumerate(zip(self.fields, arrays))]
 
 
 class RecorderLane:
@@ -131,6 +162,42 @@ class RecorderLane:
             items.append(item(sample, step, name, call, order, source, dtype, a, values, None, pooled))
             nbytes += a.nbytes
         self._outbox.put_many(items, nbytes)  # held, or queued as one item: one wake for them all
+
+    def row_template(self, rows: list[tuple]) -> RowTemplate:
+        """A :class:`RowTemplate` of ``rows`` (as :meth:`tensor_rows` takes them: C-contiguous
+        arrays the caller owns), for later steps with the same rows.
+
+        Raises:
+            UnsupportedDtypeError: an array's dtype is not its ``dtype``'s container.
+            TraceUsageError: an array is not C-contiguous.
+        """
+        for row in rows:
+            a = row[7]
+            if a.dtype != container(row[6]):
+                raise UnsupportedDtypeError(f"tensor {row[2]!r}: a {a.dtype} array cannot hold SPEC.md dtype {row[6]!r}")
+            if not a.flags.c_contiguous:
+                raise TraceUsageError(f"tensor {row[2]!r}: a row template's arrays are C-contiguous copies")
+        return RowTemplate(rows)
+
+    def template_rows(self, template: RowTemplate, sample: str, step: int, order: int, arrays: list[np.ndarray]) -> None:
+        """:meth:`tensor_rows` of ``template``'s rows at ``sample``, ``step``, the first at execution
+        order ``order``, with ``arrays``: one per row, C-contiguous, of the template's dtypes and
+        shapes (unchecked: the caller made them as it made the template's), owned by the caller
+        and never changed.
+
+        Raises:
+            TraceWriteError: the background writer failed earlier.
+        """
+        w = self._writer
+        if w._failed_or_closed():
+            w._check_open()
+        if self._direct is not None:
+            self._outbox.template_rows(template, sample, step, order, arrays)  # type: ignore[attr-defined]
+            return
+        item = TensorItem
+        self._outbox.put_many([item(sample, step, name, call, order + i, source, dtype, a, values, None, None)
+                               for i, ((name, call, source, dtype, values), a) in enumerate(zip(template.fields, arrays))],
+                              template.nbytes)
 
     def decided(self, sample: str, step: int, decision: Decision, *, head: str, **keys: Any) -> None:
         """Write a Decision whose fields have the row's types already (from

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,6 +16,9 @@ from .outbox import Budget, BufferPool
 from .wire import ItemEncoder
 from .writeitems import DecisionBatchItem, DecisionItem, LogitsItem, StatsItem, TensorItem
 from .writerprocess import WriterProcess
+
+if TYPE_CHECKING:
+    from .lane import RowTemplate
 
 
 class ProcessOutbox:
@@ -98,6 +101,25 @@ class ProcessOutbox:
             enc.rows(rows, self.link.place_many([r[7] for r in rows], self._send_locked))
             if self._holding:
                 self._held_bytes += sum(r[7].nbytes for r in rows)
+                if (enc.count < self._hold_rows and self._held_bytes < self._hold_bytes
+                        and time.monotonic() - self._held_since < self.hold_s):
+                    return
+            self._send_locked()
+
+    def template_rows(self, template: RowTemplate, sample: str, step: int, order: int, arrays: list[np.ndarray]) -> None:
+        """:meth:`tracefmt.lane.RecorderLane.template_rows`: the arrays go into the ring as one
+        block, the rows as one ROWSET record (the template's TEMPLATE record the first time)."""
+        with self.lock:
+            enc = self._enc
+            got = enc.template(template)
+            if got is None or got[3] > self.link.size >> 2:
+                enc.rows(template.rows(sample, step, order, arrays), self.link.place_many(arrays, self._send_locked))
+            else:
+                tid, _, pads, n = got
+                parts = arrays if pads is None else [x for pair in zip(arrays, pads) for x in pair]
+                enc.rowset(tid, sample, step, order, self.link.place_block(parts, n, self._send_locked), len(arrays))
+            if self._holding:
+                self._held_bytes += template.nbytes
                 if (enc.count < self._hold_rows and self._held_bytes < self._hold_bytes
                         and time.monotonic() - self._held_since < self.hold_s):
                     return

@@ -12,7 +12,12 @@ copied the arrays out), then holds records, each ``<u8 record kind>`` and its fi
 - ``TENSOR``: a :class:`~tracefmt.writeitems.TensorItem`, its array at an offset of the ring;
 - ``LOGITS``: a :class:`~tracefmt.writeitems.LogitsItem`, its logits in the ring;
 - ``DECISION``, ``STATS``: a decision row, a tensor with statistics from elsewhere (JSON);
-- ``BATCH``: a checked record batch of decisions (Arrow IPC stream bytes).
+- ``BATCH``: a checked record batch of decisions (Arrow IPC stream bytes);
+- ``TEMPLATE``: a :class:`~tracefmt.lane.RowTemplate` given an id once per connection (its rows
+  as ``TENSOR`` records without sample and step, each with its order and ring offset relative
+  to the first row's);
+- ``ROWSET``: a step's rows from a template: its id, the sample, the step, the first row's
+  order and its array's ring offset (the arrays lie one after the other, each at ``ALIGN``).
 
 Nothing here is pickled or evaluated: both ends are steptrace, and the decoder builds only
 numpy arrays, numbers and strings from the bytes.
@@ -24,6 +29,7 @@ import json
 import math
 import os
 import struct
+from itertools import accumulate, count
 from typing import Any
 
 import numpy as np
@@ -45,7 +51,7 @@ from .writeitems import (
 # frame kinds
 CONFIG, ITEMS, FLUSH, CLOSE, REPLY = 1, 2, 3, 4, 5
 # record kinds inside an ITEMS frame
-STR, TENSOR, LOGITS, DECISION, STATS, BATCH = 0, 1, 2, 3, 4, 5
+STR, TENSOR, LOGITS, DECISION, STATS, BATCH, TEMPLATE, ROWSET = 0, 1, 2, 3, 4, 5, 6, 7
 
 _FRAME = struct.Struct("<IB")
 _END = struct.Struct("<Q")
@@ -56,11 +62,17 @@ _TENSOR = struct.Struct("<BIqIiiiIBBQQ")
 _LOGITS = struct.Struct("<BIqIiqIBQQI")
 #: a TENSOR record with its shape, by the number of dimensions
 _ROWS = [struct.Struct(_TENSOR.format + f"{ndim}q") for ndim in range(8)]
+# kind, template id, rows
+_TEMPLATE = struct.Struct("<BII")
+# kind, template id, sample, step, first order, ring offset of the first array
+_ROWSET = struct.Struct("<BIIqiQ")
 _BLOB = struct.Struct("<BI")
 _LEN = struct.Struct("<I")
 
 #: Arrays start at multiples of this many bytes of the ring.
 ALIGN = 64
+#: Templates one connection defines at most (each is kept by both ends until the writer closes).
+MAX_TEMPLATES = 1024
 
 
 def write_frame(fd: int, kind: int, payload: bytes | bytearray | memoryview) -> None:
@@ -136,6 +148,8 @@ class ItemEncoder:
 
     def __init__(self) -> None:
         self._ids: dict[str, int] = {}
+        # RowTemplate -> (id, offsets of its arrays after the first's, the arrays' padding, bytes in the ring)
+        self._templates: dict[Any, tuple[int, list[int], list[bytes] | None, int]] = {}
         #: The records of the next ITEMS frame.
         self.buf = bytearray()
         #: How many items it holds.
@@ -191,6 +205,35 @@ class ItemEncoder:
             add(st.pack(TENSOR, s, step, n, call, order, src, d, bool(values), ndim, offset, a.nbytes, *a.shape))
         self.buf += b"".join(packed)
         self.count += len(packed)
+
+    def template(self, t: Any) -> tuple[int, list[int], list[bytes] | None, int] | None:
+        """The id of :class:`~tracefmt.lane.RowTemplate` ``t`` on this connection (a TEMPLATE
+        record the first time), the ring offsets of its arrays relative to the first's, the
+        padding after each (None: none needed) and the bytes its arrays take in the ring; None
+        once :data:`MAX_TEMPLATES` are defined (the rows then travel as TENSOR records)."""
+        got = self._templates.get(t)
+        if got is not None or len(self._templates) >= MAX_TEMPLATES:
+            return got
+        padded = [(nb + ALIGN - 1) & -ALIGN for nb in t.sizes]
+        rel = list(accumulate(padded[:-1], initial=0)) if padded else []
+        pads = None if all(p == nb for p, nb in zip(padded, t.sizes)) else [bytes(p - nb) for p, nb in zip(padded, t.sizes)]
+        tid = len(self._templates)
+        got = self._templates[t] = (tid, rel, pads, sum(padded))
+        sid, structs, packed = self._sid, _ROWS, [_TEMPLATE.pack(TEMPLATE, tid, len(t.fields))]
+        for (name, call, source, dtype, values), shape, nb, off, order in zip(t.fields, t.shapes, t.sizes, rel, count()):
+            ndim = len(shape)
+            st = structs[ndim] if ndim < len(structs) else struct.Struct(_TENSOR.format + f"{ndim}q")
+            packed.append(st.pack(TENSOR, 0, 0, sid(name), call, order, -1 if source is None else sid(source), sid(dtype),
+                                  values, ndim, off, nb, *shape))
+        self.buf += b"".join(packed)
+        return got
+
+    def rowset(self, tid: int, sample: str, step: int, order: int, offset: int, rows: int) -> None:
+        """The ``rows`` rows of template ``tid`` at ``sample``, ``step``, from order ``order``, their
+        arrays from ``offset`` of the ring."""
+        s = self._ids.get(sample)
+        self.buf += _ROWSET.pack(ROWSET, tid, self._sid(sample) if s is None else s, step, order, offset)
+        self.count += rows
 
     def logits(self, it: LogitsItem, offset: int) -> None:
         """Logits copied to ``offset`` of the ring, and what their decision needs."""
@@ -252,6 +295,8 @@ class ItemDecoder:
     def __init__(self, ring: np.ndarray) -> None:
         self._ring = ring
         self._strs: list[str] = []
+        # per template id: per row (name, call, order, source, dtype, container, values, shape, offset, bytes)
+        self._templates: list[list[tuple]] = []
 
     def decode(self, payload: bytes) -> tuple[list[Any], int, int]:
         """Decode an ITEMS payload.
@@ -295,6 +340,30 @@ class ItemDecoder:
                         raise TraceWriteError(f"string id {i} out of sequence")
                     strs.append(bytes(mv[at : at + ln]).decode("utf-8", "surrogatepass"))
                     at += ln
+                elif kind == ROWSET:
+                    (_, tid, sample, step, order, base) = _ROWSET.unpack_from(mv, at)
+                    at += _ROWSET.size
+                    sample = strs[sample]
+                    for name, call, o, source, dtype, cont, values, shape, off, size in self._templates[tid]:
+                        off += base
+                        a = ring[off : off + size].view(cont).reshape(shape).copy()
+                        items.append(TensorItem(sample, step, name, call, order + o, source, dtype, a, values, None, None))
+                        nbytes += size
+                elif kind == TEMPLATE:
+                    (_, tid, rows) = _TEMPLATE.unpack_from(mv, at)
+                    at += _TEMPLATE.size
+                    if tid != len(self._templates):
+                        raise TraceWriteError(f"template id {tid} out of sequence")
+                    template = []
+                    for _ in range(rows):
+                        (_, _, _, name, call, order, src, dt, flags, ndim, off, size) = _TENSOR.unpack_from(mv, at)
+                        at += _TENSOR.size
+                        shape = struct.unpack_from(f"<{ndim}q", mv, at) if ndim else ()
+                        at += 8 * ndim
+                        dtype = strs[dt]
+                        template.append((strs[name], call, order, None if src < 0 else strs[src], dtype, container(dtype),
+                                         bool(flags & 1), shape, off, size))
+                    self._templates.append(template)
                 elif kind == LOGITS:
                     (_, sample, step, head, k, chosen, dt, ndim, off, size, ln) = _LOGITS.unpack_from(mv, at)
                     at += _LOGITS.size

@@ -179,6 +179,12 @@ class WriterProcess:
                     parts.append(_PAD[: p - nb])
         except TypeError:  # one is not C-contiguous
             return [self.place(a, unsent) for a in arrays]
+        return list(accumulate(padded[:-1], initial=self.place_block(parts, n, unsent)))
+
+    def place_block(self, parts: list[Any], n: int, unsent: Callable[[], None]) -> int:
+        """Copy the buffers ``parts`` (``n`` bytes in all, a multiple of :data:`ALIGN`, at most a
+        quarter of the ring) into the ring one after the other; return the first's offset (the
+        ring's tail is skipped for them when they do not fit there)."""
         pos = self.pos
         if pos >= self._recycle_at:
             pos = self._start_over(n)
@@ -188,7 +194,7 @@ class WriterProcess:
             self._bytes[pos : pos + n] = b"".join(parts)
         self.head += n
         self.pos = pos + n
-        return list(accumulate(padded[:-1], initial=pos))
+        return pos
 
     def _start_over(self, n: int) -> int:
         """Go back to the ring's start (see :data:`RECYCLE_BYTES`) when the child has released
