@@ -150,6 +150,9 @@ class ItemEncoder:
         self._ids: dict[str, int] = {}
         # RowTemplate -> (id, offsets of its arrays after the first's, the arrays' padding, bytes in the ring)
         self._templates: dict[Any, tuple[int, list[int], list[bytes] | None, int]] = {}
+        # the last logits' watched ids and keys, and their JSON
+        self._meta: bytes | None = None
+        self._meta_of: tuple[list[int], Any] = ([], None)
         #: The records of the next ITEMS frame.
         self.buf = bytearray()
         #: How many items it holds.
@@ -238,7 +241,10 @@ class ItemEncoder:
     def logits(self, it: LogitsItem, offset: int) -> None:
         """Logits copied to ``offset`` of the ring, and what their decision needs."""
         a = it.logits
-        meta = json.dumps([it.watched, list(it.keys)]).encode()
+        meta = self._meta
+        if meta is None or it.watched != self._meta_of[0] or it.keys != self._meta_of[1]:  # a decode loop's are all alike
+            meta = self._meta = json.dumps([it.watched, list(it.keys)]).encode()
+            self._meta_of = (list(it.watched), it.keys)
         self.buf += _LOGITS.pack(LOGITS, self._sid(it.sample), it.step, self._sid(it.head), it.k, it.chosen,
                                  self._sid(a.dtype.str), a.ndim, offset, a.nbytes, len(meta))
         self.buf += struct.pack(f"<{a.ndim}q", *a.shape)
@@ -295,8 +301,9 @@ class ItemDecoder:
     def __init__(self, ring: np.ndarray) -> None:
         self._ring = ring
         self._strs: list[str] = []
-        # per template id: per row (name, call, order, source, dtype, container, values, shape, offset, bytes)
-        self._templates: list[list[tuple]] = []
+        # per template id: (per row (name, call, order, source, dtype, container, values, shape,
+        # offset, bytes), the bytes from the first array's start to the last one's end)
+        self._templates: list[tuple[list[tuple], int]] = []
 
     def decode(self, payload: bytes) -> tuple[list[Any], int, int]:
         """Decode an ITEMS payload.
@@ -344,9 +351,10 @@ class ItemDecoder:
                     (_, tid, sample, step, order, base) = _ROWSET.unpack_from(mv, at)
                     at += _ROWSET.size
                     sample = strs[sample]
-                    for name, call, o, source, dtype, cont, values, shape, off, size in self._templates[tid]:
-                        off += base
-                        a = ring[off : off + size].view(cont).reshape(shape).copy()
+                    rows, block = self._templates[tid]
+                    block = ring[base : base + block].copy()  # one copy; the arrays are views of it
+                    for name, call, o, source, dtype, cont, values, shape, off, size in rows:
+                        a = block[off : off + size].view(cont).reshape(shape)
                         items.append(TensorItem(sample, step, name, call, order + o, source, dtype, a, values, None, None))
                         nbytes += size
                 elif kind == TEMPLATE:
@@ -363,7 +371,8 @@ class ItemDecoder:
                         dtype = strs[dt]
                         template.append((strs[name], call, order, None if src < 0 else strs[src], dtype, container(dtype),
                                          bool(flags & 1), shape, off, size))
-                    self._templates.append(template)
+                    last = template[-1] if template else None
+                    self._templates.append((template, 0 if last is None else last[8] + last[9]))
                 elif kind == LOGITS:
                     (_, sample, step, head, k, chosen, dt, ndim, off, size, ln) = _LOGITS.unpack_from(mv, at)
                     at += _LOGITS.size
