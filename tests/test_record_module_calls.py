@@ -416,22 +416,14 @@ REPEATING = textwrap.dedent('''
 @pytest.mark.parametrize("writer", ["thread", "process"])
 def test_recorded_steps_that_repeat_their_rows_write_what_row_by_row_writes(tmp_path, writer, capsys, monkeypatch):
     from test_format_writer_process import assert_same_trace
+    from test_recorders_torch import template_rows_patches
 
     from steptrace.tracefmt.lane import RecorderLane
 
     script = tmp_path / "repeating.py"
     script.write_text(REPEATING)
-    repeated: list[tuple[int, int]] = []
-    template_rows = RecorderLane.template_rows
-
-    def counted(self, template, sample, step, order, arrays):
-        repeated.append((step, order))
-        return template_rows(self, template, sample, step, order, arrays)
-
-    def row_by_row(self, template, sample, step, order, arrays):
-        self.tensor_rows(template.rows(sample, step, order, arrays))
-
-    for name, patch in (("template", counted), ("rows", row_by_row)):
+    repeated: list[tuple[str, int, int]] = []
+    for name, patch in template_rows_patches(repeated):
         monkeypatch.setattr(RecorderLane, "template_rows", patch)
         result = run_script(str(script), ["10"], trace=tmp_path / f"{name}.trace", modules=["*"], logits=["head"],
                             writer=writer)
@@ -440,7 +432,7 @@ def test_recorded_steps_that_repeat_their_rows_write_what_row_by_row_writes(tmp_
     # module (order 5, or 6 after a call more) from the second step of the same rows on; the
     # modules inside have other rows at steps 4 and 5, and go row by row at 6 and 7 before
     # they repeat again
-    assert repeated == [(2, 0), (2, 5), (3, 0), (3, 5), (6, 5), (7, 5), (8, 0), (8, 5), (9, 0), (9, 5)]
+    assert [r[1:] for r in repeated] == [(2, 0), (2, 5), (3, 0), (3, 5), (6, 5), (7, 5), (8, 0), (8, 5), (9, 0), (9, 5)]
     assert_same_trace(tmp_path / "rows.trace", tmp_path / "template.trace")
     names = [(r["step"], r["name"], r["call"], r["order"]) for r in TraceReader(tmp_path / "template.trace").tensors(
         columns=["step", "name", "call", "order"]).to_pylist()]

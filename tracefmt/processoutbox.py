@@ -71,12 +71,7 @@ class ProcessOutbox:
                 enc.batch(item)
             else:
                 raise TypeError(f"a writer process takes no {kind.__name__}")
-            if self._holding:
-                self._held_bytes += nbytes
-                if (enc.count < self._hold_rows and self._held_bytes < self._hold_bytes
-                        and time.monotonic() - self._held_since < self.hold_s):
-                    return
-            self._send_locked()
+            self._sent_or_held_locked(nbytes)
 
     def tensor_row(self, sample: str, step: int, name: str, call: int, order: int, source: str | None, dtype: str,
                    array: np.ndarray, values: bool) -> None:
@@ -86,12 +81,7 @@ class ProcessOutbox:
             enc = self._enc
             enc.row(sample, step, name, call, order, source, dtype, array, values,
                     self.link.place(array, self._send_locked))
-            if self._holding:
-                self._held_bytes += array.nbytes
-                if (enc.count < self._hold_rows and self._held_bytes < self._hold_bytes
-                        and time.monotonic() - self._held_since < self.hold_s):
-                    return
-            self._send_locked()
+            self._sent_or_held_locked(array.nbytes)
 
     def tensor_rows(self, rows: list[tuple]) -> None:
         """:meth:`tensor_row` of each of ``rows`` (:meth:`tracefmt.lane.RecorderLane.tensor_rows`):
@@ -99,12 +89,7 @@ class ProcessOutbox:
         with self.lock:
             enc = self._enc
             enc.rows(rows, self.link.place_many([r[7] for r in rows], self._send_locked))
-            if self._holding:
-                self._held_bytes += sum(r[7].nbytes for r in rows)
-                if (enc.count < self._hold_rows and self._held_bytes < self._hold_bytes
-                        and time.monotonic() - self._held_since < self.hold_s):
-                    return
-            self._send_locked()
+            self._sent_or_held_locked(sum(r[7].nbytes for r in rows))
 
     def template_rows(self, template: RowTemplate, sample: str, step: int, order: int, arrays: list[np.ndarray]) -> None:
         """:meth:`tracefmt.lane.RecorderLane.template_rows`: the arrays go into the ring as one
@@ -118,12 +103,17 @@ class ProcessOutbox:
                 tid, _, pads, n = got
                 parts = arrays if pads is None else [x for pair in zip(arrays, pads) for x in pair]
                 enc.rowset(tid, sample, step, order, self.link.place_block(parts, n, self._send_locked), len(arrays))
-            if self._holding:
-                self._held_bytes += template.nbytes
-                if (enc.count < self._hold_rows and self._held_bytes < self._hold_bytes
-                        and time.monotonic() - self._held_since < self.hold_s):
-                    return
-            self._send_locked()
+            self._sent_or_held_locked(template.nbytes)
+
+    def _sent_or_held_locked(self, nbytes: int) -> None:
+        """Send the records encoded so far, unless holding and the held rows (``nbytes`` more
+        now) are still under every limit."""
+        if self._holding:
+            self._held_bytes += nbytes
+            if (self._enc.count < self._hold_rows and self._held_bytes < self._hold_bytes
+                    and time.monotonic() - self._held_since < self.hold_s):
+                return
+        self._send_locked()
 
     def _send_locked(self) -> None:
         if self._enc.count:
