@@ -34,7 +34,10 @@ recorder configurations (``none``, ``floor``, ``decisions``, ``stats``, ``decisi
 ``none``'s, and ``stats`` less the copy-only ``floor`` in points of ``none``: the figures the KV
 targets (decisions <= 3 %, stats <= the floor + 15 points) read on, without the VM's noise. A
 writer process runs outside valgrind, at full speed: its work is not counted, as it does not run
-on the model's thread.
+on the model's thread. A writer thread runs inside it, ~50x slower than the model's thread as
+above, so its wake-ups (and the GIL hand-offs the model's thread makes for them) come ~50x more
+often per step: the thread configurations' counts are upper bounds (a loop of decisions alone
+counts ~100 K instructions per step, the KV ``decisions`` ~190 K).
 
 Needs valgrind (Debian: ``apt-get install valgrind``); each run takes about a minute.
 """
