@@ -609,3 +609,48 @@ def test_steps_that_repeat_their_rows_write_what_row_by_row_writes(tmp_path, wri
     got = rows(r.tensors(), "sample", "step", "name", "call", "order", "dtype", "shape")
     assert ("a", 4, "act", 1, 2, "float32", [1, 3]) in got and ("b", 3, "low", 0, 2, "bfloat16", [1, 5]) in got
     np.testing.assert_array_equal(r.tensor("b", 3, "b").astype(np.float32), model(x[3:4], False).detach().numpy())
+
+
+class Wide(nn.Module):
+    """A step's outputs of 16 KB and more: over a quarter of a 64 KB ring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.up = nn.Linear(4, 4096)
+        self.act = nn.ReLU()
+        self.down = nn.Linear(4096, 8)
+
+    def forward(self, x: torch.Tensor, twice: bool = False) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+@pytest.mark.parametrize("case", ["large", "many"])
+def test_row_templates_a_writer_process_cannot_take_go_row_by_row(tmp_path, case, monkeypatch):
+    # "large": a step's arrays over a quarter of the ring; "many": more templates than one
+    # connection defines (here 1: the rows that come back after steps 4 and 5 make a second)
+    from test_format_writer_process import assert_same_trace
+
+    from steptrace.tracefmt import wire
+    from steptrace.tracefmt.lane import RecorderLane
+
+    model = (Wide() if case == "large" else Repeating()).eval()
+    if case == "many":
+        monkeypatch.setattr(wire, "MAX_TEMPLATES", 1)
+    options = {"process": True, **({"ring_bytes": 64 << 10} if case == "large" else {})}
+    x = torch.randn(12, 4, generator=torch.Generator().manual_seed(1))
+    repeated: list[tuple[str, int, int]] = []
+    for name, patch in template_rows_patches(repeated):
+        monkeypatch.setattr(RecorderLane, "template_rows", patch)
+        rec = TorchRecorder(tmp_path / f"{name}.trace", model, modules="full", writer_options=options)
+        with torch.no_grad():
+            for t in range(12):
+                with rec.step(index=t):
+                    rec.decide(model(x[t : t + 1], t in (4, 5))[0])
+        rec.close()
+    assert [r[1] for r in repeated] == ([*range(2, 12)] if case == "large" else [2, 3, 8, 9, 10, 11])
+    assert_same_trace(tmp_path / "rows.trace", tmp_path / "template.trace")
+    r = TraceReader(tmp_path / "template.trace")
+    assert validate(tmp_path / "template.trace").ok
+    first = model.up if case == "large" else model.a
+    np.testing.assert_array_equal(r.tensor("0", 9, "up" if case == "large" else "a"), first(x[9:10]).detach().numpy())
