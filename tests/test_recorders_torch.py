@@ -654,3 +654,25 @@ def test_row_templates_a_writer_process_cannot_take_go_row_by_row(tmp_path, case
     assert validate(tmp_path / "template.trace").ok
     first = model.up if case == "large" else model.a
     np.testing.assert_array_equal(r.tensor("0", 9, "up" if case == "large" else "a"), first(x[9:10]).detach().numpy())
+
+
+def test_a_row_template_is_made_of_one_steps_rows_at_consecutive_orders(tmp_path):
+    from steptrace.tracefmt import TraceWriter
+    from steptrace.tracefmt.errors import TraceUsageError
+
+    a = np.zeros(3, np.float32)
+    with TraceWriter(tmp_path / "t.trace") as w:
+        lane = w.lane
+        t = lane.row_template([("s", 0, "x", 0, 0, None, "float32", a, False), ("s", 0, "y", 0, 1, None, "float32", a, True)])
+        assert t.fields == [("x", 0, None, "float32", False), ("y", 0, None, "float32", True)] and t.nbytes == 24
+        for bad in ([("s", 0, "x", 0, 0, None, "float32", a, False), ("s", 1, "y", 0, 1, None, "float32", a, False)],
+                    [("s", 0, "x", 0, 0, None, "float32", a, False), ("s", 0, "y", 0, 2, None, "float32", a, False)],
+                    [("s", 0, "x", 0, 0, None, "float32", np.zeros((3, 2), np.float32)[:, 0], False)]):
+            with pytest.raises(TraceUsageError):
+                lane.row_template(bad)
+        with pytest.raises(UnsupportedDtypeError):
+            lane.row_template([("s", 0, "x", 0, 0, None, "float16", a, False)])
+        lane.template_rows(t, "s", 3, 5, [np.ones(3, np.float32), np.full(3, 2, np.float32)])
+    r = TraceReader(tmp_path / "t.trace")
+    assert rows(r.tensors(), "step", "name", "order", "has_values") == [(3, "x", 5, False), (3, "y", 6, True)]
+    np.testing.assert_array_equal(r.tensor("s", 3, "y"), np.full(3, 2, np.float32))

@@ -164,13 +164,17 @@ class RecorderLane:
         self._outbox.put_many(items, nbytes)  # held, or queued as one item: one wake for them all
 
     def row_template(self, rows: list[tuple]) -> RowTemplate:
-        """A :class:`RowTemplate` of ``rows`` (as :meth:`tensor_rows` takes them: C-contiguous
-        arrays the caller owns), for later steps with the same rows.
+        """A :class:`RowTemplate` of ``rows`` (as :meth:`tensor_rows` takes them: rows of one step
+        at consecutive execution orders, C-contiguous arrays the caller owns), for later steps
+        with the same rows.
 
         Raises:
             UnsupportedDtypeError: an array's dtype is not its ``dtype``'s container.
-            TraceUsageError: an array is not C-contiguous.
+            TraceUsageError: an array is not C-contiguous, or the rows are not of one step at
+                consecutive orders.
         """
+        if any(r[:2] != rows[0][:2] or r[4] != rows[0][4] + i for i, r in enumerate(rows)):
+            raise TraceUsageError("a row template is made of the rows of one step at consecutive orders")
         for row in rows:
             a = row[7]
             if a.dtype != container(row[6]):
