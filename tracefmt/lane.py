@@ -14,6 +14,7 @@ own arguments; it is not for user code.
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,7 +24,8 @@ from .decisions import Decision
 from .dtypes import container
 from .errors import TraceUsageError, UnsupportedDtypeError
 from .outbox import BufferPool, Outbox
-from .writeitems import DecisionItem, TensorItem, row_keys, row_of_decision
+from .wire import ALIGN
+from .writeitems import DecisionItem, RowSetItem, TensorItem, row_keys, row_of_decision
 
 if TYPE_CHECKING:
     from .writer import TraceWriter
@@ -39,20 +41,43 @@ class RowTemplate:
     rows (their dtypes checked there, once); :meth:`RecorderLane.template_rows` then writes a
     later step's rows from it and that step's arrays alone.
 
+    The arrays of a step travel as one block: each at :data:`ALIGN` bytes from the block's start.
+
     Attributes:
         fields: per row ``(name, call, source, dtype, values)``.
         shapes: per row, the array's shape.
         sizes: per row, the array's bytes.
         nbytes: the arrays' bytes in all.
+        offsets: per row, where its array starts in the block.
+        pads: per row, the zero bytes after its array in the block (None: none anywhere).
+        span: the block's bytes.
     """
 
-    __slots__ = ("fields", "nbytes", "shapes", "sizes")
+    __slots__ = ("fields", "nbytes", "offsets", "pads", "shapes", "sizes", "span")
 
     def __init__(self, rows: list[tuple]) -> None:
         self.fields = [(r[2], r[3], r[5], r[6], bool(r[8])) for r in rows]
         self.shapes = [r[7].shape for r in rows]
-        self.sizes = [r[7].nbytes for r in rows]
-        self.nbytes = sum(self.sizes)
+        self.sizes = sizes = [r[7].nbytes for r in rows]
+        self.nbytes = sum(sizes)
+        padded = [(nb + ALIGN - 1) & -ALIGN for nb in sizes]
+        self.offsets = list(accumulate(padded[:-1], initial=0)) if padded else []
+        self.pads = None if padded == sizes else [bytes(p - nb) for p, nb in zip(padded, sizes)]
+        self.span = sum(padded)
+
+    def block(self, arrays: list[np.ndarray]) -> bytes:
+        """``arrays`` (a step's, one per row) as one block."""
+        pads = self.pads
+        return b"".join(arrays if pads is None else [x for pair in zip(arrays, pads) for x in pair])  # type: ignore[arg-type]
+
+    def items(self, sample: str, step: int, order: int, block: bytes | np.ndarray) -> list[TensorItem]:
+        """The :class:`~tracefmt.writeitems.TensorItem` of each row at ``sample``, ``step``, the
+        first at execution order ``order``, its array a view of ``block``."""
+        buf = block if type(block) is np.ndarray else np.frombuffer(block, np.uint8)
+        return [TensorItem(sample, step, name, call, order + i, source, dtype,
+                           buf[off : off + nb].view(container(dtype)).reshape(shape), values, None, None)
+                for i, ((name, call, source, dtype, values), shape, off, nb)
+                in enumerate(zip(self.fields, self.shapes, self.offsets, self.sizes))]
 
     def rows(self, sample: str, step: int, order: int, arrays: list[np.ndarray]) -> list[tuple]:
         """The rows (as :meth:`RecorderLane.tensor_rows` takes them) of ``arrays`` at ``sample``,
@@ -198,10 +223,10 @@ class RecorderLane:
         if self._direct is not None:
             self._outbox.template_rows(template, sample, step, order, arrays)  # type: ignore[attr-defined]
             return
-        item = TensorItem
-        self._outbox.put_many([item(sample, step, name, call, order + i, source, dtype, a, values, None, None)
-                               for i, ((name, call, source, dtype, values), a) in enumerate(zip(template.fields, arrays))],
-                              template.nbytes)
+        # one block: the step's copies are freed now, and the writer's thread makes the rows (a
+        # step's dozens of small arrays held until the writer takes them fragment the heap the
+        # model allocates its own tensors from)
+        self._outbox.put_many([RowSetItem(template, sample, step, order, template.block(arrays))], template.nbytes)
 
     def decided(self, sample: str, step: int, decision: Decision, *, head: str, **keys: Any) -> None:
         """Write a Decision whose fields have the row's types already (from

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import struct
-from itertools import accumulate, count
+from itertools import count
 from typing import Any
 
 import numpy as np
@@ -217,11 +217,9 @@ class ItemEncoder:
         got = self._templates.get(t)
         if got is not None or len(self._templates) >= MAX_TEMPLATES:
             return got
-        padded = [(nb + ALIGN - 1) & -ALIGN for nb in t.sizes]
-        rel = list(accumulate(padded[:-1], initial=0)) if padded else []
-        pads = None if all(p == nb for p, nb in zip(padded, t.sizes)) else [bytes(p - nb) for p, nb in zip(padded, t.sizes)]
+        rel = t.offsets
         tid = len(self._templates)
-        got = self._templates[t] = (tid, rel, pads, sum(padded))
+        got = self._templates[t] = (tid, rel, t.pads, t.span)
         sid, structs, packed = self._sid, _ROWS, [_TEMPLATE.pack(TEMPLATE, tid, len(t.fields))]
         for (name, call, source, dtype, values), shape, nb, off, order in zip(t.fields, t.shapes, t.sizes, rel, count()):
             ndim = len(shape)

@@ -236,6 +236,17 @@ class TensorItem:
     pooled: np.ndarray | None
 
 
+class RowSetItem(NamedTuple):
+    """A step's rows from a :class:`~tracefmt.lane.RowTemplate`: their arrays as one block
+    (``RowTemplate.block``), made into :class:`TensorItem` rows on the writer's thread."""
+
+    template: Any
+    sample: str
+    step: int
+    order: int
+    block: bytes
+
+
 class StatsItem(NamedTuple):
     """A tensor whose statistics (and digest) were computed elsewhere."""
 
@@ -308,10 +319,23 @@ CLOSE = CloseItem()
 WAKE = WakeItem()
 
 
+def rows_of_rowsets(items: list) -> list:
+    """``items`` with each :class:`RowSetItem` replaced by its rows' :class:`TensorItem`."""
+    out: list = []
+    for it in items:
+        if type(it) is RowSetItem:
+            out += it.template.items(it.sample, it.step, it.order, it.block)
+        else:
+            out.append(it)
+    return out
+
+
 def item_bytes(item: Any) -> int:
     """The queue-budget bytes ``item`` holds (its array or logits), 0 for others."""
     if type(item) is TensorItem:
         return item.array.nbytes
     if type(item) is LogitsItem:
         return item.logits.nbytes
+    if type(item) is RowSetItem:
+        return item.template.nbytes
     return 0

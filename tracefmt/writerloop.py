@@ -44,6 +44,7 @@ from .writeitems import (
     FlushItem,
     LogitsItem,
     ManyItem,
+    RowSetItem,
     StatsItem,
     TensorColumns,
     TensorItem,
@@ -51,6 +52,7 @@ from .writeitems import (
     WakeItem,
     item_bytes,
     row_of_decision,
+    rows_of_rowsets,
 )
 
 
@@ -252,6 +254,8 @@ class Worker:
             runs: list[tuple[int, int, int]] = []
             if type(got) is ManyItem:  # rows handed over together: small tensors' stats in one go
                 items = got.items
+                if RowSetItem in map(type, items):
+                    items = rows_of_rowsets(items)
                 if self.error is None:
                     try:
                         small = _stats_of_small(items)
