@@ -65,10 +65,14 @@ class RowTemplate:
         self.pads = None if padded == sizes else [bytes(p - nb) for p, nb in zip(padded, sizes)]
         self.span = sum(padded)
 
+    def parts(self, arrays: list[np.ndarray]) -> list[Any]:
+        """``arrays`` (a step's, one per row) and the padding between them: the block's parts."""
+        pads = self.pads
+        return arrays if pads is None else [x for pair in zip(arrays, pads) for x in pair]
+
     def block(self, arrays: list[np.ndarray]) -> bytes:
         """``arrays`` (a step's, one per row) as one block."""
-        pads = self.pads
-        return b"".join(arrays if pads is None else [x for pair in zip(arrays, pads) for x in pair])  # type: ignore[arg-type]
+        return b"".join(self.parts(arrays))
 
     def items(self, sample: str, step: int, order: int, block: bytes | np.ndarray) -> list[TensorItem]:
         """The :class:`~tracefmt.writeitems.TensorItem` of each row at ``sample``, ``step``, the

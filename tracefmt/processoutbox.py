@@ -96,13 +96,12 @@ class ProcessOutbox:
         block, the rows as one ROWSET record (the template's TEMPLATE record the first time)."""
         with self.lock:
             enc = self._enc
-            got = enc.template(template)
-            if got is None or got[3] > self.link.size >> 2:
+            tid = enc.template(template)
+            if tid is None or template.span > self.link.size >> 2:
                 enc.rows(template.rows(sample, step, order, arrays), self.link.place_many(arrays, self._send_locked))
             else:
-                tid, _, pads, n = got
-                parts = arrays if pads is None else [x for pair in zip(arrays, pads) for x in pair]
-                enc.rowset(tid, sample, step, order, self.link.place_block(parts, n, self._send_locked), len(arrays))
+                block = self.link.place_block(template.parts(arrays), template.span, self._send_locked)
+                enc.rowset(tid, sample, step, order, block, len(arrays))
             self._sent_or_held_locked(template.nbytes)
 
     def _sent_or_held_locked(self, nbytes: int) -> None:

@@ -148,8 +148,8 @@ class ItemEncoder:
 
     def __init__(self) -> None:
         self._ids: dict[str, int] = {}
-        # RowTemplate -> (id, offsets of its arrays after the first's, the arrays' padding, bytes in the ring)
-        self._templates: dict[Any, tuple[int, list[int], list[bytes] | None, int]] = {}
+        # RowTemplate -> its id on this connection
+        self._templates: dict[Any, int] = {}
         # the last logits' watched ids and keys, and their JSON
         self._meta: bytes | None = None
         self._meta_of: tuple[list[int], Any] = ([], None)
@@ -209,31 +209,28 @@ class ItemEncoder:
         self.buf += b"".join(packed)
         self.count += len(packed)
 
-    def template(self, t: Any) -> tuple[int, list[int], list[bytes] | None, int] | None:
+    def template(self, t: Any) -> int | None:
         """The id of :class:`~tracefmt.lane.RowTemplate` ``t`` on this connection (a TEMPLATE
-        record the first time), the ring offsets of its arrays relative to the first's, the
-        padding after each (None: none needed) and the bytes its arrays take in the ring; None
-        once :data:`MAX_TEMPLATES` are defined (the rows then travel as TENSOR records)."""
-        got = self._templates.get(t)
-        if got is not None or len(self._templates) >= MAX_TEMPLATES:
-            return got
-        rel = t.offsets
-        tid = len(self._templates)
-        got = self._templates[t] = (tid, rel, t.pads, t.span)
+        record the first time); None once :data:`MAX_TEMPLATES` are defined (the rows then travel
+        as TENSOR records)."""
+        tid = self._templates.get(t)
+        if tid is not None or len(self._templates) >= MAX_TEMPLATES:
+            return tid
+        tid = self._templates[t] = len(self._templates)
         sid, structs, packed = self._sid, _ROWS, [_TEMPLATE.pack(TEMPLATE, tid, len(t.fields))]
-        for (name, call, source, dtype, values), shape, nb, off, order in zip(t.fields, t.shapes, t.sizes, rel, count()):
+        for (name, call, source, dtype, values), shape, nb, off, order in zip(t.fields, t.shapes, t.sizes, t.offsets,
+                                                                              count()):
             ndim = len(shape)
             st = structs[ndim] if ndim < len(structs) else struct.Struct(_TENSOR.format + f"{ndim}q")
             packed.append(st.pack(TENSOR, 0, 0, sid(name), call, order, -1 if source is None else sid(source), sid(dtype),
                                   values, ndim, off, nb, *shape))
         self.buf += b"".join(packed)
-        return got
+        return tid
 
     def rowset(self, tid: int, sample: str, step: int, order: int, offset: int, rows: int) -> None:
         """The ``rows`` rows of template ``tid`` at ``sample``, ``step``, from order ``order``, their
         arrays from ``offset`` of the ring."""
-        s = self._ids.get(sample)
-        self.buf += _ROWSET.pack(ROWSET, tid, self._sid(sample) if s is None else s, step, order, offset)
+        self.buf += _ROWSET.pack(ROWSET, tid, self._sid(sample), step, order, offset)
         self.count += rows
 
     def logits(self, it: LogitsItem, offset: int) -> None:
